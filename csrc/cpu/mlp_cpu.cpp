@@ -1,0 +1,135 @@
+// CPU adapters of the fused MLP ops: argument checks, allocation and
+// at::parallel_for over rows; the arithmetic is in kernels/.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../kernels/mlp_forward.h"
+#include "../spec_adapter.h"
+
+namespace seqfuse {
+namespace {
+
+using kernels::MlpDesc;
+using kernels::StageDesc;
+using kernels::StageKind;
+
+// Below this many multiply-adds a call stays on the calling thread: waking the
+// pool costs more than it saves.
+constexpr int64_t kParallelMinMacs = int64_t{1} << 20;
+
+int64_t macs_per_row(const MlpDesc& d) {
+  int64_t macs = 0;
+  for (const StageDesc& s : d.stages) macs += s.kind == StageKind::Linear ? s.in_features * s.out_features : s.out_features;
+  return macs;
+}
+
+at::Tensor mlp_pack_cpu(at::TensorList tensors, at::IntArrayRef spec, at::ArrayRef<double> fparams) {
+  const MlpDesc d = decode_mlp_spec(spec, fparams);
+  const at::ScalarType dtype = scalar_type_of(d.dtype);
+  at::Tensor packed = at::empty({d.packed_bytes}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* base = packed.data_ptr<uint8_t>();
+  size_t next = 0;
+  std::vector<at::Tensor> keep;  // contiguous copies alive until packing is done
+  auto take = [&](int64_t stage, const char* what, std::vector<int64_t> shape) -> const void* {
+    TORCH_CHECK_VALUE(next < tensors.size(), "seqfuse::mlp_pack: stage ", stage, " needs a ", what,
+                      " tensor but the list ended after ", tensors.size());
+    const at::Tensor& t = tensors[next++];
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "seqfuse::mlp_pack: stage ", stage, " ", what, " is on ", t.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "seqfuse::mlp_pack: stage ", stage, " ", what, " has dtype ",
+                     t.scalar_type(), " but the spec says ", dtype);
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), "seqfuse::mlp_pack: stage ", stage, " ", what,
+                      " has shape ", t.sizes(), ", expected ", at::IntArrayRef(shape));
+    keep.push_back(t.contiguous());
+    return keep.back().const_data_ptr();
+  };
+  dispatch_mlp_dtype(d.dtype, [&]<typename T>() {
+    using A = kernels::acc_t<T>;
+    for (size_t i = 0; i < d.stages.size(); ++i) {
+      const StageDesc& s = d.stages[i];
+      const int64_t si = static_cast<int64_t>(i), n = s.out_features;
+      const T* weight = nullptr;
+      const T *bias = nullptr, *gamma = nullptr, *beta = nullptr, *mean = nullptr, *var = nullptr;
+      if (s.kind == StageKind::Pointwise) continue;
+      if (s.kind == StageKind::Linear) {
+        weight = static_cast<const T*>(take(si, "weight", {n, s.in_features}));
+        if (s.flags & kernels::kHasBias) bias = static_cast<const T*>(take(si, "bias", {n}));
+      } else {
+        TORCH_CHECK_VALUE(s.flags & kernels::kHasBatchNorm, "seqfuse::mlp_pack: ScaleShift stage ", si,
+                          " without BatchNorm flag");
+      }
+      if (s.flags & kernels::kHasBatchNorm) {
+        if (s.flags & kernels::kBatchNormAffine) {
+          gamma = static_cast<const T*>(take(si, "batchnorm weight", {n}));
+          beta = static_cast<const T*>(take(si, "batchnorm bias", {n}));
+        }
+        mean = static_cast<const T*>(take(si, "running_mean", {n}));
+        var = static_cast<const T*>(take(si, "running_var", {n}));
+      }
+      if (weight) kernels::pack_linear_weight(weight, n, s.in_features, reinterpret_cast<T*>(base + s.weight_offset));
+      kernels::fold_scale_shift(n, bias, gamma, beta, mean, var, s.eps, reinterpret_cast<A*>(base + s.scale_offset),
+                                reinterpret_cast<A*>(base + s.shift_offset));
+    }
+  });
+  TORCH_CHECK_VALUE(next == tensors.size(), "seqfuse::mlp_pack: got ", tensors.size(), " tensors, the spec uses ",
+                    next);
+  return packed;
+}
+
+at::Tensor mlp_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at::IntArrayRef spec,
+                           at::ArrayRef<double> fparams) {
+  const MlpDesc d = decode_mlp_spec(spec, fparams);
+  const at::ScalarType dtype = scalar_type_of(d.dtype);
+  TORCH_CHECK(input.scalar_type() == dtype, "seqfuse::mlp_forward: input dtype ", input.scalar_type(),
+              " does not match the fused parameters' dtype ", dtype);
+  TORCH_CHECK(input.dim() >= 1, "seqfuse::mlp_forward: input must have at least 1 dimension, got shape ",
+              input.sizes());
+  TORCH_CHECK(input.size(-1) == d.in_features, "seqfuse::mlp_forward: input shape ", input.sizes(),
+              " does not end in in_features=", d.in_features);
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() == d.packed_bytes,
+              "seqfuse::mlp_forward: packed buffer does not match the spec (", packed.numel(), " bytes, ",
+              d.packed_bytes, " expected)");
+
+  const int64_t K = d.in_features, N = d.out_features;
+  // Rows must be K contiguous values at a fixed stride; anything else is copied
+  // once. (No reshape/view on the common path: each costs a TensorImpl.)
+  at::Tensor x = input;
+  const bool row_major = input.stride(-1) == 1 && (input.dim() == 1 || input.is_contiguous() ||
+                                                   (input.dim() == 2 && input.stride(0) >= K));
+  if (!row_major) x = input.contiguous();
+  const int64_t rows = K ? x.numel() / K : 0;
+  const int64_t ld_x = x.dim() == 2 ? x.stride(0) : K;
+  c10::SmallVector<int64_t, 6> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, input.options());
+  if (rows == 0) return y;
+
+  dispatch_mlp_dtype(d.dtype, [&]<typename T>() {
+    const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());
+    T* yp = reinterpret_cast<T*>(y.mutable_data_ptr());
+    const uint8_t* pk = packed.const_data_ptr<uint8_t>();
+    const int64_t threads = at::get_num_threads();
+    if (threads > 1 && rows > 1 && rows * macs_per_row(d) >= kParallelMinMacs) {
+      const int64_t grain = std::max<int64_t>((rows + threads - 1) / threads, 1);
+      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+        kernels::mlp_forward_rows<T>(d, pk, xp + begin * ld_x, ld_x, yp + begin * N, N, end - begin);
+      });
+    } else {
+      kernels::mlp_forward_rows<T>(d, pk, xp, ld_x, yp, N, rows);
+    }
+  });
+  return y.view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
+  m.impl("mlp_pack", &mlp_pack_cpu);
+  m.impl("mlp_forward", &mlp_forward_cpu);
+}
+
+}  // namespace seqfuse

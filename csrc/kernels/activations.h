@@ -1,0 +1,156 @@
+// Activation functions over rows of the accumulate type.
+//
+// float runs 16 lanes at a time with polynomial exp/tanh/erf (errors of a few
+// ulp, the same families ATen's vectorized CPU kernels use); double runs the
+// C library per element so float64 results stay at libm accuracy (that is the
+// precision gradcheck-style tests rely on). Every function propagates NaN the
+// way the eager PyTorch op does: comparisons are written so a NaN falls through.
+//
+// This header is included inside an ISA namespace by the per-ISA translation
+// units (see mlp_forward_impl.h), so it must only include headers that are
+// already included before the target pragma.
+#pragma once
+
+namespace activation_detail {
+
+using seqfuse::kernels::Activation;
+using seqfuse::kernels::Vec;
+using VF = Vec<float>;
+using VI = seqfuse::kernels::VecOf<float>::mask;
+
+// Selects a where mask is set (all ones), b elsewhere.
+inline VF select(VI mask, VF a, VF b) { return mask ? a : b; }
+
+// exp(x): range reduction x = n ln2 + r, degree-6 polynomial for e^r, scale by 2^n.
+inline VF exp_vec(VF x) {
+  const VF hi = splat(88.0f), lo = splat(-87.0f);
+  VI overflow = x > hi, underflow = x < lo;
+  VF xc = select(overflow, hi, select(underflow, lo, x));  // NaN passes through
+  VF n = xc * 1.44269504088896341f;
+  // round to nearest
+  n = __builtin_convertvector(__builtin_convertvector(n + select(n < 0.0f, splat(-0.5f), splat(0.5f)), VI), VF);
+  VF r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  VF p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+  VF scale;
+  __builtin_memcpy(&scale, &e, sizeof(scale));
+  VF y = p * scale;
+  y = select(overflow, splat(__builtin_inff()), y);
+  return select(underflow, splat(0.0f), y);
+}
+
+// tanh: odd rational approximation on [-7.9, 7.9] (|tanh| rounds to 1 outside).
+inline VF tanh_vec(VF x) {
+  const VF c = splat(7.90531110763549805f);
+  VF xc = select(x > c, c, select(x < -c, -c, x));
+  VF x2 = xc * xc;
+  VF p = splat(-2.76076847742355e-16f);
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  p = p * xc;
+  VF q = splat(1.19825839466702e-06f);
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  VF t = p / q;
+  VF ax = select(x < 0.0f, -x, x);
+  return select(ax < 0.0004f, x, t);
+}
+
+// erf: Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the form ATen vectorizes.
+inline VF erf_vec(VF x) {
+  VF ax = select(x < 0.0f, -x, x);
+  VF t = 1.0f / (ax * 0.3275911f + 1.0f);
+  VF p = splat(1.061405429f);
+  p = p * t + -1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t + -0.284496736f;
+  p = p * t + 0.254829592f;
+  VF y = 1.0f - p * t * exp_vec(-ax * ax);
+  return select(x < 0.0f, -y, y);
+}
+
+inline VF activate_vec(VF x, Activation act, float alpha) {
+  switch (act) {
+    case Activation::None: return x;
+    case Activation::ReLU: return select(x < 0.0f, splat(0.0f), x);
+    case Activation::LeakyReLU: return select(x > 0.0f, x, x * alpha);
+    case Activation::ReLU6: return select(x < 0.0f, splat(0.0f), select(x > 6.0f, splat(6.0f), x));
+    case Activation::Sigmoid: return 1.0f / (1.0f + exp_vec(-x));
+    case Activation::Tanh: return tanh_vec(x);
+    case Activation::GeluErf: return 0.5f * x * (1.0f + erf_vec(x * 0.70710678118654752f));
+    case Activation::GeluTanh: {
+      VF inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+      return 0.5f * x * (1.0f + tanh_vec(inner));
+    }
+    case Activation::SiLU: return x / (1.0f + exp_vec(-x));
+    case Activation::Hardswish: {
+      VF t = x + 3.0f;
+      t = select(t < 0.0f, splat(0.0f), select(t > 6.0f, splat(6.0f), t));
+      return x * t / 6.0f;
+    }
+  }
+  return x;
+}
+
+inline double activate_scalar(double x, Activation act, double alpha) {
+  switch (act) {
+    case Activation::None: return x;
+    case Activation::ReLU: return x < 0.0 ? 0.0 : x;
+    case Activation::LeakyReLU: return x > 0.0 ? x : x * alpha;
+    case Activation::ReLU6: return x < 0.0 ? 0.0 : (x > 6.0 ? 6.0 : x);
+    case Activation::Sigmoid: return 1.0 / (1.0 + __builtin_exp(-x));
+    case Activation::Tanh: return __builtin_tanh(x);
+    case Activation::GeluErf: return 0.5 * x * (1.0 + __builtin_erf(x * 0.70710678118654752440));
+    case Activation::GeluTanh: {
+      double inner = 0.79788456080286535588 * (x + 0.044715 * x * x * x);
+      return 0.5 * x * (1.0 + __builtin_tanh(inner));
+    }
+    case Activation::SiLU: return x / (1.0 + __builtin_exp(-x));
+    case Activation::Hardswish: {
+      double t = x + 3.0;
+      t = t < 0.0 ? 0.0 : (t > 6.0 ? 6.0 : t);
+      return x * t / 6.0;
+    }
+  }
+  return x;
+}
+
+}  // namespace activation_detail
+
+// Applies `act` in place to n contiguous values; n may be any count.
+inline void activate_row(float* p, int64_t n, seqfuse::kernels::Activation act, double alpha_d) {
+  const float alpha = static_cast<float>(alpha_d);
+  using namespace activation_detail;
+  if (act == Activation::None) return;
+  int64_t i = 0;
+  for (; i + seqfuse::kernels::kPanelWidth <= n; i += seqfuse::kernels::kPanelWidth) {
+    VF v;
+    __builtin_memcpy(&v, p + i, sizeof(v));
+    v = activate_vec(v, act, alpha);
+    __builtin_memcpy(p + i, &v, sizeof(v));
+  }
+  if (i < n) {
+    VF v = {};
+    __builtin_memcpy(&v, p + i, (n - i) * sizeof(float));
+    v = activate_vec(v, act, alpha);
+    __builtin_memcpy(p + i, &v, (n - i) * sizeof(float));
+  }
+}
+
+inline void activate_row(double* p, int64_t n, seqfuse::kernels::Activation act, double alpha) {
+  using namespace activation_detail;
+  if (act == Activation::None) return;
+  for (int64_t i = 0; i < n; ++i) p[i] = activate_scalar(p[i], act, alpha);
+}

@@ -1,0 +1,51 @@
+// Torch-free entry points of the fused MLP kernels: packing, ISA selection and
+// the forward over a range of rows. Adapters (csrc/cpu) and the C++ unit tests
+// (tests/cpp) call only what is declared here.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "bf16.h"
+#include "mlp_spec.h"
+
+namespace seqfuse::kernels {
+
+// ---- packing (mlp_pack.cpp) ------------------------------------------------
+
+// Weight [out][in] row-major -> [panel][in][kPanelWidth], zero-padded columns.
+template <typename T> void pack_linear_weight(const T* weight, int64_t out_features, int64_t in_features, T* packed);
+
+// Per-channel epilogue of a stage, y = acc * scale + shift, from the optional
+// Linear bias and the optional eval BatchNorm (gamma/beta may be null when not
+// affine). Computed in double, stored in the accumulate type, zero padded to a
+// whole panel.
+template <typename T>
+void fold_scale_shift(int64_t channels, const T* bias, const T* bn_weight, const T* bn_bias, const T* bn_mean,
+                      const T* bn_var, double eps, acc_t<T>* scale, acc_t<T>* shift);
+
+// ---- ISA selection (mlp_forward.cpp) ----------------------------------------
+
+enum class Isa { Baseline = 0, Avx2 = 1, Avx512 = 2 };
+const char* isa_name(Isa isa);
+Isa detect_isa();            // the best the CPU supports
+Isa active_isa();            // detect_isa(), unless overridden
+// Overrides the variant used from now on ("avx512", "avx2", "baseline", or "" for
+// the detected one). Throws std::invalid_argument for an unknown name or one the
+// CPU does not support. Used by tests to force each variant.
+void set_isa_override(const std::string& name);
+
+// ---- forward (mlp_forward.cpp) -----------------------------------------------
+
+// Rows handed to one call of the per-tile kernel: a multiple of the micro-tile
+// height, sized so the two activation buffers stay in the per-core cache.
+int64_t mlp_tile_rows(const MlpDesc& desc);
+
+// y[r] = mlp(x[r]) for r in [0, rows). x rows are ld_x elements apart (the
+// in_features values of a row contiguous), y rows ld_y apart. Uses a
+// thread-local workspace; safe to call concurrently from several threads.
+template <typename T>
+void mlp_forward_rows(const MlpDesc& desc, const uint8_t* packed, const T* x, int64_t ld_x, T* y, int64_t ld_y,
+                      int64_t rows);
+
+}  // namespace seqfuse::kernels

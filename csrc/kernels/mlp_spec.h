@@ -1,0 +1,140 @@
+// The description of a fused MLP run that Python, the op adapters and the
+// kernels share: the integer "spec" list carried by the seqfuse::mlp_* ops,
+// decoded in one place, and the byte layout of the packed parameter buffer.
+//
+// spec = [kSpecVersion, dtype, n_stages, in_features,
+//         then per stage: kind, out_features, activation, flags]
+// fparams = per stage: [activation alpha, batchnorm eps]
+//
+// A stage is one of
+//   Linear      y = act((x @ W^T) * scale + shift)   (bias and an eval BatchNorm folded
+//                                                     into per-channel scale/shift)
+//   ScaleShift  y = act(x * scale + shift)           (a BatchNorm not after a Linear)
+//   Pointwise   y = act(x)                           (an activation not after a stage)
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace seqfuse::kernels {
+
+constexpr int64_t kSpecVersion = 1;
+constexpr int64_t kSpecHeader = 4;
+constexpr int64_t kSpecPerStage = 4;
+constexpr int64_t kFParamsPerStage = 2;
+
+// Weight panels hold this many output columns, whatever the ISA, so a packed
+// buffer is valid for every kernel variant.
+constexpr int64_t kPanelWidth = 16;
+constexpr int64_t kSectionAlign = 64;
+
+enum class DType : int64_t { Float32 = 0, Float64 = 1, BFloat16 = 2 };
+enum class StageKind : int64_t { Linear = 0, ScaleShift = 1, Pointwise = 2 };
+enum class Activation : int64_t {
+  None = 0,
+  ReLU = 1,
+  LeakyReLU = 2,
+  ReLU6 = 3,
+  Sigmoid = 4,
+  Tanh = 5,
+  GeluErf = 6,
+  GeluTanh = 7,
+  SiLU = 8,
+  Hardswish = 9,
+};
+constexpr int64_t kNumActivations = 10;
+
+// Stage flags: which inputs the packing op receives for the stage.
+constexpr int64_t kHasBias = 1;       // Linear bias
+constexpr int64_t kHasBatchNorm = 2;  // an eval BatchNorm folded into scale/shift
+constexpr int64_t kBatchNormAffine = 4;
+
+struct StageDesc {
+  StageKind kind;
+  int64_t in_features;
+  int64_t out_features;
+  Activation activation;
+  int64_t flags;
+  double alpha;  // LeakyReLU negative slope
+  double eps;   // BatchNorm eps
+  // Byte offsets into the packed buffer (-1 when the stage has no such section).
+  int64_t weight_offset;
+  int64_t scale_offset;
+  int64_t shift_offset;
+};
+
+struct MlpDesc {
+  DType dtype;
+  int64_t in_features;
+  int64_t out_features;
+  int64_t max_width;  // widest activation row a stage reads or writes, padded to a panel
+  int64_t packed_bytes;
+  std::vector<StageDesc> stages;
+};
+
+inline int64_t element_size(DType d) { return d == DType::Float32 ? 4 : d == DType::Float64 ? 8 : 2; }
+// Scale/shift are kept in the accumulate type: float for bfloat16.
+inline int64_t accumulate_size(DType d) { return d == DType::Float64 ? 8 : 4; }
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+inline int64_t panel_count(int64_t out_features) { return (out_features + kPanelWidth - 1) / kPanelWidth; }
+
+// Decodes and validates a spec; computes the packed layout. Throws
+// std::invalid_argument with a readable message on a malformed spec.
+inline MlpDesc decode_mlp_spec(const int64_t* spec, size_t spec_len, const double* fparams,
+                               size_t fparams_len) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("seqfuse: malformed mlp spec: " + m); };
+  if (spec_len < static_cast<size_t>(kSpecHeader)) fail("too short");
+  if (spec[0] != kSpecVersion) fail("version " + std::to_string(spec[0]));
+  if (spec[1] < 0 || spec[1] > 2) fail("dtype code " + std::to_string(spec[1]));
+  MlpDesc d;
+  d.dtype = static_cast<DType>(spec[1]);
+  const int64_t n = spec[2];
+  if (n < 1) fail("no stages");
+  if (spec_len != static_cast<size_t>(kSpecHeader + kSpecPerStage * n)) fail("length does not match stage count");
+  if (fparams_len != static_cast<size_t>(kFParamsPerStage * n)) fail("fparams length does not match stage count");
+  d.in_features = spec[3];
+  if (d.in_features < 1) fail("in_features < 1");
+  const int64_t esize = element_size(d.dtype), asize = accumulate_size(d.dtype);
+  int64_t offset = 0, width = d.in_features, max_width = round_up(d.in_features, kPanelWidth);
+  auto section = [&](int64_t bytes) {
+    int64_t at = offset;
+    offset = round_up(offset + bytes, kSectionAlign);
+    return at;
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t* s = spec + kSpecHeader + kSpecPerStage * i;
+    StageDesc st{};
+    if (s[0] < 0 || s[0] > 2) fail("stage kind " + std::to_string(s[0]));
+    if (s[2] < 0 || s[2] >= kNumActivations) fail("activation code " + std::to_string(s[2]));
+    st.kind = static_cast<StageKind>(s[0]);
+    st.in_features = width;
+    st.out_features = s[1];
+    st.activation = static_cast<Activation>(s[2]);
+    st.flags = s[3];
+    st.alpha = fparams[kFParamsPerStage * i];
+    st.eps = fparams[kFParamsPerStage * i + 1];
+    st.weight_offset = st.scale_offset = st.shift_offset = -1;
+    if (st.kind != StageKind::Linear && st.out_features != width) fail("elementwise stage changes width");
+    if (st.out_features < 1) fail("out_features < 1");
+    const int64_t padded = round_up(st.out_features, kPanelWidth);
+    if (st.kind == StageKind::Linear) {
+      st.weight_offset = section(panel_count(st.out_features) * kPanelWidth * width * esize);
+    }
+    if (st.kind != StageKind::Pointwise) {
+      st.scale_offset = section(padded * asize);
+      st.shift_offset = section(padded * asize);
+    }
+    width = st.out_features;
+    if (padded > max_width) max_width = padded;
+    d.stages.push_back(st);
+  }
+  d.out_features = width;
+  d.max_width = max_width;
+  d.packed_bytes = offset;
+  return d;
+}
+
+}  // namespace seqfuse::kernels

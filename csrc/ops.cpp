@@ -1,0 +1,18 @@
+// The seqfuse operator library: every schema, in one place. Backends register
+// implementations by dispatch key (cpu/*_cpu.cpp, cuda/*_cuda.cu); Python
+// registers fake (meta) kernels and autograd in seqfuse/ops.py.
+//
+// The int[] spec / float[] fparams pair describing a fused MLP run is defined
+// in kernels/mlp_spec.h.
+#include <torch/library.h>
+
+TORCH_LIBRARY(seqfuse, m) {
+  // Folds bias and eval BatchNorm into per-stage scale/shift and packs Linear
+  // weights into kernel panels. `tensors` lists each stage's inputs in order:
+  //   Linear:     weight, [bias], [bn_weight, bn_bias]?, [running_mean, running_var]?
+  //   ScaleShift: [bn_weight, bn_bias]?, running_mean, running_var
+  // (presence per the stage's flags). Returns an opaque uint8 buffer.
+  m.def("mlp_pack(Tensor[] tensors, int[] spec, float[] fparams) -> Tensor");
+  // Runs every stage of the spec over the last dimension of `input` in one pass.
+  m.def("mlp_forward(Tensor input, Tensor packed, int[] spec, float[] fparams) -> Tensor");
+}

@@ -1,0 +1,260 @@
+// The seqfuse._C Python module. Importing it loads the operator library
+// (ops.cpp and the backend registrations linked into the same shared object).
+// It also carries what the Python front needs at C speed: the plan guard that
+// decides on every forward whether a cached plan is still valid, and a few
+// introspection helpers.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <vector>
+
+#include "kernels/mlp_forward.h"
+#include "spec_adapter.h"
+
+namespace seqfuse {
+namespace {
+
+// Raises a c10::Error as the Python exception type torch would use.
+[[noreturn]] void rethrow_as_python(const c10::Error& e) {
+  const std::string msg = e.what_without_backtrace();
+  if (dynamic_cast<const c10::TypeError*>(&e)) throw py::type_error(msg);
+  if (dynamic_cast<const c10::ValueError*>(&e)) throw py::value_error(msg);
+  if (dynamic_cast<const c10::IndexError*>(&e)) throw py::index_error(msg);
+  throw std::runtime_error(msg);
+}
+
+// One fused MLP segment bound to its packed parameters: calling it runs
+// seqfuse::mlp_forward through the dispatcher (so profiling, autograd and
+// every other dispatch key see it) without the per-call argument parsing of
+// a torch.ops call from Python.
+class FusedMlpCall {
+ public:
+  FusedMlpCall(at::Tensor packed, std::vector<int64_t> spec, std::vector<double> fparams,
+               std::optional<std::pair<int64_t, int64_t>> flatten, bool needs_2d)
+      : packed_(std::move(packed)), spec_(std::move(spec)), fparams_(std::move(fparams)), flatten_(flatten),
+        needs_2d_(needs_2d) {}
+
+  // Empty result: this input must take the eager path (3-D input to a run with
+  // BatchNorm1d, or input that is not a tensor).
+  std::optional<at::Tensor> try_call(py::handle input) const {
+    if (!THPVariable_Check(input.ptr())) return std::nullopt;
+    at::Tensor x = THPVariable_Unpack(input.ptr());
+    if (flatten_) x = x.flatten(flatten_->first, flatten_->second);
+    if (needs_2d_ && x.dim() != 2) return std::nullopt;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("seqfuse::mlp_forward", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                           at::ArrayRef<double>)>();
+    return op.call(x, packed_, spec_, fparams_);
+  }
+
+  py::object call(py::handle input) const {
+    try {
+      std::optional<at::Tensor> y = try_call(input);
+      return y ? py::reinterpret_steal<py::object>(THPVariable_Wrap(*y)) : py::none();
+    } catch (const c10::Error& e) {
+      rethrow_as_python(e);
+    }
+  }
+
+  const at::Tensor& packed() const { return packed_; }
+
+ private:
+  at::Tensor packed_;
+  std::vector<int64_t> spec_;
+  std::vector<double> fparams_;
+  std::optional<std::pair<int64_t, int64_t>> flatten_;
+  bool needs_2d_;
+};
+
+// Everything a cached plan depends on, snapshotted when the plan is built and
+// compared on each call. A mismatch anywhere means "re-plan"; the check never
+// has to be exact in the other direction (a harmless change may re-plan).
+//
+// - the container's children, by identity and order;
+// - each child's class and its whole instance __dict__ by value identity
+//   (training flag, config such as eps or negative_slope, an instance-level
+//   forward), the sizes of its hook dicts, and its _parameters/_buffers
+//   entries by identity;
+// - each fused tensor's version counter (in-place edits, optimizer steps),
+//   data pointer (.data swaps, .to()) and requires_grad;
+// - requires_grad of every parameter of the container, and whether the global
+//   module hooks are empty.
+class PlanGuard {
+ public:
+  PlanGuard(py::dict modules, py::list children, std::vector<at::Tensor> fused_tensors,
+            std::vector<at::Tensor> all_parameters, py::list global_hook_dicts)
+      : modules_(modules) {
+    for (auto v : modules) module_values_.push_back(py::reinterpret_borrow<py::object>(v.second));
+    for (py::handle child : children) children_.push_back(snapshot_child(child));
+    for (const at::Tensor& t : fused_tensors) tensors_.push_back(snapshot_tensor(t));
+    for (const at::Tensor& t : all_parameters) {
+      grad_tensors_.push_back({t, t.requires_grad()});
+      any_requires_grad_ = any_requires_grad_ || t.requires_grad();
+    }
+    for (py::handle d : global_hook_dicts)
+      global_hooks_.push_back({py::reinterpret_borrow<py::dict>(d), PyDict_GET_SIZE(d.ptr())});
+  }
+
+  // Plans that are one fused segment register it here: run() then does the
+  // whole forward in one call from Python.
+  void set_single_fused(std::shared_ptr<FusedMlpCall> call) { single_ = std::move(call); }
+
+  // The forward of a single-segment plan when the plan is valid and the call
+  // may run fused; None otherwise (also on any error: the Python path then
+  // repeats the call and reports the error with eager's wording).
+  py::object run(py::handle input) const {
+    if (!single_ || check(input) != 1) return py::none();
+    try {
+      std::optional<at::Tensor> y = single_->try_call(input);
+      if (y) return py::reinterpret_steal<py::object>(THPVariable_Wrap(*y));
+    } catch (const std::exception&) {
+    }
+    return py::none();
+  }
+
+  // 0: stale, re-plan. 1: valid, fused segments may run. 2: valid, but the
+  // call needs autograd through fused modules, so they must run eagerly.
+  int check(py::handle input) const {
+    if (!same_sequence(modules_, module_values_)) return 0;
+    for (const Child& c : children_)
+      if (!c.unchanged()) return 0;
+    for (const WatchedTensor& w : tensors_)
+      if (!w.unchanged()) return 0;
+    for (const auto& [t, rg] : grad_tensors_)
+      if (t.requires_grad() != rg) return 0;
+    for (const auto& [d, size] : global_hooks_)
+      if (PyDict_GET_SIZE(d.ptr()) != size) return 0;
+    if (at::GradMode::is_enabled()) {
+      if (any_requires_grad_) return 2;
+      if (THPVariable_Check(input.ptr()) && THPVariable_Unpack(input.ptr()).requires_grad()) return 2;
+    }
+    return 1;
+  }
+
+ private:
+  static bool same_sequence(const py::dict& d, const std::vector<py::object>& values) {
+    if (PyDict_GET_SIZE(d.ptr()) != static_cast<Py_ssize_t>(values.size())) return false;
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(d.ptr(), &pos, &key, &value))
+      if (value != values[i++].ptr()) return false;
+    return true;
+  }
+
+  struct Child {
+    py::object module;
+    PyTypeObject* type;
+    py::dict attrs;  // the instance __dict__
+    std::vector<py::object> attr_values;
+    std::vector<std::pair<py::dict, Py_ssize_t>> sized;               // hook dicts
+    std::vector<std::pair<py::dict, std::vector<py::object>>> tables;  // _parameters, _buffers
+
+    bool unchanged() const {
+      if (Py_TYPE(module.ptr()) != type) return false;
+      if (!same_sequence(attrs, attr_values)) return false;
+      for (const auto& [d, size] : sized)
+        if (PyDict_GET_SIZE(d.ptr()) != size) return false;
+      for (const auto& [d, values] : tables)
+        if (!same_sequence(d, values)) return false;
+      return true;
+    }
+  };
+
+  static Child snapshot_child(py::handle module) {
+    Child c;
+    c.module = py::reinterpret_borrow<py::object>(module);
+    c.type = Py_TYPE(module.ptr());
+    PyObject* dict = PyObject_GenericGetDict(module.ptr(), nullptr);  // None children have no __dict__
+    if (!dict) {
+      PyErr_Clear();
+      return c;
+    }
+    c.attrs = py::reinterpret_steal<py::dict>(dict);
+    for (auto item : c.attrs) {
+      c.attr_values.push_back(py::reinterpret_borrow<py::object>(item.second));
+      const std::string name = py::str(item.first);
+      if (!PyDict_Check(item.second.ptr())) continue;
+      auto d = py::reinterpret_borrow<py::dict>(item.second);
+      if (name == "_parameters" || name == "_buffers") {
+        std::vector<py::object> values;
+        for (auto v : d) values.push_back(py::reinterpret_borrow<py::object>(v.second));
+        c.tables.push_back({d, std::move(values)});
+      } else if (name.find("hooks") != std::string::npos) {
+        c.sized.push_back({d, PyDict_GET_SIZE(d.ptr())});
+      }
+    }
+    return c;
+  }
+
+  struct WatchedTensor {
+    at::Tensor tensor;
+    int64_t version;
+    const void* data;
+    bool requires_grad;
+    bool unchanged() const {
+      auto* impl = tensor.unsafeGetTensorImpl();
+      return (impl->is_inference() || impl->version_counter().current_version() == version) &&
+             tensor.const_data_ptr() == data && tensor.requires_grad() == requires_grad;
+    }
+  };
+
+  static WatchedTensor snapshot_tensor(const at::Tensor& t) {
+    auto* impl = t.unsafeGetTensorImpl();
+    return {t, impl->is_inference() ? 0 : static_cast<int64_t>(impl->version_counter().current_version()),
+            t.const_data_ptr(), t.requires_grad()};
+  }
+
+  py::dict modules_;
+  std::vector<py::object> module_values_;
+  std::vector<Child> children_;
+  std::vector<WatchedTensor> tensors_;
+  std::vector<std::pair<at::Tensor, bool>> grad_tensors_;
+  std::vector<std::pair<py::dict, Py_ssize_t>> global_hooks_;
+  bool any_requires_grad_ = false;
+  std::shared_ptr<FusedMlpCall> single_;
+};
+
+}  // namespace
+}  // namespace seqfuse
+
+PYBIND11_MODULE(_C, m) {
+  using namespace seqfuse;
+  m.doc() = "seqfuse native extension: operator registrations and plan guard";
+  py::class_<FusedMlpCall, std::shared_ptr<FusedMlpCall>>(m, "FusedMlpCall")
+      .def(py::init<at::Tensor, std::vector<int64_t>, std::vector<double>, std::optional<std::pair<int64_t, int64_t>>,
+                    bool>(),
+           py::arg("packed"), py::arg("spec"), py::arg("fparams"), py::arg("flatten"), py::arg("needs_2d"))
+      .def("__call__", &FusedMlpCall::call, py::arg("input"),
+           "Runs the segment; None when this input must run eagerly.")
+      .def_property_readonly("packed", &FusedMlpCall::packed);
+  py::class_<PlanGuard>(m, "PlanGuard")
+      .def(py::init<py::dict, py::list, std::vector<at::Tensor>, std::vector<at::Tensor>, py::list>())
+      .def("check", &PlanGuard::check, py::arg("input"))
+      .def("set_single_fused", &PlanGuard::set_single_fused)
+      .def("run", &PlanGuard::run, py::arg("input"));
+  m.def(
+      "mlp_packed_nbytes",
+      [](std::vector<int64_t> spec, std::vector<double> fparams) {
+        return decode_mlp_spec(spec, fparams).packed_bytes;
+      },
+      "Size in bytes of the buffer seqfuse::mlp_pack returns for this spec.");
+  m.def(
+      "cpu_capability", [] { return std::string(kernels::isa_name(kernels::active_isa())); },
+      "The CPU kernel variant in use: 'avx512', 'avx2' or 'baseline'.");
+  m.def(
+      "detected_cpu_capability", [] { return std::string(kernels::isa_name(kernels::detect_isa())); },
+      "The best CPU kernel variant this CPU supports.");
+  m.def(
+      "set_cpu_capability",
+      [](const std::string& name) {
+        try {
+          kernels::set_isa_override(name);
+        } catch (const std::invalid_argument& e) {
+          throw py::value_error(e.what());
+        }
+      },
+      py::arg("name"), "Force a CPU kernel variant ('avx512', 'avx2', 'baseline'; '' for the detected one).");
+}

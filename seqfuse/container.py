@@ -1,0 +1,271 @@
+"""FusedSequential: an ``nn.Sequential`` whose forward runs fusible chains as
+single seqfuse kernel calls.
+
+The container behaviour (indexing, append, slicing, ``state_dict``, ...) is
+``nn.Sequential``'s own; this class only replaces ``forward`` and keeps a plan
+cache in its instance ``__dict__``, which is dropped from pickles and copies.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from ._loader import _C
+from .planner import Segment, global_hook_dicts, plan_segments
+
+__all__ = ["FusedSequential", "SeqfuseWarning", "Plan"]
+
+_PLAN_ATTR = "_seqfuse_plan"
+
+
+class SeqfuseWarning(RuntimeWarning):
+    """Raised as a warning when seqfuse had to recover from an internal problem
+    (for example a fused kernel rejecting an input that eager accepts)."""
+
+
+def _describe(m: Optional[nn.Module]) -> str:
+    if m is None:
+        return "None"
+    text = repr(m)
+    return text if "\n" not in text else f"{type(m).__name__}(...)"
+
+
+def _shape_of(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _with_context(err: BaseException, key: str, m, x) -> BaseException:
+    """The same exception type with the module and input shape prepended."""
+    msg = f"FusedSequential child '{key}' ({_describe(m)}) failed on input of shape {_shape_of(x)}: {err}"
+    try:
+        new = type(err)(msg)
+    except Exception:
+        return err
+    return new
+
+
+class _FusedRun:
+    """A fused segment bound to its packed parameters: one op call per forward."""
+
+    __slots__ = ("segment", "call")
+
+    def __init__(self, segment: Segment):
+        self.segment = segment
+        # Folded/packed weights are derived data: never autograd history, never
+        # inference tensors (the plan may be reused outside inference_mode).
+        with torch.inference_mode(False), torch.no_grad():
+            packed = ops.mlp_pack([t.detach() for t in segment.pack_tensors()], segment.spec, segment.fparams)
+        self.call = _C.FusedMlpCall(packed, segment.spec, segment.fparams, segment.flatten, segment.needs_2d)
+
+    def __call__(self, x, fused_ok: bool):
+        if not fused_ok:
+            return self.run_eager(x)
+        try:
+            y = self.call(x)
+        except Exception as err:
+            return self.recover(x, err)
+        return self.run_eager(x) if y is None else y
+
+    def run_eager(self, x):
+        for m in self.segment.modules:
+            x = m(x)
+        return x
+
+    def recover(self, x, fused_error: Exception):
+        """Re-runs the segment eagerly so a bad input gets eager's own error,
+        with the failing child and the input shape named."""
+        for key, m in zip(self.segment.keys, self.segment.modules):
+            try:
+                y = m(x)
+            except Exception as err:
+                raise _with_context(err, key, m, x) from err
+            x = y
+        warnings.warn(
+            f"seqfuse: the fused kernel rejected an input that eager accepted ({fused_error}); "
+            "this segment ran eagerly. Please report this with FusedSequential.explain().",
+            SeqfuseWarning,
+            stacklevel=3,
+        )
+        return x
+
+
+class _EagerRun:
+    __slots__ = ("segment",)
+
+    def __init__(self, segment: Segment):
+        self.segment = segment
+
+    def __call__(self, x, fused_ok: bool):
+        for m in self.segment.modules:
+            x = m(x)
+        return x
+
+
+class Plan:
+    """The cached execution plan of a FusedSequential, with its guard."""
+
+    def __init__(self, container: nn.Sequential):
+        keys = list(container._modules.keys())
+        modules = list(container._modules.values())
+        self.segments: List[Segment] = plan_segments(keys, modules)
+        self.runs = [_FusedRun(s) if s.fused else _EagerRun(s) for s in self.segments]
+        fused_tensors = [t for s in self.segments if s.fused for t in s.pack_tensors()]
+        self.guard = _C.PlanGuard(
+            container._modules, modules, fused_tensors, list(container.parameters()), global_hook_dicts()
+        )
+        if len(self.runs) == 1:
+            self.run = self.runs[0]
+            if self.segments[0].fused:
+                self.guard.set_single_fused(self.runs[0].call)
+
+    def run(self, x, fused_ok: bool):
+        for r in self.runs:
+            x = r(x, fused_ok)
+        return x
+
+
+class FusedSequential(nn.Sequential):
+    r"""A drop-in :class:`torch.nn.Sequential` that runs chains of Linear,
+    BatchNorm1d (eval) and activations as single fused kernel calls.
+
+    Construct it like ``nn.Sequential`` (positional modules or one
+    ``OrderedDict``); every container operation, ``state_dict`` key and
+    parameter is exactly ``nn.Sequential``'s. On ``forward`` the children are
+    split into maximal fusible runs (see :meth:`explain`), each executed by one
+    ``torch.ops.seqfuse`` call; anything else runs eagerly, unchanged.
+
+    The plan (segments, folded and packed weights) is cached and re-derived
+    whenever anything it depends on changes: children, training flags, module
+    attributes, hooks, parameters or buffers (replaced, converted, or edited in
+    place), ``requires_grad``. When autograd is needed (grad mode on and a
+    parameter or the input requires grad) fused segments run eagerly, since a
+    fused backward is not implemented yet.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = FusedSequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2)).eval()
+        >>> ref = nn.Sequential(*model)
+        >>> x = torch.randn(4, 8)
+        >>> with torch.no_grad():
+        ...     torch.testing.assert_close(model(x), ref(x))
+    """
+
+    def forward(self, input):
+        if torch.compiler.is_compiling():
+            return self._forward_traceable(input)
+        plan = self.__dict__.get(_PLAN_ATTR)
+        if plan is not None:
+            y = plan.guard.run(input)  # the whole forward of a one-segment plan, in C++
+            if y is not None:
+                return y
+        route = plan.guard.check(input) if plan is not None else 0
+        if not route:
+            plan = self._replan()
+            route = plan.guard.check(input)
+        return plan.run(input, route == 1)
+
+    def _replan(self) -> Plan:
+        plan = Plan(self)
+        self.__dict__[_PLAN_ATTR] = plan
+        return plan
+
+    def invalidate_plan(self) -> None:
+        """Drops the cached plan. Needed only after editing a parameter through
+        ``.data`` (which bypasses the version counter seqfuse watches).
+
+        >>> m = FusedSequential(nn.Linear(2, 2)); m.invalidate_plan()
+        """
+        self.__dict__.pop(_PLAN_ATTR, None)
+
+    def _forward_traceable(self, input):
+        """The forward as torch.compile / export trace it: plan and pack inline
+        (the packing op becomes part of the graph), then one op per segment."""
+        keys = list(self._modules.keys())
+        modules = list(self._modules.values())
+        needs_grad = torch.is_grad_enabled() and (
+            (isinstance(input, torch.Tensor) and input.requires_grad)
+            or any(p.requires_grad for p in self.parameters())
+        )
+        x = input
+        for seg in plan_segments(keys, modules):
+            if seg.fused and not needs_grad and not (seg.needs_2d and x.dim() != 2):
+                if seg.flatten is not None:
+                    x = x.flatten(*seg.flatten)
+                packed = ops.mlp_pack(seg.pack_tensors(), seg.spec, seg.fparams)
+                x = ops.mlp_forward(x, packed, seg.spec, seg.fparams)
+            else:
+                for m in seg.modules:
+                    x = m(x)
+        return x
+
+    def explain(self) -> "Explanation":
+        """Describes how the next forward runs: which children run in which
+        fused kernel and which fall back to eager, and why.
+
+        >>> print(FusedSequential(nn.Linear(4, 8), nn.ReLU(), nn.Conv2d(1, 1, 1)).explain())  # doctest: +ELLIPSIS
+        FusedSequential plan: 1 fused segment, 1 eager segment (CPU kernels: ...)
+          [0:2] fused: seqfuse::mlp_forward, float32, 4 -> 8
+            (0) Linear(in_features=4, out_features=8, bias=True)  stage 0: matmul
+            (1) ReLU()  stage 0: activation in the epilogue
+          [2:3] eager
+            (2) Conv2d(1, 1, kernel_size=(1, 1), stride=(1, 1))  Conv2d has no fused kernel
+        """
+        return Explanation(plan_segments(list(self._modules.keys()), list(self._modules.values())))
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop(_PLAN_ATTR, None)
+        return state
+
+
+class Explanation:
+    """What :meth:`FusedSequential.explain` returns; ``str()`` is the readable plan."""
+
+    def __init__(self, segments: List[Segment]):
+        self.segments = segments
+
+    @property
+    def fused_segments(self) -> List[Segment]:
+        return [s for s in self.segments if s.fused]
+
+    @property
+    def eager_segments(self) -> List[Segment]:
+        return [s for s in self.segments if not s.fused]
+
+    def __str__(self) -> str:
+        n_f, n_e = len(self.fused_segments), len(self.eager_segments)
+        lines = [
+            f"FusedSequential plan: {n_f} fused segment{'s' * (n_f != 1)}, {n_e} eager segment{'s' * (n_e != 1)} "
+            f"(CPU kernels: {ops.cpu_capability()})"
+        ]
+        for s in self.segments:
+            if s.fused:
+                widths = [s.in_features] + [st.out_features for st in s.stages if st.kind == ops.StageKind.LINEAR]
+                dtype = str(s.dtype).replace("torch.", "")
+                extra = ", 2-D input only (BatchNorm1d)" if s.needs_2d else ""
+                lines.append(
+                    f"  [{s.start}:{s.stop}] fused: seqfuse::mlp_forward, {dtype}, "
+                    + " -> ".join(map(str, widths))
+                    + extra
+                )
+                notes = s.roles
+            else:
+                lines.append(f"  [{s.start}:{s.stop}] eager")
+                notes = s.reasons
+            for key, m, note in zip(s.keys, s.modules, notes):
+                lines.append(f"    ({key}) {_describe(m)}  {note}")
+        if n_f:
+            lines.append(
+                "  note: when autograd is needed (grad mode on and a parameter or the input requires grad), "
+                "fused segments run eagerly: the fused backward is not implemented yet."
+            )
+        return "\n".join(lines)
+
+    __repr__ = __str__
