@@ -39,14 +39,15 @@ def _shape_of(x) -> str:
     return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
+_CONTEXT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError)
+
+
 def _with_context(err: BaseException, key: str, m, x) -> BaseException:
-    """The same exception type with the module and input shape prepended."""
-    msg = f"FusedSequential child '{key}' ({_describe(m)}) failed on input of shape {_shape_of(x)}: {err}"
-    try:
-        new = type(err)(msg)
-    except Exception:
+    """The same exception type with the module and input shape prepended (for
+    the builtin types stock modules raise; anything else passes unchanged)."""
+    if type(err) not in _CONTEXT_ERRORS:
         return err
-    return new
+    return type(err)(f"FusedSequential child '{key}' ({_describe(m)}) failed on input of shape {_shape_of(x)}: {err}")
 
 
 class _FusedRun:
@@ -72,19 +73,19 @@ class _FusedRun:
         return self.run_eager(x) if y is None else y
 
     def run_eager(self, x):
-        for m in self.segment.modules:
-            x = m(x)
-        return x
-
-    def recover(self, x, fused_error: Exception):
-        """Re-runs the segment eagerly so a bad input gets eager's own error,
-        with the failing child and the input shape named."""
+        """The segment's modules one by one; an error names the failing child
+        and its input shape."""
         for key, m in zip(self.segment.keys, self.segment.modules):
             try:
                 y = m(x)
             except Exception as err:
                 raise _with_context(err, key, m, x) from err
             x = y
+        return x
+
+    def recover(self, x, fused_error: Exception):
+        """Re-runs the segment eagerly so a bad input gets eager's own error."""
+        x = self.run_eager(x)
         warnings.warn(
             f"seqfuse: the fused kernel rejected an input that eager accepted ({fused_error}); "
             "this segment ran eagerly. Please report this with FusedSequential.explain().",

@@ -46,7 +46,8 @@ inline VF exp_vec(VF x) {
   return select(underflow, splat(0.0f), y);
 }
 
-// tanh: odd rational approximation on [-7.9, 7.9] (|tanh| rounds to 1 outside).
+// tanh: odd rational approximation on [-7.9, 7.9]; beyond, 1 - 2 / (e^{2|x|} + 1),
+// which has no cancellation there and reaches exactly +-1 where float tanh does.
 inline VF tanh_vec(VF x) {
   const VF c = splat(7.90531110763549805f);
   VF xc = select(x > c, c, select(x < -c, -c, x));
@@ -65,7 +66,9 @@ inline VF tanh_vec(VF x) {
   q = q * x2 + 4.89352518554385e-03f;
   VF t = p / q;
   VF ax = select(x < 0.0f, -x, x);
-  return select(ax < 0.0004f, x, t);
+  VF far = 1.0f - 2.0f / (exp_vec(2.0f * ax) + 1.0f);
+  far = select(x < 0.0f, -far, far);
+  return select(ax < 0.0004f, x, select(ax > c, far, t));
 }
 
 // erf: Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the form ATen vectorizes.

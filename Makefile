@@ -1,0 +1,45 @@
+# The two commands the README promises, on a fresh machine with Python 3.11 and pip:
+#   make bench   set up .venv, build seqfuse, run the quick benchmark table
+#   make test    set up .venv, build seqfuse, run the C++ kernel tests and the whole pytest suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEPS   := $(VENV)/.deps-installed
+CMAKE_BUILD := build/cmake
+
+.PHONY: all build test test-python test-cpp bench wheel clean
+
+all: test
+
+$(DEPS): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# Editable install once, then incremental in-place rebuilds of the extension.
+$(VENV)/.seqfuse-installed: $(DEPS) setup.py pyproject.toml
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.seqfuse-installed
+	$(PY) setup.py --quiet build_ext --inplace
+
+test-cpp:
+	cmake -S . -B $(CMAKE_BUILD) -DSEQFUSE_WERROR=$(if $(CI),ON,OFF) >/dev/null
+	cmake --build $(CMAKE_BUILD) -j2
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+test-python: build
+	$(PY) -m pytest -q tests seqfuse --doctest-modules
+
+test: test-cpp test-python
+
+bench: build
+	$(PY) -m seqfuse.bench --quick
+
+wheel: build
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+clean:
+	rm -rf build dist $(CMAKE_BUILD) seqfuse/_C*.so seqfuse/_build_info.py *.egg-info

@@ -1,0 +1,158 @@
+"""Shared helpers: random fusible chains, a guard that proves the fused path
+ran (eager forwards of fusible modules raise while it is active), and
+dtype-aware comparison against nn.Sequential."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import List, Optional
+
+import pytest
+import torch
+from torch import nn
+
+import seqfuse
+
+FUSIBLE_TYPES = (
+    nn.Linear,
+    nn.BatchNorm1d,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ReLU6,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Identity,
+    nn.Dropout,
+    nn.Flatten,
+)
+
+
+class EagerCalled(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def forbid_eager(*types):
+    """Makes the class-level forward of every fusible module type raise, so a
+    test fails if seqfuse silently ran a module eagerly."""
+    types = types or FUSIBLE_TYPES
+    saved = {t: t.forward for t in types}
+
+    def make(t):
+        def forward(self, *args, **kwargs):
+            raise EagerCalled(f"{t.__name__}.forward ran eagerly inside a fused segment")
+
+        return forward
+
+    try:
+        for t in types:
+            t.forward = make(t)
+        yield
+    finally:
+        for t, f in saved.items():
+            t.forward = f
+
+
+ACTIVATIONS = [
+    lambda: nn.ReLU(),
+    lambda: nn.LeakyReLU(0.07),
+    lambda: nn.ReLU6(),
+    lambda: nn.Sigmoid(),
+    lambda: nn.Tanh(),
+    lambda: nn.GELU(),
+    lambda: nn.GELU(approximate="tanh"),
+    lambda: nn.SiLU(),
+    lambda: nn.Hardswish(),
+]
+
+
+def randomize_batchnorm(bn: nn.BatchNorm1d, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        n = bn.num_features
+        bn.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+        bn.running_var.copy_(torch.rand(n, generator=gen) * 2 + 0.2)
+        if bn.affine:
+            bn.weight.copy_(torch.randn(n, generator=gen))
+            bn.bias.copy_(torch.randn(n, generator=gen) * 0.3)
+
+
+def random_chain(rng: random.Random, max_depth: int = 8, max_width: int = 300, in_features: Optional[int] = None):
+    """A random list of fusible modules (eval mode) and its input width."""
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    width = in_features or rng.randint(1, max_width)
+    in_width = width
+    mods: List[nn.Module] = []
+    depth = rng.randint(1, max_depth)
+    for i in range(depth):
+        kind = rng.random()
+        if kind < 0.55 or i == 0:
+            out = rng.randint(1, max_width)
+            lin = nn.Linear(width, out, bias=rng.random() < 0.8)
+            with torch.no_grad():  # default init keeps values tiny in deep chains; widen the range
+                lin.weight.copy_(torch.randn(out, width, generator=gen) / max(width, 1) ** 0.5)
+                if lin.bias is not None:
+                    lin.bias.copy_(torch.randn(out, generator=gen) * 0.2)
+            mods.append(lin)
+            width = out
+        elif kind < 0.7:
+            bn = nn.BatchNorm1d(width, eps=rng.choice([1e-5, 1e-3]), affine=rng.random() < 0.8)
+            randomize_batchnorm(bn, gen)
+            mods.append(bn)
+        elif kind < 0.95:
+            mods.append(rng.choice(ACTIVATIONS)())
+        else:
+            mods.append(rng.choice([nn.Identity(), nn.Dropout(0.3)]))
+    for m in mods:
+        m.eval()
+    return mods, in_width
+
+
+def tolerances(dtype: torch.dtype):
+    if dtype == torch.float64:
+        return dict(rtol=1e-7, atol=1e-7)
+    if dtype == torch.bfloat16:
+        return dict(rtol=0, atol=0)  # unused: bf16 is judged relative to eager's own error
+    # Summation order and BatchNorm folding change rounding: within assert_close defaults
+    # scaled for depth (several rounded layers feed each other).
+    return dict(rtol=1e-5, atol=1e-5)
+
+
+def assert_matches_eager(fused_out: torch.Tensor, eager_mods, x: torch.Tensor):
+    """fp32/fp64: close to nn.Sequential. bf16: no further from an fp32
+    reference than eager bf16 is (flash-attention's rule), with slack."""
+    with torch.no_grad():
+        eager_out = nn.Sequential(*eager_mods)(x)
+    assert fused_out.shape == eager_out.shape and fused_out.dtype == eager_out.dtype
+    if x.dtype != torch.bfloat16 or x.numel() == 0:
+        torch.testing.assert_close(fused_out, eager_out, equal_nan=True, **tolerances(x.dtype))
+        return
+    import copy
+
+    ref_mods = [copy.deepcopy(m).float() for m in eager_mods]
+    with torch.no_grad():
+        ref = nn.Sequential(*ref_mods)(x.float())
+    fused_err = (fused_out.float() - ref).abs()
+    eager_err = (eager_out.float() - ref).abs()
+    scale = ref.abs().max().clamp_min(1.0)
+    assert fused_err.max() <= 2 * eager_err.max() + 1e-2 * scale, (fused_err.max(), eager_err.max())
+
+
+@pytest.fixture
+def rng(request):
+    return random.Random(hash(request.node.nodeid) & 0xFFFFFFFF)
+
+
+@pytest.fixture(params=["avx512", "avx2", "baseline"])
+def cpu_capability(request):
+    """Runs a test once per kernel variant this CPU supports."""
+    order = ["baseline", "avx2", "avx512"]
+    detected = seqfuse.ops._C.detected_cpu_capability()
+    if order.index(request.param) > order.index(detected):
+        pytest.skip(f"CPU does not support {request.param}")
+    seqfuse.ops.set_cpu_capability(request.param)
+    yield request.param
+    seqfuse.ops.set_cpu_capability("")
