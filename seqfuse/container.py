@@ -216,6 +216,7 @@ class FusedSequential(nn.Sequential):
             (1) ReLU()  stage 0: activation in the epilogue
           [2:3] eager
             (2) Conv2d(1, 1, kernel_size=(1, 1), stride=(1, 1))  Conv2d has no fused kernel
+          note: when autograd is needed ...
         """
         return Explanation(plan_segments(list(self._modules.keys()), list(self._modules.values())))
 

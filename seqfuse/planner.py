@@ -51,12 +51,16 @@ def global_hook_dicts() -> list:
     return [getattr(_module_mod, name) for name in _GLOBAL_HOOK_DICTS]
 
 
-def fused_devices() -> Tuple[str, ...]:
-    """Device types with a registered seqfuse kernel."""
+def _registered_devices() -> Tuple[str, ...]:
     devices = ["cpu"]
     if torch._C._dispatch_has_kernel_for_dispatch_key("seqfuse::mlp_forward", "CUDA"):
         devices.append("cuda")
     return tuple(devices)
+
+
+# Device types with a registered seqfuse kernel (fixed once the library is
+# loaded; a constant so that torch.compile traces the planner without breaks).
+FUSED_DEVICES = _registered_devices()
 
 
 @dataclass
@@ -78,7 +82,7 @@ def _tensor_home(m: nn.Module, names: Sequence[str]):
     dtype, device = dtypes.pop(), devices.pop()
     if dtype not in SUPPORTED_DTYPES:
         return None, None, f"no fused kernel for {dtype} (supported: float32, float64, bfloat16)"
-    if device.type not in fused_devices():
+    if device.type not in FUSED_DEVICES:
         return None, None, f"no fused kernel for device '{device.type}' in this build"
     return dtype, device, ""
 

@@ -30,7 +30,9 @@ int64_t macs_per_row(const MlpDesc& d) {
 at::Tensor mlp_pack_cpu(at::TensorList tensors, at::IntArrayRef spec, at::ArrayRef<double> fparams) {
   const MlpDesc d = decode_mlp_spec(spec, fparams);
   const at::ScalarType dtype = scalar_type_of(d.dtype);
-  at::Tensor packed = at::empty({d.packed_bytes}, at::TensorOptions().dtype(at::kByte));
+  // Zeroed: alignment gaps between sections must not carry stale bytes (the
+  // buffer is a deterministic function of the parameters).
+  at::Tensor packed = at::zeros({d.packed_bytes}, at::TensorOptions().dtype(at::kByte));
   uint8_t* base = packed.data_ptr<uint8_t>();
   size_t next = 0;
   std::vector<at::Tensor> keep;  // contiguous copies alive until packing is done

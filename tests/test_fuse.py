@@ -1,0 +1,90 @@
+"""seqfuse.fuse on models written the usual ways."""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+import seqfuse
+from seqfuse import FusedSequential
+
+
+class Block(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(w, w), nn.BatchNorm1d(w), nn.ReLU(), nn.Linear(w, w))
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(OrderedDict(fc=nn.Linear(10, 32), act=nn.GELU()))
+        self.blocks = nn.Sequential(Block(32), Block(32))
+        self.head = nn.Sequential(nn.Sequential(nn.Linear(32, 16), nn.Tanh()), nn.Linear(16, 3))
+        self.hooked = nn.Sequential(nn.Linear(3, 3), nn.Sigmoid())
+        self.hooked[0].register_forward_hook(lambda m, i, o: o * 2)
+
+    def forward(self, x):
+        return self.hooked(self.head(self.blocks(self.stem(x))))
+
+
+def sequentials(model):
+    return [(n, type(m)) for n, m in model.named_modules() if isinstance(m, nn.Sequential)]
+
+
+def test_fuse_converts_every_sequential_and_keeps_state():
+    torch.manual_seed(0)
+    net = Net().eval()
+    before = copy.deepcopy(net)
+    fused = seqfuse.fuse(net)
+    assert all(t is FusedSequential for _, t in sequentials(fused))
+    assert all(t is nn.Sequential for _, t in sequentials(net))  # original untouched
+    assert list(fused.state_dict()) == list(net.state_dict())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before.state_dict()[k])
+    x = torch.randn(6, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), net(x))
+    # the hooked Linear stays eager, its neighbours still fuse where they can
+    assert "has hooks" in str(fused.hooked.explain())
+
+
+def test_fuse_inplace_and_top_level_sequential():
+    seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    out = seqfuse.fuse(seq, inplace=True)
+    assert type(out) is FusedSequential and out[0] is seq[0]
+    model = Net()
+    assert seqfuse.fuse(model, inplace=True) is model
+    assert type(model.stem) is FusedSequential
+
+
+def test_fuse_train_mode_model_trains_like_original():
+    torch.manual_seed(0)
+    net = Net().train()
+    fused = seqfuse.fuse(net)
+    x = torch.randn(8, 10)
+    for model in (net, fused):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    for (k, a), b in zip(net.state_dict().items(), fused.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_subclass_of_sequential_is_left_alone():
+    class MySeq(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    m = nn.Module()
+    m.a = MySeq(nn.Linear(2, 2), nn.Sequential(nn.ReLU()))
+    fused = seqfuse.fuse(m)
+    assert type(fused.a) is MySeq and type(fused.a[1]) is FusedSequential
