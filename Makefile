@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 CMAKE_BUILD := build/cmake
 
-.PHONY: all build test test-python test-cpp bench wheel clean
+.PHONY: all build test test-python test-cpp bench wheel wheel-check clean
 
 all: test
 
@@ -38,8 +38,16 @@ test: test-cpp test-python
 bench: build
 	$(PY) -m seqfuse.bench --quick
 
-wheel: build
-	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+wheel: $(DEPS)
+	rm -f dist/seqfuse-*.whl
+	$(PY) -m pip wheel --quiet --no-build-isolation --no-deps -w dist .
+
+# The wheel installs into a fresh virtualenv (pulling the torch it pins) and works there.
+wheel-check: wheel
+	rm -rf build/wheel-venv
+	$(PYTHON) -m venv build/wheel-venv
+	build/wheel-venv/bin/python -m pip install --quiet dist/seqfuse-*.whl
+	cd build && wheel-venv/bin/python ../tests/smoke_installed.py
 
 clean:
 	rm -rf build dist $(CMAKE_BUILD) seqfuse/_C*.so seqfuse/_build_info.py *.egg-info

@@ -1,0 +1,16 @@
+"""Smoke test of an installed seqfuse (run from outside the source tree by
+`make wheel-check`): it imports, records its build, and runs fused."""
+
+import torch
+from torch import nn
+
+import seqfuse
+
+assert "site-packages" in seqfuse.__file__, seqfuse.__file__
+assert seqfuse.BUILD_INFO["torch_version"] == torch.__version__, seqfuse.BUILD_INFO
+m = seqfuse.FusedSequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4)).eval()
+x = torch.randn(8, 16)
+with torch.inference_mode():
+    torch.testing.assert_close(m(x), nn.Sequential(*m)(x))
+assert m.explain().fused_segments, str(m.explain())
+print(f"seqfuse {seqfuse.__version__} wheel OK (torch {torch.__version__}, {seqfuse.ops.cpu_capability()})")
