@@ -4,6 +4,7 @@
 // decides on every forward whether a cached plan is still valid, and a few
 // introspection helpers.
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
@@ -116,7 +117,8 @@ class PlanGuard {
   }
 
   // 0: stale, re-plan. 1: valid, fused segments may run. 2: valid, but the
-  // call needs autograd through fused modules, so they must run eagerly.
+  // call needs autograd through fused modules, or autocast is on, so they
+  // must run eagerly.
   int check(py::handle input) const {
     if (!same_sequence(modules_, module_values_)) return 0;
     for (const Child& c : children_)
@@ -127,6 +129,8 @@ class PlanGuard {
       if (t.requires_grad() != rg) return 0;
     for (const auto& [d, size] : global_hooks_)
       if (PyDict_GET_SIZE(d.ptr()) != size) return 0;
+    // Under autocast eager computes in the autocast dtype: run eagerly.
+    if (at::autocast::is_autocast_enabled(at::kCPU) || at::autocast::is_autocast_enabled(at::kCUDA)) return 2;
     if (at::GradMode::is_enabled()) {
       if (any_requires_grad_) return 2;
       if (THPVariable_Check(input.ptr()) && THPVariable_Unpack(input.ptr()).requires_grad()) return 2;

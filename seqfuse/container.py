@@ -145,7 +145,8 @@ class FusedSequential(nn.Sequential):
     attributes, hooks, parameters or buffers (replaced, converted, or edited in
     place), ``requires_grad``. When autograd is needed (grad mode on and a
     parameter or the input requires grad) fused segments run eagerly, since a
-    fused backward is not implemented yet.
+    fused backward is not implemented yet; so they do under ``torch.autocast``,
+    which changes eager's compute dtype.
 
     Example:
         >>> import torch
@@ -189,13 +190,16 @@ class FusedSequential(nn.Sequential):
         (the packing op becomes part of the graph), then one op per segment."""
         keys = list(self._modules.keys())
         modules = list(self._modules.values())
-        needs_grad = torch.is_grad_enabled() and (
-            (isinstance(input, torch.Tensor) and input.requires_grad)
-            or any(p.requires_grad for p in self.parameters())
+        needs_eager = torch.is_autocast_enabled("cpu") or (
+            torch.is_grad_enabled()
+            and (
+                (isinstance(input, torch.Tensor) and input.requires_grad)
+                or any(p.requires_grad for p in self.parameters())
+            )
         )
         x = input
         for seg in plan_segments(keys, modules):
-            if seg.fused and not needs_grad and not (seg.needs_2d and x.dim() != 2):
+            if seg.fused and not needs_eager and not (seg.needs_2d and x.dim() != 2):
                 if seg.flatten is not None:
                     x = x.flatten(*seg.flatten)
                 packed = ops.mlp_pack(seg.pack_tensors(), seg.spec, seg.fparams)
@@ -266,7 +270,8 @@ class Explanation:
         if n_f:
             lines.append(
                 "  note: when autograd is needed (grad mode on and a parameter or the input requires grad), "
-                "fused segments run eagerly: the fused backward is not implemented yet."
+                "fused segments run eagerly: the fused backward is not implemented yet; "
+                "so they do under torch.autocast."
             )
         return "\n".join(lines)
 

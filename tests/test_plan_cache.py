@@ -207,3 +207,25 @@ def test_concurrent_calls_from_threads(threads):
     for t in ts:
         t.join()
     assert not errors, errors
+
+
+def test_autocast_runs_eagerly_with_eager_dtypes():
+    m = make()
+    x = torch.randn(5, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = nn.Sequential(*m)(x)
+        out = m(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+
+
+def test_inference_mode_and_no_grad_outputs():
+    m = make()
+    x = torch.randn(5, 8)
+    with torch.inference_mode():
+        y = m(x)
+    assert y.is_inference()
+    with torch.no_grad():
+        z = m(x)
+    assert not z.requires_grad and z.grad_fn is None
+    torch.testing.assert_close(y, z)
