@@ -122,7 +122,7 @@ def linear_flops(modules: Sequence[nn.Module], input_shape: Sequence[int]) -> in
     work (bias, BatchNorm, activations) is not counted.
 
     >>> linear_flops(mlp([64, 256, 10]), (2, 64))
-    70656
+    75776
     """
     rows = 1
     for d in input_shape[:-1]:

@@ -1,0 +1,122 @@
+"""Command line of ``python -m seqfuse.bench``; see ``--help`` and benchmarks/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from . import report
+from .cases import CASES
+from .harness import environment, parse_dtype, run
+from .peers import PEERS, parse_peers
+from .timing import FULL, QUICK
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m seqfuse.bench",
+        description="Times seqfuse.FusedSequential (and optionally TorchScript / torch.compile) against an "
+        "eager nn.Sequential on CPU inference cases, interleaved A/B, and prints the ratios.",
+        epilog="Example: python -m seqfuse.bench --quick --json run.json; later: "
+        "python -m seqfuse.bench --quick --compare run.json",
+    )
+    ap.add_argument("--case", action="append", metavar="NAME",
+                    help=f"case(s) to run, repeatable or comma-separated (default: all): {', '.join(CASES)}")
+    ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    ap.add_argument("--batch", type=int, metavar="N", help="override the batch dimension of every case")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float64"],
+                    help="model and input dtype (default float32, or the --compare file's)")
+    ap.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) (default: torch's)")
+    ap.add_argument("--peers", default="eager,fused", metavar="LIST",
+                    help=f"comma list from {','.join(PEERS)}; eager is always measured (default eager,fused; "
+                    "compile takes seconds per case)")
+    ap.add_argument("--repeats", type=int, metavar="R",
+                    help=f"interleaved rounds per case (default {FULL.rounds}, --quick {QUICK.rounds})")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"~{QUICK.target_s * 1e3:g} ms batches, {QUICK.rounds} rounds: a smoke run in seconds")
+    ap.add_argument("--target-ms", type=float, metavar="MS",
+                    help=f"duration of one timed batch (default {FULL.target_s * 1e3:g}, --quick "
+                    f"{QUICK.target_s * 1e3:g})")
+    ap.add_argument("--memory", action="store_true",
+                    help="also measure peak RSS per (case, peer), each in a fresh subprocess")
+    ap.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
+    ap.add_argument("--json", metavar="PATH", help="write the full results (with samples) as JSON")
+    ap.add_argument("--csv", metavar="PATH", help="write one row per case as CSV")
+    ap.add_argument("--compare", metavar="OLD.json",
+                    help="compare ratios with an earlier --json run; exit 1 if a fused ratio regressed. "
+                    "Without --case/--dtype/--batch/--threads, the old run's are used")
+    ap.add_argument("--tolerance", type=float, default=0.15, metavar="FRAC",
+                    help="allowed fractional drop of a fused ratio for --compare (default 0.15)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    return ap
+
+
+def _print(text: str) -> None:
+    """print(), spelling µ as u where stdout cannot encode it."""
+    try:
+        text.encode(sys.stdout.encoding or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        text = text.replace("µ", "u")
+    print(text)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        width = max(map(len, CASES))
+        for c in CASES.values():
+            print(f"{c.name.ljust(width)}  {'x'.join(map(str, c.input_shape)).ljust(10)}  {c.description}")
+        return 0
+
+    old_meta, old_results = ({}, [])
+    if args.compare:
+        old_meta, old_results = report.load_json(args.compare)
+        if not args.case:
+            args.case = [r["case"] for r in old_results if r["case"] in CASES]
+            if not args.case:
+                print(f"seqfuse.bench: error: none of the cases in {args.compare} is registered "
+                      "(a sweep's output?); name the cases with --case", file=sys.stderr)
+                return 2
+        if args.dtype is None:
+            args.dtype = old_meta.get("dtype")
+        if args.batch is None:
+            args.batch = old_meta.get("batch")
+        if args.threads is None and old_meta.get("threads_requested"):
+            args.threads = old_meta["threads_requested"]
+
+    try:
+        dtype = parse_dtype(args.dtype or "float32")
+        peers = parse_peers(args.peers)
+        results = run(cases=args.case, peers=peers, dtype=dtype, threads=args.threads, quick=args.quick,
+                      repeats=args.repeats, batch=args.batch, memory=args.memory, target_ms=args.target_ms,
+                      seed=args.seed, progress=not args.no_progress)
+    except (KeyError, ValueError) as e:
+        print(f"seqfuse.bench: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+
+    env = environment(dtype, args.threads)
+    mode = "quick" if args.quick else "full"
+    _print(report.header(env, mode))
+    _print(report.table(results))
+    _print(report.footer(results))
+
+    settings = {"mode": mode, "batch": args.batch, "threads_requested": args.threads, "peers": peers,
+                "repeats": args.repeats, "target_ms": args.target_ms, "seed": args.seed}
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(report.to_json(results, env, settings))
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            f.write(report.to_csv(results))
+        print(f"wrote {args.csv}", file=sys.stderr)
+    if args.compare:
+        text, regressed = report.compare(old_meta, old_results, env, results, args.tolerance)
+        print()
+        print(f"compared with {args.compare} (tolerance {args.tolerance:g}):")
+        _print(text)
+        return 1 if regressed else 0
+    return 0

@@ -1,0 +1,288 @@
+"""Runs cases: builds the peers, checks their numerics against eager, times
+them interleaved (see :mod:`seqfuse.bench.timing`) and returns one result dict
+per case. :func:`run` is the entry point of both the CLI and the tests.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+import seqfuse
+
+from . import memory, timing
+from .cases import Case, linear_flops, select_cases
+from .peers import build_peer, parse_peers, peer_context
+
+__all__ = ["run", "run_case", "parse_dtype", "environment", "Progress", "TOLERANCES"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+#: (rtol, atol) per dtype for the check against eager; atol is scaled by the
+#: largest magnitude of eager's output (when that exceeds 1).
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-5),
+    torch.float64: (1e-9, 1e-12),
+    torch.bfloat16: (5e-2, 5e-2),  # loose: bf16 rounding differs with accumulation order
+}
+
+
+def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """``'float32'``, ``'bfloat16'``, ``'float64'`` (or the torch dtype itself) -> torch dtype.
+
+    >>> parse_dtype("bfloat16")
+    torch.bfloat16
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in TOLERANCES:
+            raise ValueError(f"unsupported dtype {dtype}; choose from {', '.join(_DTYPES)}")
+        return dtype
+    try:
+        return _DTYPES[str(dtype).replace("torch.", "")]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose from {', '.join(_DTYPES)}") from None
+
+
+def environment(dtype: torch.dtype, threads: Optional[int] = None) -> Dict[str, object]:
+    """What the numbers depend on: versions, kernel ISA, threads, dtype.
+
+    >>> sorted(environment(torch.float32))[:3]
+    ['cpu_capability', 'dtype', 'hostname']
+    """
+    import platform
+
+    return {
+        "torch": torch.__version__,
+        "seqfuse": seqfuse.__version__,
+        "cpu_capability": seqfuse.ops.cpu_capability(),
+        "threads": threads or torch.get_num_threads(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "python": platform.python_version(),
+        "hostname": platform.node(),
+        "machine": platform.machine(),
+    }
+
+
+class Progress:
+    """A one-line status on stderr: overwritten with ``\\r`` on a terminal; on
+    anything else only ``major`` updates are printed, one per line."""
+
+    def __init__(self, enabled: bool = True, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._width = 0
+
+    def update(self, text: str, major: bool = False) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            pad = max(0, self._width - len(text))
+            self.stream.write("\r" + text + " " * pad)
+            self._width = len(text)
+            self.stream.flush()
+        elif major:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled and self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Dict[str, object]:
+    rtol, atol = TOLERANCES[dtype]
+    ref64, out64 = ref.detach().double(), out.detach().double()
+    scale = max(1.0, float(ref64.abs().max())) if ref64.numel() else 1.0
+    err = float((out64 - ref64).abs().max()) if ref64.numel() and out64.shape == ref64.shape else float("inf")
+    try:
+        torch.testing.assert_close(out64, ref64, rtol=rtol, atol=atol * scale)
+    except AssertionError as e:
+        return {"ok": False, "max_abs_err": err, "message": str(e).strip().splitlines()[0]}
+    return {"ok": True, "max_abs_err": err, "message": ""}
+
+
+def _fused_plan(model: nn.Module) -> str:
+    expl = model.explain()
+    return f"{len(expl.fused_segments)} fused / {len(expl.eager_segments)} eager segments"
+
+
+def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch.dtype = torch.float32,
+             settings: timing.Settings = timing.FULL, memory_probe: bool = False, seed: int = 0,
+             check: bool = True, progress: Optional[Progress] = None, label: str = "") -> Dict[str, object]:
+    """Measures one case (already resolved: batch applied) and returns its
+    result dict; see :func:`run` for the keys. Call it under the thread
+    setting you want; it enters ``torch.inference_mode()`` itself."""
+    peers = parse_peers(peers)
+    dtype = parse_dtype(dtype)
+    progress = progress or Progress(False)
+    say = lambda what, major=False: progress.update(f"{label}{case.name} {what} ...", major)  # noqa: E731
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        modules = [m.eval().to(dtype) for m in case.build_modules()]
+        x = torch.randn(case.input_shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+
+    flops = linear_flops(modules, case.input_shape)
+    result: Dict[str, object] = {
+        "case": case.name,
+        "description": case.description,
+        "input_shape": list(case.input_shape),
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "peers": list(peers),
+        "flops": flops,
+        "time_us": {},
+        "min_us": {},
+        "spread": {},
+        "ratio": {},
+        "ratio_paired": {},
+        "gflops": {},
+        "inner": {},
+        "rounds": 0,
+        "numerics": {},
+        "numerics_ok": True,
+        "errors": {},
+    }
+
+    fns: Dict[str, Callable] = {}
+    with peer_context(peers):
+        say("(" + ",".join(peers) + ")", major=True)
+        for p in peers:
+            try:
+                fns[p] = build_peer(p, modules)
+            except Exception as e:  # a peer that cannot be built is reported, not fatal
+                if p == "eager":
+                    raise
+                result["errors"][p] = f"build failed: {type(e).__name__}: {e}"
+        if "fused" in fns:
+            result["fused_plan"] = _fused_plan(fns["fused"])
+
+        with torch.inference_mode():
+            # Warm-up first (compilation, weight packing), then the numerics check.
+            for p in list(fns):
+                say(f"{p} warm-up")
+                try:
+                    timing.warm_up(fns[p], x, settings.warmup_calls, settings.warmup_s)
+                except Exception as e:
+                    if p == "eager":
+                        raise
+                    result["errors"][p] = f"call failed: {type(e).__name__}: {e}"
+                    del fns[p]
+            if check:
+                say("numerics")
+                ref = fns["eager"](x)
+                for p in fns:
+                    if p != "eager":
+                        result["numerics"][p] = _check(fns[p](x), ref, dtype)
+                result["numerics_ok"] = all(v["ok"] for v in result["numerics"].values())
+
+            inner = {}
+            for p in fns:
+                say(f"{p} calibrate")
+                inner[p] = timing.calibrate(fns[p], x, settings.target_s)
+            say("timing " + ",".join(fns))
+            samples = timing.interleaved(fns, x, inner, settings)
+
+    result["inner"] = inner
+    result["rounds"] = len(samples["eager"])
+    stats = {p: timing.summarize(s) for p, s in samples.items()}
+    eager_t = stats["eager"]["median"]
+    for p, st in stats.items():
+        result["time_us"][p] = st["median"] * 1e6
+        result["min_us"][p] = st["min"] * 1e6
+        result["spread"][p] = st["spread"]
+        result["gflops"][p] = flops / st["median"] / 1e9 if st["median"] > 0 else float("nan")
+        if p != "eager":
+            result["ratio"][p] = eager_t / st["median"]
+            paired = sorted(e / t for e, t in zip(samples["eager"], samples[p]))
+            result["ratio_paired"][p] = paired[len(paired) // 2] if len(paired) % 2 else (
+                (paired[len(paired) // 2 - 1] + paired[len(paired) // 2]) / 2)
+    result["samples_us"] = {p: [t * 1e6 for t in s] for p, s in samples.items()}
+
+    if memory_probe:
+        result["peak_rss_mib"] = {}
+        result["steady_rss_mib"] = {}
+        for p in fns:
+            say(f"{p} memory (subprocess)")
+            m = memory.peak_rss(modules, case.input_shape, dtype, p, threads=torch.get_num_threads())
+            if "error" in m:
+                result["errors"][f"{p}_memory"] = m["error"]
+                result["peak_rss_mib"][p] = None
+                result["steady_rss_mib"][p] = None
+            else:
+                result["peak_rss_mib"][p] = m["peak_rss_mib"]
+                result["steady_rss_mib"][p] = m["steady_rss_mib"]
+                result["memory_method"] = m["method"]
+    return result
+
+
+def run(cases: Optional[Iterable[Union[str, Case]]] = None, peers: Union[str, Sequence[str]] = ("eager", "fused"),
+        dtype: Union[str, torch.dtype] = torch.float32, threads: Optional[int] = None, quick: bool = False,
+        repeats: Optional[int] = None, batch: Optional[int] = None, memory: bool = False,
+        target_ms: Optional[float] = None, budget_s: Optional[float] = None, seed: int = 0,
+        check: bool = True, progress: bool = False) -> List[Dict[str, object]]:
+    """Benchmarks ``cases`` (names, comma lists or :class:`Case` objects;
+    ``None``: all registered cases) and returns one dict per case.
+
+    Args:
+        peers: which implementations to time; ``eager`` is always included.
+            ``fused``, ``jit`` and ``compile`` (slow to build) are the others.
+        dtype: ``float32``, ``bfloat16`` or ``float64``; model and input are converted.
+        threads: ``torch.set_num_threads`` for the run (restored afterwards).
+        quick: short batches and few rounds (see :data:`timing.QUICK`).
+        repeats: number of interleaved rounds (overrides the quick/full default).
+        batch: replaces dimension 0 of every case's input shape.
+        memory: also measure peak RSS per peer, in a fresh subprocess each.
+        target_ms, budget_s: override the timed-batch duration and the per-case
+            soft time limit of the rounds.
+        seed: weights and input are drawn from this seed (the caller's RNG state is kept).
+        check: compare every peer's output with eager's before timing.
+        progress: print a progress line to stderr.
+
+    Each dict has ``case``, ``description``, ``input_shape``, ``dtype``,
+    ``threads``, ``peers``, ``flops`` (per call), and per peer (dicts keyed by
+    peer name): ``time_us`` (median per-call time), ``min_us``, ``spread``
+    (interquartile range / median), ``gflops``, ``inner`` (calls per timed
+    batch); for non-eager peers ``ratio`` (eager median / peer median),
+    ``ratio_paired`` (median of per-round ratios) and ``numerics`` (``ok``,
+    ``max_abs_err``, ``message``); ``numerics_ok`` (all peers), ``rounds``,
+    ``samples_us``, ``errors`` (peers that failed to build or run),
+    ``fused_plan``, and with ``memory`` ``peak_rss_mib`` / ``steady_rss_mib``.
+
+    >>> [r] = run(["policy_b1"], quick=True, repeats=2, target_ms=0.5)
+    >>> r["case"], sorted(r["time_us"]), r["numerics_ok"], r["ratio"]["fused"] > 0
+    ('policy_b1', ['eager', 'fused'], True, True)
+    """
+    peer_names = parse_peers(peers)
+    dt = parse_dtype(dtype)
+    if isinstance(cases, (str, Case)):
+        cases = [cases]
+    cases = list(cases or [])
+    case_list = [c for item in cases for c in ([item] if isinstance(item, Case) else select_cases([item]))]
+    case_list = [c.with_batch(batch) for c in (case_list or select_cases())]
+    settings = (timing.QUICK if quick else timing.FULL).with_overrides(repeats, target_ms, budget_s)
+    bar = Progress(progress)
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    results = []
+    try:
+        for i, case in enumerate(case_list, 1):
+            t0 = time.perf_counter()
+            res = run_case(case, peer_names, dt, settings, memory_probe=memory, seed=seed, check=check,
+                           progress=bar, label=f"[{i}/{len(case_list)}] ")
+            res["wall_s"] = time.perf_counter() - t0
+            results.append(res)
+    finally:
+        bar.clear()
+        if threads:
+            torch.set_num_threads(old_threads)
+    return results

@@ -1,0 +1,242 @@
+"""Turns result dicts into the text table, JSON, CSV, and a comparison with an
+earlier JSON run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["header", "table", "footer", "to_json", "load_json", "to_csv", "compare"]
+
+_PEER_ORDER = ("eager", "fused", "jit", "compile")
+_ABBREV = {"eager": "e", "fused": "f", "jit": "j", "compile": "c"}
+
+
+def _us(t: Optional[float]) -> str:
+    if t is None or not math.isfinite(t):
+        return "-"
+    if t < 10:
+        return f"{t:.2f}"
+    if t < 1000:
+        return f"{t:.1f}"
+    return f"{t:,.0f}"
+
+
+def _ratio(r: Optional[float]) -> str:
+    return "-" if r is None or not math.isfinite(r) else f"{r:.2f}x"
+
+
+def _peers_of(results: Sequence[dict]) -> List[str]:
+    seen = {p for r in results for p in r["peers"]}
+    return [p for p in _PEER_ORDER if p in seen] + sorted(seen - set(_PEER_ORDER))
+
+
+def header(env: Dict[str, object], extra: str = "") -> str:
+    """One line naming what the numbers depend on.
+
+    >>> header({"torch": "2.13.0", "seqfuse": "0.1.0", "cpu_capability": "avx2", "threads": 2, "dtype": "float32"})
+    'seqfuse.bench | torch 2.13.0 | seqfuse 0.1.0 | cpu avx2 | threads 2 | float32'
+    """
+    parts = [
+        "seqfuse.bench",
+        f"torch {env['torch']}",
+        f"seqfuse {env['seqfuse']}",
+        f"cpu {env['cpu_capability']}",
+        f"threads {env['threads']}",
+        str(env["dtype"]),
+    ]
+    if extra:
+        parts.append(extra)
+    return " | ".join(parts)
+
+
+def _notes(r: dict) -> str:
+    notes = []
+    for p, v in r.get("numerics", {}).items():
+        if not v["ok"]:
+            notes.append(f"! {p} output differs from eager (max abs err {v['max_abs_err']:.3g})")
+    plan = r.get("fused_plan", "")
+    if plan and not plan.endswith("0 eager segments"):
+        notes.append(f"fused plan: {plan}")
+    for p, e in r.get("errors", {}).items():
+        notes.append(f"{p}: {e[:60]}")
+    return "; ".join(notes)
+
+
+def table(results: Sequence[dict]) -> str:
+    """The aligned per-case table: times (median µs per call), ratios vs
+    eager, the fused peer's GFLOP/s, run-to-run spread, and peak RSS when
+    measured. A ``!`` after the case name marks a numerics mismatch."""
+    peers = _peers_of(results)
+    others = [p for p in peers if p != "eager"]
+    has_mem = any("peak_rss_mib" in r for r in results)
+    cols = ["case", "eager µs"]
+    for p in others:
+        cols += [f"{p} µs", "ratio" if p == "fused" else f"{p} ratio"]
+    gflops_peer = "fused" if "fused" in peers else "eager"
+    cols += ["GFLOP/s" if gflops_peer == "fused" else "eager GFLOP/s", "IQR%"]
+    if has_mem:
+        cols.append("peak RSS MiB (" + "/".join(_ABBREV.get(p, p) for p in peers) + ")")
+    cols.append("notes")
+
+    rows = []
+    for r in results:
+        name = r["case"] + (" !" if not r.get("numerics_ok", True) else "")
+        row = [name, _us(r["time_us"].get("eager"))]
+        for p in others:
+            row += [_us(r["time_us"].get(p)), _ratio(r["ratio"].get(p))]
+        g = r["gflops"].get(gflops_peer)
+        row.append("-" if g is None or not math.isfinite(g) else (f"{g:.1f}" if g < 100 else f"{g:.0f}"))
+        spreads = [s for s in r.get("spread", {}).values() if s is not None and math.isfinite(s)]
+        row.append(f"{100 * max(spreads):.0f}" if spreads else "-")
+        if has_mem:
+            mem = r.get("peak_rss_mib", {})
+            row.append("/".join("-" if mem.get(p) is None else f"{mem[p]:.1f}" for p in peers) if mem else "-")
+        row.append(_notes(r))
+        rows.append(row)
+
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    def fmt(cells):
+        out = []
+        for i, (c, w) in enumerate(zip(cells, widths)):
+            if i == 0 or i == len(cells) - 1:
+                out.append(c.ljust(w))
+            else:
+                out.append(c.rjust(w))
+        return "  ".join(out).rstrip()
+    lines = [fmt(cols), fmt(["-" * w for w in widths])] + [fmt(row) for row in rows]
+    return "\n".join(lines)
+
+
+def footer(results: Sequence[dict]) -> str:
+    """The legend printed under the table."""
+    rounds = sorted({r["rounds"] for r in results})
+    lines = [
+        f"µs: median per-call time over {'/'.join(map(str, rounds))} interleaved rounds; "
+        "ratio: eager µs / peer µs (> 1 means faster than eager).",
+        "GFLOP/s: 2*in*out per Linear per row / fused time; "
+        "IQR%: largest interquartile range / median of the samples among the peers.",
+    ]
+    if any("peak_rss_mib" in r for r in results):
+        lines.append("peak RSS MiB: peak resident-memory increase over model construction, "
+                     "fresh subprocess per peer; includes packing/compilation on the first call.")
+    if any(not r.get("numerics_ok", True) for r in results):
+        lines.append("!: a peer's output does not match eager within the dtype's tolerance (see notes).")
+    return "\n".join(lines)
+
+
+def to_json(results: Sequence[dict], env: Dict[str, object], settings: Optional[dict] = None) -> str:
+    """The document ``--json`` writes and ``--compare`` reads."""
+    return json.dumps({"meta": {**env, **(settings or {})}, "results": list(results)}, indent=1, allow_nan=True)
+
+
+def load_json(path: str) -> Tuple[dict, List[dict]]:
+    """(meta, results) from a file written by :func:`to_json` (a bare list of results is accepted too)."""
+    with open(path) as f:
+        doc = json.load(f)
+    if isinstance(doc, list):
+        return {}, doc
+    return doc.get("meta", {}), doc["results"]
+
+
+def to_csv(results: Sequence[dict]) -> str:
+    """One flat row per case: ``<peer>_us``, ``<peer>_ratio``, ``<peer>_gflops`` ... columns.
+
+    >>> print(to_csv([]).strip())
+    case,description,input_shape,dtype,threads,rounds,flops,numerics_ok,fused_plan,errors
+    """
+    peers = _peers_of(results)
+    fields = ["case", "description", "input_shape", "dtype", "threads", "rounds", "flops"]
+    for p in peers:
+        fields += [f"{p}_us", f"{p}_min_us", f"{p}_spread", f"{p}_gflops", f"{p}_inner"]
+        if p != "eager":
+            fields += [f"{p}_ratio", f"{p}_ratio_paired", f"{p}_numerics_ok", f"{p}_max_abs_err"]
+        if any("peak_rss_mib" in r for r in results):
+            fields.append(f"{p}_peak_rss_mib")
+    fields += ["numerics_ok", "fused_plan", "errors"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for r in results:
+        row = {k: r.get(k) for k in ("case", "description", "dtype", "threads", "rounds", "flops", "numerics_ok")}
+        row["input_shape"] = "x".join(map(str, r["input_shape"]))
+        row["fused_plan"] = r.get("fused_plan", "")
+        row["errors"] = "; ".join(f"{k}: {v}" for k, v in r.get("errors", {}).items())
+        for p in peers:
+            row[f"{p}_us"] = r["time_us"].get(p)
+            row[f"{p}_min_us"] = r["min_us"].get(p)
+            row[f"{p}_spread"] = r["spread"].get(p)
+            row[f"{p}_gflops"] = r["gflops"].get(p)
+            row[f"{p}_inner"] = r["inner"].get(p)
+            if p != "eager":
+                num = r.get("numerics", {}).get(p, {})
+                row[f"{p}_ratio"] = r["ratio"].get(p)
+                row[f"{p}_ratio_paired"] = r.get("ratio_paired", {}).get(p)
+                row[f"{p}_numerics_ok"] = num.get("ok")
+                row[f"{p}_max_abs_err"] = num.get("max_abs_err")
+            if f"{p}_peak_rss_mib" in fields:
+                row[f"{p}_peak_rss_mib"] = r.get("peak_rss_mib", {}).get(p)
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def compare(old_meta: dict, old: Sequence[dict], new_meta: dict, new: Sequence[dict],
+            tolerance: float = 0.15) -> Tuple[str, bool]:
+    """Per-case ratio changes from ``old`` to ``new``. Returns the text and
+    whether any **fused** ratio fell by more than ``tolerance`` (a fraction:
+    0.15 flags new < 0.85 * old). Other peers' changes are shown, not judged.
+    Cases are matched by name; a different dtype or input shape is reported
+    as not comparable.
+
+    >>> r = lambda x: {"case": "c", "dtype": "float32", "input_shape": [1, 4], "ratio": {"fused": x}}
+    >>> text, regressed = compare({}, [r(2.0)], {}, [r(1.5)], tolerance=0.15)
+    >>> regressed, "REGRESSED" in text
+    (True, True)
+    >>> compare({}, [r(2.0)], {}, [r(1.9)])[1]
+    False
+    """
+    lines = []
+    for key in ("torch", "seqfuse", "cpu_capability", "threads", "dtype", "hostname"):
+        a, b = old_meta.get(key), new_meta.get(key)
+        if a is not None and b is not None and a != b:
+            lines.append(f"note: {key} differs: old {a}, new {b}")
+    old_by = {r["case"]: r for r in old}
+    rows = [["case", "peer", "old ratio", "new ratio", "change", "status"]]
+    regressed = False
+    for r in new:
+        o = old_by.get(r["case"])
+        if o is None:
+            rows.append([r["case"], "-", "-", "-", "-", "not in old run"])
+            continue
+        if o.get("dtype") != r.get("dtype") or list(o.get("input_shape", [])) != list(r.get("input_shape", [])):
+            rows.append([r["case"], "-", "-", "-", "-", "not comparable (dtype/shape differ)"])
+            continue
+        for p, new_ratio in r["ratio"].items():
+            old_ratio = o.get("ratio", {}).get(p)
+            if old_ratio is None:
+                rows.append([r["case"], p, "-", _ratio(new_ratio), "-", "not in old run"])
+                continue
+            change = new_ratio / old_ratio - 1
+            if p == "fused" and change < -tolerance:
+                status, regressed = "REGRESSED", True
+            elif p == "fused":
+                status = "improved" if change > tolerance else "ok"
+            else:
+                status = "(not judged)"
+            rows.append([r["case"], p, _ratio(old_ratio), _ratio(new_ratio), f"{100 * change:+.1f}%", status])
+    for name in old_by:
+        if name not in {r["case"] for r in new}:
+            rows.append([name, "-", "-", "-", "-", "not run now"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for j, row in enumerate(rows):
+        cells = [c.ljust(w) if i in (0, 1, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    verdict = (f"REGRESSION: a fused ratio fell by more than {100 * tolerance:.0f}%" if regressed
+               else f"no fused ratio fell by more than {100 * tolerance:.0f}%")
+    lines.append(verdict)
+    return "\n".join(lines), regressed
