@@ -13,6 +13,13 @@ TORCH_LIBRARY(seqfuse, m) {
   //   ScaleShift: [bn_weight, bn_bias]?, running_mean, running_var
   // (presence per the stage's flags). Returns an opaque uint8 buffer.
   m.def("mlp_pack(Tensor[] tensors, int[] spec, float[] fparams) -> Tensor");
-  // Runs every stage of the spec over the last dimension of `input` in one pass.
-  m.def("mlp_forward(Tensor input, Tensor packed, int[] spec, float[] fparams) -> Tensor");
+  // Runs every stage of the spec over the last dimension of `input`.
+  // engine 0: the fused kernel carries each row tile through every stage in
+  //           one pass (`weights` unused, may be empty);
+  // engine 1: each Linear's product by ATen's GEMM (MKL/oneDNN) on `weights`
+  //           (the Linear weights, [out, in], in stage order), each epilogue
+  //           (bias, folded BatchNorm, activation) by the fused epilogue kernel.
+  // FusedSequential picks the engine per batch size by measurement.
+  m.def(
+      "mlp_forward(Tensor input, Tensor packed, Tensor[] weights, int[] spec, float[] fparams, int engine=0) -> Tensor");
 }

@@ -4,11 +4,19 @@
 // decides on every forward whether a cached plan is still valid, and a few
 // introspection helpers.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "kernels/mlp_forward.h"
@@ -26,32 +34,79 @@ namespace {
   throw std::runtime_error(msg);
 }
 
+// Which engine runs a call: -1 lets FusedMlpCall decide (by measurement), 0 or
+// 1 forces one (tests, studies). Process-wide.
+std::atomic<int>& engine_override() {
+  static std::atomic<int> value{-1};
+  return value;
+}
+
 // One fused MLP segment bound to its packed parameters: calling it runs
 // seqfuse::mlp_forward through the dispatcher (so profiling, autograd and
 // every other dispatch key see it) without the per-call argument parsing of
 // a torch.ops call from Python.
+//
+// For calls big enough that the engine matters, the first call in each
+// batch-size bucket (powers of two) times both engines a few times and keeps
+// the faster one for that bucket and thread count. Choices are shared by every
+// segment with the same spec (shapes, dtype, stages), so re-planning after a
+// parameter update never measures again.
+class EngineChoices {
+ public:
+  // -1 when not measured yet.
+  int get(const std::vector<int64_t>& spec, int bucket, int threads) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = choices_.find(Key{spec, bucket, threads});
+    return it == choices_.end() ? -1 : it->second;
+  }
+  void set(const std::vector<int64_t>& spec, int bucket, int threads, int engine) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    choices_[Key{spec, bucket, threads}] = engine;
+  }
+  static EngineChoices& global() {
+    static EngineChoices instance;
+    return instance;
+  }
+
+ private:
+  using Key = std::tuple<std::vector<int64_t>, int, int>;
+  mutable std::mutex mutex_;
+  std::map<Key, int> choices_;
+};
+
 class FusedMlpCall {
  public:
-  FusedMlpCall(at::Tensor packed, std::vector<int64_t> spec, std::vector<double> fparams,
-               std::optional<std::pair<int64_t, int64_t>> flatten, bool needs_2d)
-      : packed_(std::move(packed)), spec_(std::move(spec)), fparams_(std::move(fparams)), flatten_(flatten),
-        needs_2d_(needs_2d) {}
+  // Below this many multiply-adds per call the fused kernel always wins: the
+  // per-layer engine pays an ATen call and a memory round trip per stage.
+  static constexpr int64_t kTuneMinMacs = int64_t{1} << 20;
+  static constexpr int kBuckets = 64;
+
+  FusedMlpCall(at::Tensor packed, std::vector<at::Tensor> weights, std::vector<int64_t> spec,
+               std::vector<double> fparams, std::optional<std::pair<int64_t, int64_t>> flatten, bool needs_2d)
+      : packed_(std::move(packed)), weights_(std::move(weights)), spec_(std::move(spec)), fparams_(std::move(fparams)),
+        flatten_(flatten), needs_2d_(needs_2d) {
+    const kernels::MlpDesc d = decode_mlp_spec(spec_, fparams_);
+    in_features_ = d.in_features;
+    for (const auto& st : d.stages) {
+      macs_per_row_ += st.kind == kernels::StageKind::Linear ? st.in_features * st.out_features : st.out_features;
+      has_linear_ = has_linear_ || st.kind == kernels::StageKind::Linear;
+    }
+  }
 
   // Empty result: this input must take the eager path (3-D input to a run with
   // BatchNorm1d, or input that is not a tensor).
-  std::optional<at::Tensor> try_call(py::handle input) const {
+  std::optional<at::Tensor> try_call(py::handle input) {
     if (!THPVariable_Check(input.ptr())) return std::nullopt;
     at::Tensor x = THPVariable_Unpack(input.ptr());
     if (flatten_) x = x.flatten(flatten_->first, flatten_->second);
     if (needs_2d_ && x.dim() != 2) return std::nullopt;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("seqfuse::mlp_forward", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef,
-                                           at::ArrayRef<double>)>();
-    return op.call(x, packed_, spec_, fparams_);
+    const int64_t rows = x.dim() > 0 && in_features_ > 0 ? x.numel() / in_features_ : 0;
+    int engine = engine_override().load(std::memory_order_relaxed);
+    if (engine < 0) engine = choose_engine(x, rows);
+    return run(x, engine);
   }
 
-  py::object call(py::handle input) const {
+  py::object call(py::handle input) {
     try {
       std::optional<at::Tensor> y = try_call(input);
       return y ? py::reinterpret_steal<py::object>(THPVariable_Wrap(*y)) : py::none();
@@ -60,14 +115,53 @@ class FusedMlpCall {
     }
   }
 
+  // The engine the next call with `rows` rows will use (-1: not measured yet).
+  int engine_for(int64_t rows) const {
+    if (!has_linear_ || rows * macs_per_row_ < kTuneMinMacs) return 0;
+    return EngineChoices::global().get(spec_, bucket(rows), at::get_num_threads());
+  }
+
   const at::Tensor& packed() const { return packed_; }
 
  private:
+  static int bucket(int64_t rows) { return rows <= 0 ? 0 : std::min(kBuckets - 1, 64 - __builtin_clzll(rows)); }
+
+  at::Tensor run(const at::Tensor& x, int engine) const {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("seqfuse::mlp_forward", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::TensorList, at::IntArrayRef,
+                                           at::ArrayRef<double>, int64_t)>();
+    return op.call(x, packed_, weights_, spec_, fparams_, engine);
+  }
+
+  int choose_engine(const at::Tensor& x, int64_t rows) {
+    const int known = engine_for(rows);
+    if (known >= 0) return known;
+    // Measure: alternate the engines (one warm-up each), median of 3.
+    using clock = std::chrono::steady_clock;
+    double times[2][3];
+    for (int e = 0; e < 2; ++e) run(x, e);
+    for (int rep = 0; rep < 3; ++rep)
+      for (int e = 0; e < 2; ++e) {
+        const auto t0 = clock::now();
+        run(x, e);
+        times[e][rep] = std::chrono::duration<double>(clock::now() - t0).count();
+      }
+    for (auto& t : times) std::sort(t, t + 3);
+    const int best = times[1][1] < times[0][1] ? 1 : 0;
+    EngineChoices::global().set(spec_, bucket(rows), at::get_num_threads(), best);
+    return best;
+  }
+
   at::Tensor packed_;
+  std::vector<at::Tensor> weights_;
   std::vector<int64_t> spec_;
   std::vector<double> fparams_;
   std::optional<std::pair<int64_t, int64_t>> flatten_;
   bool needs_2d_;
+  int64_t in_features_ = 0;
+  int64_t macs_per_row_ = 0;
+  bool has_linear_ = false;
 };
 
 // Everything a cached plan depends on, snapshotted when the plan is built and
@@ -228,12 +322,18 @@ PYBIND11_MODULE(_C, m) {
   using namespace seqfuse;
   m.doc() = "seqfuse native extension: operator registrations and plan guard";
   py::class_<FusedMlpCall, std::shared_ptr<FusedMlpCall>>(m, "FusedMlpCall")
-      .def(py::init<at::Tensor, std::vector<int64_t>, std::vector<double>, std::optional<std::pair<int64_t, int64_t>>,
-                    bool>(),
-           py::arg("packed"), py::arg("spec"), py::arg("fparams"), py::arg("flatten"), py::arg("needs_2d"))
+      .def(py::init<at::Tensor, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>,
+                    std::optional<std::pair<int64_t, int64_t>>, bool>(),
+           py::arg("packed"), py::arg("weights"), py::arg("spec"), py::arg("fparams"), py::arg("flatten"),
+           py::arg("needs_2d"))
       .def("__call__", &FusedMlpCall::call, py::arg("input"),
            "Runs the segment; None when this input must run eagerly.")
+      .def("engine_for", &FusedMlpCall::engine_for, py::arg("rows"),
+           "Engine for a call with this many rows: 0 fused kernel, 1 GEMM + fused epilogue, -1 not measured yet.")
       .def_property_readonly("packed", &FusedMlpCall::packed);
+  m.def(
+      "set_engine_override", [](int engine) { engine_override().store(engine); }, py::arg("engine"),
+      "Force an engine for every fused MLP call (0 or 1), or -1 to choose by measurement.");
   py::class_<PlanGuard>(m, "PlanGuard")
       .def(py::init<py::dict, py::list, std::vector<at::Tensor>, std::vector<at::Tensor>, py::list>())
       .def("check", &PlanGuard::check, py::arg("input"))

@@ -61,7 +61,8 @@ class _FusedRun:
         # inference tensors (the plan may be reused outside inference_mode).
         with torch.inference_mode(False), torch.no_grad():
             packed = ops.mlp_pack([t.detach() for t in segment.pack_tensors()], segment.spec, segment.fparams)
-        self.call = _C.FusedMlpCall(packed, segment.spec, segment.fparams, segment.flatten, segment.needs_2d)
+        weights = [w.detach() for w in segment.linear_weights()]  # views of the parameters, not copies
+        self.call = _C.FusedMlpCall(packed, weights, segment.spec, segment.fparams, segment.flatten, segment.needs_2d)
 
     def __call__(self, x, fused_ok: bool):
         if not fused_ok:
@@ -203,7 +204,7 @@ class FusedSequential(nn.Sequential):
                 if seg.flatten is not None:
                     x = x.flatten(*seg.flatten)
                 packed = ops.mlp_pack(seg.pack_tensors(), seg.spec, seg.fparams)
-                x = ops.mlp_forward(x, packed, seg.spec, seg.fparams)
+                x = ops.mlp_forward(x, packed, seg.linear_weights(), seg.spec, seg.fparams)
             else:
                 for m in seg.modules:
                     x = m(x)
@@ -220,6 +221,7 @@ class FusedSequential(nn.Sequential):
             (1) ReLU()  stage 0: activation in the epilogue
           [2:3] eager
             (2) Conv2d(1, 1, kernel_size=(1, 1), stride=(1, 1))  Conv2d has no fused kernel
+          note: a fused segment runs the fused kernel; ...
           note: when autograd is needed ...
         """
         return Explanation(plan_segments(list(self._modules.keys()), list(self._modules.values())))
@@ -268,6 +270,10 @@ class Explanation:
             for key, m, note in zip(s.keys, s.modules, notes):
                 lines.append(f"    ({key}) {_describe(m)}  {note}")
         if n_f:
+            lines.append(
+                "  note: a fused segment runs the fused kernel; for calls over ~1M multiply-adds the first call "
+                "per batch size measures it against ATen's GEMM + the fused epilogue and keeps the faster."
+            )
             lines.append(
                 "  note: when autograd is needed (grad mode on and a parameter or the input requires grad), "
                 "fused segments run eagerly: the fused backward is not implemented yet; "

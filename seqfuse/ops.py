@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -22,6 +22,9 @@ __all__ = [
     "mlp_out_features",
     "mlp_pack",
     "mlp_forward",
+    "set_engine_override",
+    "ENGINE_FUSED",
+    "ENGINE_GEMM_EPILOGUE",
     "cpu_capability",
     "set_cpu_capability",
 ]
@@ -100,9 +103,32 @@ def mlp_pack(tensors: List[torch.Tensor], spec: List[int], fparams: List[float])
     return torch.ops.seqfuse.mlp_pack.default(tensors, spec, fparams)
 
 
-def mlp_forward(input: torch.Tensor, packed: torch.Tensor, spec: List[int], fparams: List[float]) -> torch.Tensor:
-    """Runs a packed MLP run over the last dimension of ``input`` in one call."""
-    return torch.ops.seqfuse.mlp_forward.default(input, packed, spec, fparams)
+ENGINE_FUSED = 0  # the fused kernel: every stage in one pass over row tiles
+ENGINE_GEMM_EPILOGUE = 1  # ATen GEMM per Linear + the fused epilogue kernel
+ENGINE_NAMES = {ENGINE_FUSED: "fused kernel", ENGINE_GEMM_EPILOGUE: "ATen GEMM + fused epilogue"}
+
+
+def mlp_forward(
+    input: torch.Tensor,
+    packed: torch.Tensor,
+    weights: List[torch.Tensor],
+    spec: List[int],
+    fparams: List[float],
+    engine: int = ENGINE_FUSED,
+) -> torch.Tensor:
+    """Runs a packed MLP run over the last dimension of ``input`` in one call.
+    ``weights`` (the Linear weights in stage order) are read by engine 1 only."""
+    return torch.ops.seqfuse.mlp_forward.default(input, packed, weights, spec, fparams, engine)
+
+
+def set_engine_override(engine: Optional[int]) -> None:
+    """Forces every fused MLP call onto one engine (``ENGINE_FUSED`` or
+    ``ENGINE_GEMM_EPILOGUE``); ``None`` restores the per-shape choice by
+    measurement. For tests and studies.
+
+    >>> set_engine_override(ENGINE_GEMM_EPILOGUE); set_engine_override(None)
+    """
+    _C.set_engine_override(-1 if engine is None else int(engine))
 
 
 @torch.library.register_fake("seqfuse::mlp_pack")
@@ -111,7 +137,7 @@ def _mlp_pack_fake(tensors, spec, fparams):
 
 
 @torch.library.register_fake("seqfuse::mlp_forward")
-def _mlp_forward_fake(input, packed, spec, fparams):
+def _mlp_forward_fake(input, packed, weights, spec, fparams, engine=ENGINE_FUSED):
     in_features = int(spec[3])
     torch._check(input.dim() >= 1, lambda: "seqfuse::mlp_forward: input must have at least 1 dimension")
     torch._check(

@@ -152,6 +152,10 @@ class Segment:
     spec: List[int] = field(default_factory=list)
     fparams: List[float] = field(default_factory=list)
 
+    def linear_weights(self) -> List[torch.Tensor]:
+        """The Linear weights in stage order (what the GEMM engine reads)."""
+        return [st.modules[0].weight for st in self.stages if st.kind == StageKind.LINEAR]
+
     def pack_tensors(self) -> List[torch.Tensor]:
         """The tensors mlp_pack takes, read from the modules now."""
         out: List[torch.Tensor] = []

@@ -156,3 +156,14 @@ def cpu_capability(request):
     seqfuse.ops.set_cpu_capability(request.param)
     yield request.param
     seqfuse.ops.set_cpu_capability("")
+
+
+@pytest.fixture(params=["fused", "gemm_epilogue"])
+def engine(request):
+    """Runs a test once per fused-MLP engine, forced."""
+    from seqfuse import ops
+
+    code = {"fused": ops.ENGINE_FUSED, "gemm_epilogue": ops.ENGINE_GEMM_EPILOGUE}[request.param]
+    ops.set_engine_override(code)
+    yield request.param
+    ops.set_engine_override(None)

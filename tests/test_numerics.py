@@ -35,7 +35,7 @@ def test_random_chains(seed, dtype):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_random_chains_every_kernel_variant(seed, cpu_capability):
+def test_random_chains_every_kernel_variant(seed, cpu_capability, engine):
     rng = random.Random(seed)
     for dtype in DTYPES:
         mods, width = random_chain(rng, max_width=100)
@@ -131,6 +131,22 @@ def test_repeated_module_runs_twice():
     mods = [lin, nn.Tanh(), lin, nn.Tanh()]
     x = torch.randn(3, 8)
     assert_matches_eager(run_fused(mods, x), mods, x)
+
+
+def test_engine_choice_is_measured_and_cached():
+    torch.manual_seed(4)
+    model = FusedSequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU()).eval()
+    x = torch.randn(512, 256)
+    with torch.no_grad():
+        out = model(x)
+    call = model.__dict__["_seqfuse_plan"].runs[0].call
+    assert call.engine_for(512) in (0, 1)  # measured on the first call of this batch bucket
+    assert call.engine_for(1) == 0  # tiny calls never leave the fused kernel
+    model.invalidate_plan()
+    with torch.no_grad():
+        model(x)
+    assert model.__dict__["_seqfuse_plan"].runs[0].call.engine_for(512) == call.engine_for(512)  # shared choice
+    assert_matches_eager(out, list(model), x)
 
 
 def test_large_batch_uses_threads_consistently():

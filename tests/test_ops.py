@@ -40,7 +40,9 @@ def test_opcheck(case):
     tensors = [t.detach() for t in seg.pack_tensors()]
     torch.library.opcheck(torch.ops.seqfuse.mlp_pack.default, (tensors, seg.spec, seg.fparams))
     packed = ops.mlp_pack(tensors, seg.spec, seg.fparams)
-    torch.library.opcheck(torch.ops.seqfuse.mlp_forward.default, (x, packed, seg.spec, seg.fparams))
+    weights = [w.detach() for w in seg.linear_weights()]
+    for engine in (ops.ENGINE_FUSED, ops.ENGINE_GEMM_EPILOGUE):
+        torch.library.opcheck(torch.ops.seqfuse.mlp_forward.default, (x, packed, weights, seg.spec, seg.fparams, engine))
 
 
 def test_fake_kernel_shapes_match_real():
@@ -48,11 +50,12 @@ def test_fake_kernel_shapes_match_real():
 
     for seg, x in sample_segments():
         packed = ops.mlp_pack([t.detach() for t in seg.pack_tensors()], seg.spec, seg.fparams)
-        real = ops.mlp_forward(x, packed, seg.spec, seg.fparams)
+        weights = [w.detach() for w in seg.linear_weights()]
+        real = ops.mlp_forward(x, packed, weights, seg.spec, seg.fparams)
         tensors = [t.detach() for t in seg.pack_tensors()]
         with FakeTensorMode() as mode:
             fx, fp = mode.from_tensor(x), mode.from_tensor(packed)
-            fake = ops.mlp_forward(fx, fp, seg.spec, seg.fparams)
+            fake = ops.mlp_forward(fx, fp, [mode.from_tensor(w) for w in weights], seg.spec, seg.fparams)
             fake_packed = ops.mlp_pack([mode.from_tensor(t) for t in tensors], seg.spec, seg.fparams)
         assert fake.shape == real.shape and fake.dtype == real.dtype
         assert fake_packed.shape == packed.shape
@@ -129,4 +132,4 @@ def test_cpu_capability_control():
 def test_malformed_spec_rejected():
     x = torch.randn(2, 3)
     with pytest.raises(ValueError, match="malformed mlp spec"):
-        torch.ops.seqfuse.mlp_forward.default(x, torch.empty(0, dtype=torch.uint8), [1, 0, 1], [])
+        torch.ops.seqfuse.mlp_forward.default(x, torch.empty(0, dtype=torch.uint8), [], [1, 0, 1], [])

@@ -81,8 +81,40 @@ at::Tensor mlp_pack_cpu(at::TensorList tensors, at::IntArrayRef spec, at::ArrayR
   return packed;
 }
 
-at::Tensor mlp_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at::IntArrayRef spec,
-                           at::ArrayRef<double> fparams) {
+// Engine 1: vendor GEMM per Linear, fused epilogue kernel per stage.
+template <typename T>
+at::Tensor mlp_forward_gemm_epilogue(const MlpDesc& d, const uint8_t* pk, const at::Tensor& x, at::TensorList weights,
+                                     int64_t rows) {
+  at::Tensor cur = x;
+  size_t next_weight = 0;
+  for (size_t i = 0; i < d.stages.size(); ++i) {
+    const StageDesc& s = d.stages[i];
+    at::Tensor out;
+    if (s.kind == StageKind::Linear) {
+      TORCH_CHECK_VALUE(next_weight < weights.size(), "seqfuse::mlp_forward: engine 1 needs the weight of stage ", i);
+      const at::Tensor& w = weights[next_weight++];
+      TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == s.out_features && w.size(1) == s.in_features &&
+                            w.scalar_type() == x.scalar_type() && w.device() == x.device(),
+                        "seqfuse::mlp_forward: weight of stage ", i, " has shape ", w.sizes(), " and dtype ",
+                        w.scalar_type(), ", expected [", s.out_features, ", ", s.in_features, "] ", x.scalar_type());
+      out = at::mm(cur, w.t());
+      cur = out;  // the epilogue runs in place on the product
+    } else {
+      out = cur.is_same(x) ? at::empty({rows, s.out_features}, x.options()) : cur;
+    }
+    const T* in = reinterpret_cast<const T*>(cur.const_data_ptr());
+    T* o = reinterpret_cast<T*>(out.mutable_data_ptr());
+    const int64_t ld_in = cur.stride(0), ld_out = out.stride(0);
+    at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 15) / s.out_features), [&](int64_t b, int64_t e) {
+      kernels::mlp_stage_epilogue<T>(d, i, pk, in + b * ld_in, ld_in, o + b * ld_out, ld_out, e - b);
+    });
+    cur = out;
+  }
+  return cur;
+}
+
+at::Tensor mlp_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,
+                           at::IntArrayRef spec, at::ArrayRef<double> fparams, int64_t engine) {
   const MlpDesc d = decode_mlp_spec(spec, fparams);
   const at::ScalarType dtype = scalar_type_of(d.dtype);
   TORCH_CHECK(input.scalar_type() == dtype, "seqfuse::mlp_forward: input dtype ", input.scalar_type(),
@@ -107,6 +139,13 @@ at::Tensor mlp_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at
   const int64_t ld_x = x.dim() == 2 ? x.stride(0) : K;
   c10::SmallVector<int64_t, 6> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = N;
+  TORCH_CHECK_VALUE(engine == 0 || engine == 1, "seqfuse::mlp_forward: unknown engine ", engine);
+  if (engine == 1 && rows > 0) {
+    const at::Tensor x2 = x.dim() == 2 ? x : x.view({rows, K});
+    return dispatch_mlp_dtype(d.dtype, [&]<typename T>() {
+      return mlp_forward_gemm_epilogue<T>(d, packed.const_data_ptr<uint8_t>(), x2, weights, rows);
+    }).view(out_shape);
+  }
   at::Tensor y = at::empty(out_shape, input.options());
   if (rows == 0) return y;
 

@@ -19,6 +19,10 @@ namespace seqfuse::kernels {
                             double*);                                                                            \
   void mlp_forward_tile_bf16(const MlpDesc&, const uint8_t*, const bf16*, int64_t, bf16*, int64_t, int64_t,     \
                              float*);                                                                            \
+  void mlp_epilogue_f32(const MlpDesc&, size_t, const uint8_t*, const float*, int64_t, float*, int64_t, int64_t); \
+  void mlp_epilogue_f64(const MlpDesc&, size_t, const uint8_t*, const double*, int64_t, double*, int64_t,        \
+                        int64_t);                                                                                \
+  void mlp_epilogue_bf16(const MlpDesc&, size_t, const uint8_t*, const bf16*, int64_t, bf16*, int64_t, int64_t); \
   }
 SEQFUSE_DECLARE_ISA(baseline)
 #if defined(__x86_64__) || defined(_M_X64)
@@ -35,16 +39,25 @@ struct IsaKernels {
   void (*f32)(const MlpDesc&, const uint8_t*, const float*, int64_t, float*, int64_t, int64_t, float*);
   void (*f64)(const MlpDesc&, const uint8_t*, const double*, int64_t, double*, int64_t, int64_t, double*);
   void (*bf16)(const MlpDesc&, const uint8_t*, const struct bf16*, int64_t, struct bf16*, int64_t, int64_t, float*);
+  void (*epilogue_f32)(const MlpDesc&, size_t, const uint8_t*, const float*, int64_t, float*, int64_t, int64_t);
+  void (*epilogue_f64)(const MlpDesc&, size_t, const uint8_t*, const double*, int64_t, double*, int64_t, int64_t);
+  void (*epilogue_bf16)(const MlpDesc&, size_t, const uint8_t*, const struct bf16*, int64_t, struct bf16*, int64_t,
+                        int64_t);
 };
 
 const IsaKernels& kernels_for(Isa isa) {
   static const IsaKernels base{baseline::micro_tile_rows_f32, baseline::mlp_forward_tile_f32,
-                               baseline::mlp_forward_tile_f64, baseline::mlp_forward_tile_bf16};
+                               baseline::mlp_forward_tile_f64,  baseline::mlp_forward_tile_bf16,
+                               baseline::mlp_epilogue_f32,      baseline::mlp_epilogue_f64,
+                               baseline::mlp_epilogue_bf16};
 #ifdef SEQFUSE_HAVE_X86_VARIANTS
   static const IsaKernels v2{avx2::micro_tile_rows_f32, avx2::mlp_forward_tile_f32, avx2::mlp_forward_tile_f64,
-                             avx2::mlp_forward_tile_bf16};
+                             avx2::mlp_forward_tile_bf16,  avx2::mlp_epilogue_f32,     avx2::mlp_epilogue_f64,
+                             avx2::mlp_epilogue_bf16};
   static const IsaKernels v512{avx512::micro_tile_rows_f32, avx512::mlp_forward_tile_f32,
-                               avx512::mlp_forward_tile_f64, avx512::mlp_forward_tile_bf16};
+                               avx512::mlp_forward_tile_f64,  avx512::mlp_forward_tile_bf16,
+                               avx512::mlp_epilogue_f32,      avx512::mlp_epilogue_f64,
+                               avx512::mlp_epilogue_bf16};
   if (isa == Isa::Avx512) return v512;
   if (isa == Isa::Avx2) return v2;
 #endif
@@ -148,6 +161,25 @@ void mlp_forward_rows(const MlpDesc& desc, const uint8_t* packed, const T* x, in
       k.bf16(desc, packed, x + r0 * ld_x, ld_x, y + r0 * ld_y, ld_y, n, ws);
   }
 }
+
+template <typename T>
+void mlp_stage_epilogue(const MlpDesc& desc, size_t stage, const uint8_t* packed, const T* in, int64_t ld_in, T* out,
+                        int64_t ld_out, int64_t rows) {
+  const IsaKernels& k = kernels_for(active_isa());
+  if constexpr (std::is_same_v<T, float>)
+    k.epilogue_f32(desc, stage, packed, in, ld_in, out, ld_out, rows);
+  else if constexpr (std::is_same_v<T, double>)
+    k.epilogue_f64(desc, stage, packed, in, ld_in, out, ld_out, rows);
+  else
+    k.epilogue_bf16(desc, stage, packed, in, ld_in, out, ld_out, rows);
+}
+
+template void mlp_stage_epilogue<float>(const MlpDesc&, size_t, const uint8_t*, const float*, int64_t, float*,
+                                        int64_t, int64_t);
+template void mlp_stage_epilogue<double>(const MlpDesc&, size_t, const uint8_t*, const double*, int64_t, double*,
+                                         int64_t, int64_t);
+template void mlp_stage_epilogue<bf16>(const MlpDesc&, size_t, const uint8_t*, const bf16*, int64_t, bf16*, int64_t,
+                                       int64_t);
 
 template void mlp_forward_rows<float>(const MlpDesc&, const uint8_t*, const float*, int64_t, float*, int64_t, int64_t);
 template void mlp_forward_rows<double>(const MlpDesc&, const uint8_t*, const double*, int64_t, double*, int64_t,

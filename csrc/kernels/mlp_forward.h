@@ -48,4 +48,12 @@ template <typename T>
 void mlp_forward_rows(const MlpDesc& desc, const uint8_t* packed, const T* x, int64_t ld_x, T* y, int64_t ld_y,
                       int64_t rows);
 
+// One stage's epilogue alone: out = act(in * scale + shift) for a Linear or
+// ScaleShift stage (act(in) for Pointwise), in the storage type, rows ld apart.
+// For engines that compute a Linear's product elsewhere (a vendor GEMM).
+// In place (in == out, same ld) is allowed.
+template <typename T>
+void mlp_stage_epilogue(const MlpDesc& desc, size_t stage, const uint8_t* packed, const T* in, int64_t ld_in, T* out,
+                        int64_t ld_out, int64_t rows);
+
 }  // namespace seqfuse::kernels

@@ -147,20 +147,29 @@ void run_linear_stage(const StageDesc& st, const uint8_t* packed, const TI* in, 
     for (int64_t r = 0; r < rows; ++r) activate_row(out + r * ld_out, st.out_features, st.activation, st.alpha);
 }
 
-template <typename A, typename TI>
+// out = act(in * scale + shift) per channel (Linear epilogue or ScaleShift), or
+// act(in) (Pointwise), computed in A and stored as TO. In place is allowed.
+template <typename A, typename TI, typename TO>
 void run_elementwise_stage(const StageDesc& st, const uint8_t* packed, const TI* in, int64_t ld_in, int64_t rows,
-                           A* out, int64_t ld_out) {
+                           TO* out, int64_t ld_out) {
+  constexpr int64_t kChunk = 16 * kPanelWidth;
   const int64_t n = st.out_features;
-  const A* scale = st.kind == StageKind::ScaleShift ? reinterpret_cast<const A*>(packed + st.scale_offset) : nullptr;
-  const A* shift = st.kind == StageKind::ScaleShift ? reinterpret_cast<const A*>(packed + st.shift_offset) : nullptr;
+  const bool affine = st.kind != StageKind::Pointwise;
+  const A* scale = affine ? reinterpret_cast<const A*>(packed + st.scale_offset) : nullptr;
+  const A* shift = affine ? reinterpret_cast<const A*>(packed + st.shift_offset) : nullptr;
+  alignas(64) A chunk[kChunk];
   for (int64_t r = 0; r < rows; ++r) {
     const TI* src = in + r * ld_in;
-    A* dst = out + r * ld_out;
-    if (scale)
-      for (int64_t j = 0; j < n; ++j) dst[j] = convert<A>(src[j]) * scale[j] + shift[j];
-    else
-      for (int64_t j = 0; j < n; ++j) dst[j] = convert<A>(src[j]);
-    activate_row(dst, n, st.activation, st.alpha);
+    TO* dst = out + r * ld_out;
+    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+      const int64_t len = n - j0 < kChunk ? n - j0 : kChunk;
+      if (affine)
+        for (int64_t j = 0; j < len; ++j) chunk[j] = convert<A>(src[j0 + j]) * scale[j0 + j] + shift[j0 + j];
+      else
+        for (int64_t j = 0; j < len; ++j) chunk[j] = convert<A>(src[j0 + j]);
+      activate_row(chunk, len, st.activation, st.alpha);
+      for (int64_t j = 0; j < len; ++j) dst[j0 + j] = convert<TO>(chunk[j]);
+    }
   }
 }
 
@@ -170,7 +179,7 @@ void run_stage(const StageDesc& st, const uint8_t* packed, const TI* in, int64_t
   if (st.kind == StageKind::Linear)
     run_linear_stage<A, TI, TW>(st, packed, in, ld_in, rows, out, ld_out);
   else
-    run_elementwise_stage<A, TI>(st, packed, in, ld_in, rows, out, ld_out);
+    run_elementwise_stage<A, TI, A>(st, packed, in, ld_in, rows, out, ld_out);
 }
 
 // Runs `rows` rows (at most desc's tile size) through every stage.
@@ -195,6 +204,25 @@ void mlp_forward_tile(const MlpDesc& desc, const uint8_t* packed, const T* x, in
 }
 
 int micro_tile_rows_f32() { return rows_per_tile<float>(); }
+
+// One stage's epilogue over rows whose product was computed elsewhere.
+template <typename T>
+void mlp_epilogue(const MlpDesc& d, size_t stage, const uint8_t* packed, const T* in, int64_t ld_in, T* out,
+                  int64_t ld_out, int64_t rows) {
+  run_elementwise_stage<acc_t<T>, T, T>(d.stages[stage], packed, in, ld_in, rows, out, ld_out);
+}
+void mlp_epilogue_f32(const MlpDesc& d, size_t s, const uint8_t* p, const float* in, int64_t ldi, float* out,
+                      int64_t ldo, int64_t rows) {
+  mlp_epilogue<float>(d, s, p, in, ldi, out, ldo, rows);
+}
+void mlp_epilogue_f64(const MlpDesc& d, size_t s, const uint8_t* p, const double* in, int64_t ldi, double* out,
+                      int64_t ldo, int64_t rows) {
+  mlp_epilogue<double>(d, s, p, in, ldi, out, ldo, rows);
+}
+void mlp_epilogue_bf16(const MlpDesc& d, size_t s, const uint8_t* p, const bf16* in, int64_t ldi, bf16* out,
+                       int64_t ldo, int64_t rows) {
+  mlp_epilogue<bf16>(d, s, p, in, ldi, out, ldo, rows);
+}
 
 void mlp_forward_tile_f32(const MlpDesc& d, const uint8_t* p, const float* x, int64_t ldx, float* y, int64_t ldy,
                           int64_t rows, float* ws) {
