@@ -47,7 +47,7 @@ wheel-check: wheel
 	rm -rf build/wheel-venv
 	$(PYTHON) -m venv build/wheel-venv
 	build/wheel-venv/bin/python -m pip install --quiet dist/seqfuse-*.whl
-	cd build && wheel-venv/bin/python ../tests/smoke_installed.py
+	cd build && wheel-venv/bin/python ../.ci/smoke_installed.py
 
 clean:
 	rm -rf build dist $(CMAKE_BUILD) seqfuse/_C*.so seqfuse/_build_info.py *.egg-info

@@ -1,4 +1,4 @@
-"""Benchmark cases: a registry of named module chains with an input shape.
+"""Benchmark cases: a registry of named module chains (or whole models) with an input shape.
 
 A case only describes *what* to run. :mod:`seqfuse.bench.peers` turns its
 modules into the models being compared and :mod:`seqfuse.bench.harness` times
@@ -8,18 +8,26 @@ them. To add a case, register one::
 
 ``build_modules`` is called with the global RNG already seeded by the harness,
 so every peer of a case sees the same weights and the numbers are repeatable.
+
+A case can also time a whole model (any ``nn.Module`` with Sequentials inside):
+give ``build_model`` instead of ``build_modules``, or use :meth:`Case.from_model`.
+Its fused peer is ``seqfuse.fuse(model)``; the example zoo
+(:mod:`seqfuse.bench.zoo`) is registered this way as ``zoo_<name>`` cases, and
+:func:`model_case` turns ``--model`` specs into cases.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
 
-__all__ = ["Case", "CASES", "register", "get_case", "select_cases", "mlp", "randomize_batchnorm", "linear_flops"]
+__all__ = ["Case", "CASES", "register", "get_case", "select_cases", "mlp", "randomize_batchnorm", "linear_flops",
+           "model_case", "parse_shape"]
 
 
 @dataclass(frozen=True)
@@ -29,19 +37,50 @@ class Case:
     Attributes:
         name: registry key, also the row label of the table.
         build_modules: returns a fresh list of modules (float32, any mode; the
-            harness calls ``.eval()`` and converts the dtype).
+            harness calls ``.eval()`` and converts the dtype). ``None`` for a
+            model case.
         input_shape: input shape; dimension 0 is the batch.
         description: one line for ``--list`` and the JSON output.
+        build_model: for a whole-model case instead of ``build_modules``:
+            returns a fresh ``nn.Module``; eager runs it as is, the fused peer
+            is ``seqfuse.fuse(model)``.
 
     >>> c = Case("x", lambda: mlp([4, 2]), (3, 4), "Linear 4->2")
     >>> c.with_batch(7).input_shape
     (7, 4)
+    >>> Case.from_model("m", lambda: nn.Linear(4, 2), (3, 4)).is_model
+    True
     """
 
     name: str
-    build_modules: Callable[[], List[nn.Module]]
+    build_modules: Optional[Callable[[], List[nn.Module]]]
     input_shape: Tuple[int, ...]
     description: str = ""
+    build_model: Optional[Callable[[], nn.Module]] = None
+
+    def __post_init__(self):
+        if (self.build_modules is None) == (self.build_model is None):
+            raise ValueError(f"case {self.name!r}: give exactly one of build_modules and build_model")
+
+    @classmethod
+    def from_model(cls, name: str, build_model: Callable[[], nn.Module], input_shape: Sequence[int],
+                   description: str = "") -> "Case":
+        """A whole-model case: ``build_model()`` returns a fresh ``nn.Module``."""
+        return cls(name, None, tuple(int(d) for d in input_shape), description, build_model=build_model)
+
+    @property
+    def is_model(self) -> bool:
+        """True for a whole-model case (``build_model``), False for a module list."""
+        return self.build_model is not None
+
+    def build(self) -> Union[List[nn.Module], nn.Module]:
+        """A fresh list of modules, or for a model case a fresh model."""
+        if self.build_model is not None:
+            model = self.build_model()
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"case {self.name!r}: build_model returned {type(model).__name__}, not an nn.Module")
+            return model
+        return list(self.build_modules())
 
     def with_batch(self, batch: Optional[int]) -> "Case":
         """The same case with the batch dimension (dim 0) replaced."""
@@ -153,3 +192,101 @@ register(
         "(Linear 512->512, BatchNorm1d (random stats), ReLU) x2; 128 rows",
     )
 )
+
+
+# --- whole models: the example zoo and --model specs ---------------------------
+
+from . import zoo as _zoo  # noqa: E402  (zoo imports only torch)
+
+
+def _zoo_case(entry: "_zoo.ZooEntry") -> Case:
+    return Case.from_model(f"zoo_{entry.name}", lambda: entry.factory()[0], entry.input_shape(),
+                           entry.description)
+
+
+for _entry in _zoo.ZOO.values():
+    register(_zoo_case(_entry))
+
+
+def parse_shape(text: Union[str, Sequence[int]]) -> Tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``, or a sequence) -> ``(1, 3, 224, 224)``.
+
+    >>> parse_shape("2,63"), parse_shape("1x3x32x32")
+    ((2, 63), (1, 3, 32, 32))
+    """
+    if isinstance(text, str):
+        body = text.strip().strip("()[]")
+        parts = [p.strip() for p in body.split("," if "," in body else "x")]
+        parts = parts[:-1] if "," in body and len(parts) > 1 and parts[-1] == "" else parts  # "2," (a 1-tuple)
+    else:
+        parts = list(text)
+    try:
+        shape = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"bad input shape {text!r}: expected comma-separated positive integers, e.g. 1,3,224,224") from None
+    if not shape or any(d < 1 for d in shape):
+        raise ValueError(f"bad input shape {text!r}: expected comma-separated positive integers, e.g. 1,3,224,224")
+    return shape
+
+
+def _unpack_factory_result(result, spec: str) -> Tuple[nn.Module, Optional[Tuple[int, ...]]]:
+    if isinstance(result, nn.Module):
+        return result, None
+    if isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], nn.Module):
+        return result[0], parse_shape(result[1])
+    raise ValueError(f"{spec}: the factory must return an nn.Module or (nn.Module, input_shape), "
+                     f"got {type(result).__name__}")
+
+
+def _load_factory(spec: str) -> Callable:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"bad model spec {spec!r}: expected path.to.module:factory or a zoo name "
+                         f"({', '.join(_zoo.ZOO)})")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{spec}: cannot import {module_name!r}: {e}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"{spec}: {module_name!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise ValueError(f"{spec}: {attr!r} is not callable")
+    return obj
+
+
+def model_case(spec: str, input_shape: Union[str, Sequence[int], None] = None, seed: int = 0) -> Case:
+    """The case for a ``--model`` spec: a zoo name (``nerf_mlp`` or
+    ``zoo_nerf_mlp``) or ``path.to.module:factory``, where ``factory()``
+    returns an ``nn.Module`` or ``(nn.Module, input_shape)``. ``input_shape``
+    (``--input``) overrides the shape; it is required when the factory returns
+    a bare module. To learn the shape the factory is called once, under a
+    forked RNG seeded with ``seed``.
+
+    >>> model_case("zoo_rl_policy").name, model_case("rl_policy", "1,24").input_shape
+    ('zoo_rl_policy', (1, 24))
+    >>> c = model_case("seqfuse.bench.zoo:nerf_mlp")
+    >>> c.name, c.input_shape, c.is_model
+    ('seqfuse.bench.zoo:nerf_mlp', (2, 63), True)
+    """
+    shape = parse_shape(input_shape) if input_shape is not None else None
+    if ":" not in spec:
+        name = spec[len("zoo_"):] if spec.startswith("zoo_") else spec
+        if name not in _zoo.ZOO:
+            raise ValueError(f"unknown model {spec!r}: give a zoo name ({', '.join(_zoo.ZOO)}) "
+                             "or path.to.module:factory")
+        case = get_case(f"zoo_{name}")
+        return dataclasses.replace(case, input_shape=shape) if shape else case
+
+    factory = _load_factory(spec)
+    if shape is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _, shape = _unpack_factory_result(factory(), spec)
+        if shape is None:
+            raise ValueError(f"{spec}: the factory returned a bare nn.Module; give its input shape with "
+                             "--input, e.g. --input 1,3,224,224")
+    return Case.from_model(spec, lambda: _unpack_factory_result(factory(), spec)[0], shape,
+                           f"--model {spec}")

@@ -6,8 +6,10 @@ import argparse
 import sys
 from typing import List, Optional
 
+import torch
+
 from . import report
-from .cases import CASES
+from .cases import CASES, Case, model_case
 from .harness import environment, parse_dtype, run
 from .peers import PEERS, parse_peers
 from .timing import FULL, QUICK
@@ -21,10 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Times seqfuse.FusedSequential (and optionally TorchScript / torch.compile) against an "
         "eager nn.Sequential on CPU inference cases, interleaved A/B, and prints the ratios.",
         epilog="Example: python -m seqfuse.bench --quick --json run.json; later: "
-        "python -m seqfuse.bench --quick --compare run.json",
+        "python -m seqfuse.bench --quick --compare run.json. Whole models: "
+        "python -m seqfuse.bench --model resnet18_style, or --model my.models:make_net --input 1,3,224,224",
     )
     ap.add_argument("--case", action="append", metavar="NAME",
                     help=f"case(s) to run, repeatable or comma-separated (default: all): {', '.join(CASES)}")
+    ap.add_argument("--model", action="append", metavar="SPEC",
+                    help="time a whole model against seqfuse.fuse(model) (repeatable or comma-separated): a zoo "
+                    "name (e.g. resnet18_style or zoo_resnet18_style; see --list) or path.to.module:factory, "
+                    "where factory() returns an nn.Module or (nn.Module, input_shape). Prints the fused plan "
+                    "of every Sequential first. Without --case, only the models run")
+    ap.add_argument("--input", metavar="SHAPE",
+                    help="input shape for --model, comma-separated with the batch first, e.g. 1,3,224,224 "
+                    "(needed when the factory returns a bare module; overrides the factory's shape)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--batch", type=int, metavar="N", help="override the batch dimension of every case")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float64"],
@@ -45,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
     ap.add_argument("--json", metavar="PATH", help="write the full results (with samples) as JSON")
     ap.add_argument("--csv", metavar="PATH", help="write one row per case as CSV")
+    ap.add_argument("--plot", metavar="PATH",
+                    help="draw a bar chart of the ratios to PATH (.png, .svg, ...); needs matplotlib "
+                    "(pip install matplotlib)")
     ap.add_argument("--compare", metavar="OLD.json",
                     help="compare ratios with an earlier --json run; exit 1 if a fused ratio regressed. "
                     "Without --case/--dtype/--batch/--threads, the old run's are used")
@@ -63,6 +77,51 @@ def _print(text: str) -> None:
     print(text)
 
 
+def _kinds(seq: torch.nn.Module) -> str:
+    names: List[str] = []
+    for m in seq.children():
+        name = type(m).__name__
+        if name not in names:
+            names.append(name)
+    return ", ".join(names)
+
+
+def describe_model(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0) -> str:
+    """What ``seqfuse.fuse`` makes of a model case, in eval mode: the
+    ``explain()`` of every FusedSequential that has a fused segment, and one
+    line for each that runs entirely eagerly.
+
+    >>> from .cases import get_case
+    >>> print(describe_model(get_case("zoo_nerf_mlp")))  # doctest: +ELLIPSIS
+    zoo_nerf_mlp: NeRFMLP, input 2x63; seqfuse.fuse converts 2 nn.Sequential (2 with fused segments)
+    early: FusedSequential plan: 1 fused segment, 0 eager segments (CPU kernels: ...)
+      [0:10] fused: seqfuse::mlp_forward, float32, 63 -> 256 -> 256 -> 256 -> 256 -> 256
+    ...
+    """
+    import seqfuse
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = case.build().eval().to(dtype)
+    fused = seqfuse.fuse(model)
+    containers = [(name, m) for name, m in fused.named_modules() if isinstance(m, seqfuse.FusedSequential)]
+    plans = [(name or "(the model)", m, m.explain()) for name, m in containers]
+    n_fused = sum(1 for _, _, e in plans if e.fused_segments)
+    shape = "x".join(map(str, case.input_shape))
+    lines = [f"{case.name}: {type(model).__name__}, input {shape}; seqfuse.fuse converts {len(plans)} "
+             f"nn.Sequential ({n_fused} with fused segments)"]
+    if not plans:
+        lines.append("  no nn.Sequential in the model: nothing to fuse, the fused peer runs it eagerly")
+    for name, m, expl in plans:
+        if expl.fused_segments:
+            text = str(expl).splitlines()
+            lines.append(f"{name}: {text[0]}")
+            lines += text[1:]
+        else:
+            lines.append(f"{name}: eager only, {len(m)} children ({_kinds(m)}): nothing fusible")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
@@ -71,10 +130,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{c.name.ljust(width)}  {'x'.join(map(str, c.input_shape)).ljust(10)}  {c.description}")
         return 0
 
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(f"seqfuse.bench: error: {report.MATPLOTLIB_MISSING}", file=sys.stderr)
+            return 2
+    if args.input and not args.model:
+        print("seqfuse.bench: error: --input is the input shape of --model; give --model too", file=sys.stderr)
+        return 2
+
     old_meta, old_results = ({}, [])
     if args.compare:
         old_meta, old_results = report.load_json(args.compare)
-        if not args.case:
+        if not args.case and not args.model:
             args.case = [r["case"] for r in old_results if r["case"] in CASES]
             if not args.case:
                 print(f"seqfuse.bench: error: none of the cases in {args.compare} is registered "
@@ -90,7 +159,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         dtype = parse_dtype(args.dtype or "float32")
         peers = parse_peers(args.peers)
-        results = run(cases=args.case, peers=peers, dtype=dtype, threads=args.threads, quick=args.quick,
+        specs = [s.strip() for item in args.model or [] for s in item.split(",") if s.strip()]
+        models = [model_case(s, args.input, seed=args.seed).with_batch(args.batch) for s in specs]
+        for c in models:
+            _print(describe_model(c, dtype, args.seed))
+            print()
+        cases = list(args.case or []) + models
+        results = run(cases=cases, peers=peers, dtype=dtype, threads=args.threads, quick=args.quick,
                       repeats=args.repeats, batch=args.batch, memory=args.memory, target_ms=args.target_ms,
                       seed=args.seed, progress=not args.no_progress)
     except (KeyError, ValueError) as e:
@@ -113,6 +188,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(args.csv, "w", newline="") as f:
             f.write(report.to_csv(results))
         print(f"wrote {args.csv}", file=sys.stderr)
+    if args.plot:
+        report.plot_ratios(results, args.plot, title=report.header(env, mode))
+        print(f"wrote {args.plot}", file=sys.stderr)
     if args.compare:
         text, regressed = report.compare(old_meta, old_results, env, results, args.tolerance)
         print()

@@ -18,7 +18,7 @@ from . import memory, timing
 from .cases import Case, linear_flops, select_cases
 from .peers import build_peer, parse_peers, peer_context
 
-__all__ = ["run", "run_case", "parse_dtype", "environment", "Progress", "TOLERANCES"]
+__all__ = ["run", "run_case", "parse_dtype", "environment", "model_flops", "Progress", "TOLERANCES"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -96,9 +96,19 @@ class Progress:
             self._width = 0
 
 
-def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Dict[str, object]:
+def _flat_output(out) -> torch.Tensor:
+    """A model's output as one flat tensor (tuples, lists, dicts of tensors concatenated)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    from torch.utils._pytree import tree_leaves
+
+    leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return torch.cat([t.detach().reshape(-1) for t in leaves]) if leaves else torch.empty(0)
+
+
+def _check(out, ref, dtype: torch.dtype) -> Dict[str, object]:
     rtol, atol = TOLERANCES[dtype]
-    ref64, out64 = ref.detach().double(), out.detach().double()
+    ref64, out64 = _flat_output(ref).detach().double(), _flat_output(out).detach().double()
     scale = max(1.0, float(ref64.abs().max())) if ref64.numel() else 1.0
     err = float((out64 - ref64).abs().max()) if ref64.numel() and out64.shape == ref64.shape else float("inf")
     try:
@@ -109,8 +119,29 @@ def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Dict[str
 
 
 def _fused_plan(model: nn.Module) -> str:
-    expl = model.explain()
-    return f"{len(expl.fused_segments)} fused / {len(expl.eager_segments)} eager segments"
+    """``"F fused / E eager segments"``, summed over every FusedSequential in
+    ``model`` (for a module-list case: the one FusedSequential)."""
+    if isinstance(model, seqfuse.FusedSequential):
+        containers = [model]
+    else:
+        containers = [m for m in model.modules() if isinstance(m, seqfuse.FusedSequential)]
+    if not containers:
+        return "no FusedSequential in the model"
+    expls = [m.explain() for m in containers]
+    n_f = sum(len(e.fused_segments) for e in expls)
+    n_e = sum(len(e.eager_segments) for e in expls)
+    return f"{n_f} fused / {n_e} eager segments"
+
+
+def model_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """Floating-point operations of one forward of ``model`` on ``x``, as
+    ``torch.utils.flop_counter`` counts them (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(x)
+    return int(counter.get_total_flops())
 
 
 def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch.dtype = torch.float32,
@@ -126,10 +157,17 @@ def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        modules = [m.eval().to(dtype) for m in case.build_modules()]
+        built = case.build()
+        if isinstance(built, nn.Module):  # a whole-model case
+            modules = built.eval().to(dtype)
+        else:
+            modules = [m.eval().to(dtype) for m in built]
         x = torch.randn(case.input_shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
 
-    flops = linear_flops(modules, case.input_shape)
+    if isinstance(modules, nn.Module):
+        flops, flops_counted = model_flops(modules, x), "flop_counter"
+    else:
+        flops, flops_counted = linear_flops(modules, case.input_shape), "linear"
     result: Dict[str, object] = {
         "case": case.name,
         "description": case.description,
@@ -138,6 +176,7 @@ def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch
         "threads": torch.get_num_threads(),
         "peers": list(peers),
         "flops": flops,
+        "flops_counted": flops_counted,
         "time_us": {},
         "min_us": {},
         "spread": {},
@@ -247,7 +286,9 @@ def run(cases: Optional[Iterable[Union[str, Case]]] = None, peers: Union[str, Se
         progress: print a progress line to stderr.
 
     Each dict has ``case``, ``description``, ``input_shape``, ``dtype``,
-    ``threads``, ``peers``, ``flops`` (per call), and per peer (dicts keyed by
+    ``threads``, ``peers``, ``flops`` (per call: 2*in*out per Linear per row
+    for a module list; for a model case what ``torch.utils.flop_counter``
+    counts, see ``flops_counted``), and per peer (dicts keyed by
     peer name): ``time_us`` (median per-call time), ``min_us``, ``spread``
     (interquartile range / median), ``gflops``, ``inner`` (calls per timed
     batch); for non-eager peers ``ratio`` (eager median / peer median),

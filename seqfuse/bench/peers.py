@@ -1,21 +1,26 @@
-"""The implementations a case is timed with ("peers"), built from one list of modules.
+"""The implementations a case is timed with ("peers"), built from one list of
+modules, or from one whole model for a model case (:meth:`Case.from_model`).
 
-* ``eager``   -- ``nn.Sequential(*modules)``, the baseline every ratio is relative to.
-* ``fused``   -- ``seqfuse.FusedSequential(*modules)``.
-* ``jit``     -- ``torch.jit.freeze(torch.jit.script(nn.Sequential(*modules).eval()))``.
-* ``compile`` -- ``torch.compile(nn.Sequential(*modules))`` with inductor freezing on.
-  Compilation happens on the first call (seconds), which the harness makes
-  during warm-up, inside :func:`peer_context`.
+* ``eager``   -- ``nn.Sequential(*modules)``, the baseline every ratio is relative
+  to; a model is run as it is.
+* ``fused``   -- ``seqfuse.FusedSequential(*modules)``; for a model
+  ``seqfuse.fuse(model)`` (a deep copy with every ``nn.Sequential`` swapped).
+* ``jit``     -- ``torch.jit.freeze(torch.jit.script(nn.Sequential(*modules).eval()))``
+  (a copy of the model for a model case).
+* ``compile`` -- ``torch.compile(nn.Sequential(*modules))`` (or of the model)
+  with inductor freezing on. Compilation happens on the first call (seconds),
+  which the harness makes during warm-up, inside :func:`peer_context`.
 
-All peers share the same module objects (and so the same weights); that is
-safe because everything runs under ``torch.inference_mode()``.
+All peers share the same module objects (and so the same weights; ``fused``
+and ``jit`` of a model hold copies of them); that is safe because everything
+runs under ``torch.inference_mode()``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Union
 
 import torch
 from torch import nn
@@ -26,32 +31,40 @@ __all__ = ["PEERS", "DEFAULT_PEERS", "parse_peers", "build_peer", "peer_context"
 
 DEFAULT_PEERS = ("eager", "fused")
 
+#: What peers are built from: a list of modules, or one whole model.
+Modules = Union[List[nn.Module], nn.Module]
 
-def _eager(modules: List[nn.Module]) -> nn.Module:
+
+def _eager(modules: Modules) -> nn.Module:
+    if isinstance(modules, nn.Module):
+        return modules.eval()
     return nn.Sequential(*modules).eval()
 
 
-def _fused(modules: List[nn.Module]) -> nn.Module:
+def _fused(modules: Modules) -> nn.Module:
+    if isinstance(modules, nn.Module):
+        return seqfuse.fuse(modules).eval()
     return seqfuse.FusedSequential(*modules).eval()
 
 
-def _jit(modules: List[nn.Module]) -> nn.Module:
+def _jit(modules: Modules) -> nn.Module:
     # freeze() inlines the parameters as constants; script a copy so the
     # shared modules are left untouched.
-    scripted = torch.jit.script(nn.Sequential(*copy.deepcopy(modules)).eval())
+    model = copy.deepcopy(modules) if isinstance(modules, nn.Module) else nn.Sequential(*copy.deepcopy(modules))
+    scripted = torch.jit.script(model.eval())
     return torch.jit.freeze(scripted)
 
 
-def _compile(modules: List[nn.Module]) -> Callable:
+def _compile(modules: Modules) -> Callable:
     import torch._dynamo
 
     # A fresh dynamo cache per case: every case recompiles nn.Sequential.forward,
     # and too many recompiles of one code object would fall back to eager.
     torch._dynamo.reset()
-    return torch.compile(nn.Sequential(*modules).eval())
+    return torch.compile(_eager(modules))
 
 
-PEERS: Dict[str, Callable[[List[nn.Module]], Callable]] = {
+PEERS: Dict[str, Callable[[Modules], Callable]] = {
     "eager": _eager,
     "fused": _fused,
     "jit": _jit,
@@ -83,8 +96,9 @@ def parse_peers(peers: Sequence[str] | str | None) -> List[str]:
     return out
 
 
-def build_peer(name: str, modules: List[nn.Module]) -> Callable:
-    """The callable for peer ``name`` over ``modules`` (already in eval mode and the wanted dtype)."""
+def build_peer(name: str, modules: Modules) -> Callable:
+    """The callable for peer ``name`` over ``modules`` (a list, or one model;
+    already in eval mode and the wanted dtype)."""
     return PEERS[name](modules)
 
 

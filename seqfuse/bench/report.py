@@ -1,5 +1,5 @@
-"""Turns result dicts into the text table, JSON, CSV, and a comparison with an
-earlier JSON run."""
+"""Turns result dicts into the text table, JSON, CSV, a bar chart of the
+ratios (optional, needs matplotlib), and a comparison with an earlier JSON run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import json
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["header", "table", "footer", "to_json", "load_json", "to_csv", "compare"]
+__all__ = ["header", "table", "footer", "to_json", "load_json", "to_csv", "compare", "plot_ratios",
+           "MATPLOTLIB_MISSING"]
 
 _PEER_ORDER = ("eager", "fused", "jit", "compile")
 _ABBREV = {"eager": "e", "fused": "f", "jit": "j", "compile": "c"}
@@ -120,6 +121,9 @@ def footer(results: Sequence[dict]) -> str:
         "GFLOP/s: 2*in*out per Linear per row / fused time; "
         "IQR%: largest interquartile range / median of the samples among the peers.",
     ]
+    if any(r.get("flops_counted") == "flop_counter" for r in results):
+        lines.append("model cases (zoo_*, --model): GFLOP/s from the matmul and convolution FLOPs that "
+                     "torch.utils.flop_counter counts in one eager forward.")
     if any("peak_rss_mib" in r for r in results):
         lines.append("peak RSS MiB: peak resident-memory increase over model construction, "
                      "fresh subprocess per peer; includes packing/compilation on the first call.")
@@ -240,3 +244,43 @@ def compare(old_meta: dict, old: Sequence[dict], new_meta: dict, new: Sequence[d
                else f"no fused ratio fell by more than {100 * tolerance:.0f}%")
     lines.append(verdict)
     return "\n".join(lines), regressed
+
+
+#: The message of the ImportError :func:`plot_ratios` raises without matplotlib.
+MATPLOTLIB_MISSING = ("--plot needs matplotlib, which is not installed: pip install matplotlib "
+                      "(or pip install 'seqfuse[plot]')")
+
+
+def plot_ratios(results: Sequence[dict], path: str, title: str = "") -> None:
+    """Writes a bar chart of every case's ratios (eager µs / peer µs, one bar
+    per non-eager peer, a line at 1.0) to ``path`` (the format follows the
+    extension: .png, .svg, .pdf ...). matplotlib is an optional dependency:
+    without it this raises ImportError with :data:`MATPLOTLIB_MISSING`."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(MATPLOTLIB_MISSING) from None
+
+    peers = [p for p in _peers_of(results) if p != "eager"]
+    names = [r["case"] + (" !" if not r.get("numerics_ok", True) else "") for r in results]
+    fig = Figure(figsize=(max(6.5, 0.9 * len(results) * max(1, len(peers)) + 2), 4.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(peers))
+    for j, p in enumerate(peers):
+        xs = [i + (j - (len(peers) - 1) / 2) * width for i in range(len(results))]
+        ys = [r["ratio"].get(p) for r in results]
+        ys = [y if y is not None and math.isfinite(y) else 0.0 for y in ys]
+        bars = ax.bar(xs, ys, width, label=p)
+        ax.bar_label(bars, labels=[f"{y:.2f}x" if y else "-" for y in ys], fontsize=7, padding=2)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(results)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("eager µs / peer µs  (> 1: faster than eager)")
+    title = title or "seqfuse.bench: speed-up over eager"
+    if len(title) > 60 and " | " in title:  # two lines rather than a clipped one
+        parts = title.split(" | ")
+        half = (len(parts) + 1) // 2
+        title = " | ".join(parts[:half]) + "\n" + " | ".join(parts[half:])
+    ax.set_title(title, fontsize=9)
+    if peers:
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
