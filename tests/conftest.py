@@ -111,34 +111,45 @@ def random_chain(rng: random.Random, max_depth: int = 8, max_width: int = 300, i
     return mods, in_width
 
 
-def tolerances(dtype: torch.dtype):
-    if dtype == torch.float64:
-        return dict(rtol=1e-7, atol=1e-7)
-    if dtype == torch.bfloat16:
-        return dict(rtol=0, atol=0)  # unused: bf16 is judged relative to eager's own error
-    # Summation order and BatchNorm folding change rounding: within assert_close defaults
-    # scaled for depth (several rounded layers feed each other).
-    return dict(rtol=1e-5, atol=1e-5)
+def _reference(eager_mods, x, dtype):
+    """The chain evaluated in a wider dtype (float64 for float32, float32 for bfloat16)."""
+    import copy
+
+    mods = [copy.deepcopy(m).to(dtype) for m in eager_mods]
+    with torch.no_grad():
+        return nn.Sequential(*mods)(x.to(dtype))
 
 
 def assert_matches_eager(fused_out: torch.Tensor, eager_mods, x: torch.Tensor):
-    """fp32/fp64: close to nn.Sequential. bf16: no further from an fp32
-    reference than eager bf16 is (flash-attention's rule), with slack."""
+    """float64: assert_close to nn.Sequential. float32: assert_close defaults,
+    or, where summation order and BatchNorm folding round differently in a
+    deep chain, no further from a float64 reference than 2x eager's own error.
+    bfloat16: no further from a float32 reference than 2x eager bf16's error
+    (flash-attention's rule), with slack for the output rounding."""
     with torch.no_grad():
         eager_out = nn.Sequential(*eager_mods)(x)
     assert fused_out.shape == eager_out.shape and fused_out.dtype == eager_out.dtype
-    if x.dtype != torch.bfloat16 or x.numel() == 0:
-        torch.testing.assert_close(fused_out, eager_out, equal_nan=True, **tolerances(x.dtype))
+    if x.numel() == 0 or fused_out.numel() == 0:
         return
-    import copy
-
-    ref_mods = [copy.deepcopy(m).float() for m in eager_mods]
-    with torch.no_grad():
-        ref = nn.Sequential(*ref_mods)(x.float())
-    fused_err = (fused_out.float() - ref).abs()
-    eager_err = (eager_out.float() - ref).abs()
-    scale = ref.abs().max().clamp_min(1.0)
-    assert fused_err.max() <= 2 * eager_err.max() + 1e-2 * scale, (fused_err.max(), eager_err.max())
+    if x.dtype == torch.float64:
+        torch.testing.assert_close(fused_out, eager_out, equal_nan=True, rtol=1e-7, atol=1e-7)
+        return
+    if x.dtype == torch.float32:
+        try:
+            torch.testing.assert_close(fused_out, eager_out, equal_nan=True)
+            return
+        except AssertionError:
+            ref = _reference(eager_mods, x, torch.float64)
+            slack = 1e-6
+    else:
+        ref = _reference(eager_mods, x, torch.float32)
+        slack = 1e-2
+    assert torch.equal(fused_out.isnan(), eager_out.isnan())
+    finite = ref.isfinite() & eager_out.isfinite()
+    fused_err = (fused_out.to(ref.dtype) - ref).abs()[finite]
+    eager_err = (eager_out.to(ref.dtype) - ref).abs()[finite]
+    scale = ref.abs()[finite].max().clamp_min(1.0) if finite.any() else 1.0
+    assert fused_err.max() <= 2 * eager_err.max() + slack * scale, (fused_err.max(), eager_err.max())
 
 
 @pytest.fixture
