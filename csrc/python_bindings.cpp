@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -24,6 +25,15 @@
 
 namespace seqfuse {
 namespace {
+
+// Calls the fused ops cannot serve, whatever the plan: inside a torch.func
+// transform (vmap, grad, jvp: tensors are functorch wrappers), or with a
+// forward-mode tangent on the input (the ops have no forward-AD formula).
+bool needs_eager_context(py::handle input) {
+  // functorch includes its front-mode key in the thread's dispatch keys while a transform is active.
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) return true;
+  return THPVariable_Check(input.ptr()) && THPVariable_Unpack(input.ptr())._fw_grad(/*level=*/0).defined();
+}
 
 // Raises a c10::Error as the Python exception type torch would use.
 [[noreturn]] void rethrow_as_python(const c10::Error& e) {
@@ -211,8 +221,8 @@ class PlanGuard {
   }
 
   // 0: stale, re-plan. 1: valid, fused segments may run. 2: valid, but the
-  // call needs autograd through fused modules, or autocast is on, so they
-  // must run eagerly.
+  // call needs autograd (reverse or forward mode) through fused modules, a
+  // torch.func transform is active, or autocast is on: they must run eagerly.
   int check(py::handle input) const {
     if (!same_sequence(modules_, module_values_)) return 0;
     for (const Child& c : children_)
@@ -225,6 +235,7 @@ class PlanGuard {
       if (PyDict_GET_SIZE(d.ptr()) != size) return 0;
     // Under autocast eager computes in the autocast dtype: run eagerly.
     if (at::autocast::is_autocast_enabled(at::kCPU) || at::autocast::is_autocast_enabled(at::kCUDA)) return 2;
+    if (needs_eager_context(input)) return 2;
     if (at::GradMode::is_enabled()) {
       if (any_requires_grad_) return 2;
       if (THPVariable_Check(input.ptr()) && THPVariable_Unpack(input.ptr()).requires_grad()) return 2;
@@ -339,6 +350,9 @@ PYBIND11_MODULE(_C, m) {
       .def("check", &PlanGuard::check, py::arg("input"))
       .def("set_single_fused", &PlanGuard::set_single_fused)
       .def("run", &PlanGuard::run, py::arg("input"));
+  m.def(
+      "needs_eager_context", [](py::handle input) { return needs_eager_context(input); }, py::arg("input"),
+      "True inside a torch.func transform or for an input with a forward-mode tangent.");
   m.def(
       "mlp_packed_nbytes",
       [](std::vector<int64_t> spec, std::vector<double> fparams) {

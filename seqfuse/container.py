@@ -169,6 +169,8 @@ class FusedSequential(nn.Sequential):
                 return y
         route = plan.guard.check(input) if plan is not None else 0
         if not route:
+            if _C.needs_eager_context(input):  # e.g. functorch-wrapped parameters: no plan can be built
+                return super().forward(input)
             plan = self._replan()
             route = plan.guard.check(input)
         return plan.run(input, route == 1)
