@@ -93,7 +93,10 @@ inline MlpDesc decode_mlp_spec(const int64_t* spec, size_t spec_len, const doubl
   d.dtype = static_cast<DType>(spec[1]);
   const int64_t n = spec[2];
   if (n < 1) fail("no stages");
-  if (spec_len != static_cast<size_t>(kSpecHeader + kSpecPerStage * n)) fail("length does not match stage count");
+  // Divide rather than multiply: a huge n must not overflow before it is rejected.
+  const size_t stage_values = spec_len - static_cast<size_t>(kSpecHeader);
+  if (stage_values % kSpecPerStage != 0 || stage_values / kSpecPerStage != static_cast<size_t>(n))
+    fail("length does not match stage count");
   if (fparams_len != static_cast<size_t>(kFParamsPerStage * n)) fail("fparams length does not match stage count");
   d.in_features = spec[3];
   if (d.in_features < 1) fail("in_features < 1");

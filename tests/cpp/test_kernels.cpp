@@ -7,6 +7,7 @@
 // counts as one check; the last line printed is "N passed, M failed" and the
 // exit status is non-zero when any check failed.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -418,21 +419,28 @@ void reference_stage(const sk::StageDesc& st, const StageParams<T>& p, std::vect
   mag = std::move(ym);
 }
 
-template <typename T> Reference reference_forward(const Model<T>& m, const T* x, int64_t ld_x, int64_t rows) {
+// rows of x (ld_x apart) through `stages` in turn.
+template <typename T>
+Reference reference_rows(const std::vector<sk::StageDesc>& stages, const std::vector<StageParams<T>>& params,
+                         const T* x, int64_t ld_x, int64_t rows) {
   Reference ref;
   ref.rows = rows;
-  ref.cols = m.desc.out_features;
+  ref.cols = stages.back().out_features;
   for (int64_t r = 0; r < rows; ++r) {
-    std::vector<double> v(static_cast<size_t>(m.desc.in_features)), mag(v.size());
+    std::vector<double> v(static_cast<size_t>(stages.front().in_features)), mag(v.size());
     for (size_t k = 0; k < v.size(); ++k) {
       v[k] = to_double(x[static_cast<size_t>(r * ld_x) + k]);
       mag[k] = std::isfinite(v[k]) ? std::abs(v[k]) : 0.0;
     }
-    for (size_t i = 0; i < m.desc.stages.size(); ++i) reference_stage(m.desc.stages[i], m.params[i], v, mag);
+    for (size_t i = 0; i < stages.size(); ++i) reference_stage(stages[i], params[i], v, mag);
     ref.value.insert(ref.value.end(), v.begin(), v.end());
     ref.magnitude.insert(ref.magnitude.end(), mag.begin(), mag.end());
   }
   return ref;
+}
+
+template <typename T> Reference reference_forward(const Model<T>& m, const T* x, int64_t ld_x, int64_t rows) {
+  return reference_rows(m.desc.stages, m.params, x, ld_x, rows);
 }
 
 // ---- running and checking the forward -------------------------------------------------------
@@ -462,6 +470,25 @@ struct Mismatches {
   std::string first;
 };
 
+// Counts outputs y[r * ld_y + j] (r < ref.rows, j < ref.cols) outside the
+// reference's tolerance; describes the first.
+template <typename T> Mismatches compare_with_reference(const Reference& ref, const T* y, int64_t ld_y, int64_t k) {
+  Mismatches bad;
+  for (int64_t r = 0; r < ref.rows; ++r)
+    for (int64_t j = 0; j < ref.cols; ++j) {
+      const double got = to_double(y[r * ld_y + j]), want = ref.at(r, j);
+      const double tol = forward_tolerance<T>(want, ref.magnitude_at(r, j), k);
+      if (matches(got, want, tol)) continue;
+      if (bad.count++ == 0) {
+        std::ostringstream os;
+        os.precision(17);
+        os << "y[" << r << "][" << j << "] = " << got << ", expected " << want << " (tolerance " << tol << ")";
+        bad.first = os.str();
+      }
+    }
+  return bad;
+}
+
 template <typename T> void check_untouched_outside_output(const ForwardRun<T>& run, const std::string& label) {
   int64_t changed = 0;
   for (int64_t r = 0; r <= run.rows; ++r)
@@ -488,20 +515,7 @@ void check_forward(const Model<T>& m, const std::vector<T>& x, int64_t ld_x, int
           label.str() << ": tile rows " << sk::mlp_tile_rows(m.desc) << " (300 rows must take several tiles)");
     runs.push_back(run_forward(m, x, ld_x, rows));
     const ForwardRun<T>& run = runs.back();
-
-    Mismatches bad;
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < run.cols; ++j) {
-        const double got = run.at(r, j), want = ref.at(r, j);
-        const double tol = forward_tolerance<T>(want, ref.magnitude_at(r, j), k);
-        if (matches(got, want, tol)) continue;
-        if (bad.count++ == 0) {
-          std::ostringstream os;
-          os.precision(17);
-          os << "y[" << r << "][" << j << "] = " << got << ", expected " << want << " (tolerance " << tol << ")";
-          bad.first = os.str();
-        }
-      }
+    const Mismatches bad = compare_with_reference(ref, run.y.data(), run.ld_y, k);
     CHECK(bad.count == 0, label.str() << ": " << bad.count << " outputs differ from the reference; first: " << bad.first);
     check_untouched_outside_output(run, label.str());
   }
@@ -597,6 +611,49 @@ std::vector<MlpSpec> random_multi_stage_specs(uint64_t seed, int count) {
     specs.push_back(spec);
   }
   return specs;
+}
+
+// ---- tests: bfloat16 conversions ---------------------------------------------------------------------------
+
+float float_from_bits(uint32_t u) { return std::bit_cast<float>(u); }
+
+TEST(bf16_round_to_nearest_even) {
+  struct Case {
+    uint32_t f;
+    uint16_t bf;
+    const char* what;
+  };
+  const Case cases[] = {
+      {0x3f800000u, 0x3f80, "1.0 exact"},
+      {0x3f808000u, 0x3f80, "tie rounds down to even"},
+      {0x3f818000u, 0x3f82, "tie rounds up to even"},
+      {0x3f808001u, 0x3f81, "above the tie rounds up"},
+      {0x3f807fffu, 0x3f80, "below the tie rounds down"},
+      {0xbf818000u, 0xbf82, "negative tie to even"},
+      {0x80000000u, 0x8000, "-0 keeps its sign"},
+      {0x7f800000u, 0x7f80, "+inf"},
+      {0xff800000u, 0xff80, "-inf"},
+      {0x7f7fffffu, 0x7f80, "FLT_MAX rounds to inf"},
+      {0x00000001u, 0x0000, "smallest subnormal rounds to 0"},
+  };
+  for (const Case& c : cases) {
+    const uint16_t got = sk::float_to_bf16(float_from_bits(c.f)).bits;
+    CHECK(got == c.bf, c.what << ": 0x" << std::hex << c.f << " -> 0x" << got << ", expected 0x" << c.bf);
+  }
+  for (uint32_t nan : {0x7f800001u, 0x7fc00000u, 0xffffffffu, 0x7f810000u}) {
+    const bf16 b = sk::float_to_bf16(float_from_bits(nan));
+    CHECK(std::isnan(sk::bf16_to_float(b)) && (b.bits & 0x0040),
+          "NaN 0x" << std::hex << nan << " -> 0x" << b.bits << ", expected a quiet NaN");
+  }
+  // Every non-NaN bfloat16 widens exactly and converts back to itself.
+  int64_t round_trip_errors = 0;
+  for (uint32_t bits = 0; bits <= 0xffff; ++bits) {
+    const bf16 b{static_cast<uint16_t>(bits)};
+    const float f = sk::bf16_to_float(b);
+    if (std::isnan(f)) continue;
+    round_trip_errors += std::bit_cast<uint32_t>(f) != bits << 16 || sk::float_to_bf16(f).bits != bits;
+  }
+  CHECK(round_trip_errors == 0, round_trip_errors << " bfloat16 values do not round-trip through float");
 }
 
 // ---- tests: spec decoding --------------------------------------------------------------------------------
@@ -906,6 +963,60 @@ TEST(forward_nonfinite_inputs) {
   check_documented_special_values<float>();
   check_documented_special_values<double>();
   check_documented_special_values<bf16>();
+}
+
+// mlp_stage_epilogue: a stage's epilogue over rows whose Linear product was
+// computed elsewhere, so its reference is the stage taken as an elementwise
+// one, act(in * scale + shift). Out of place (into a sentinel-filled buffer)
+// and in place, for every stage kind and ISA.
+template <typename T> void check_stage_epilogue() {
+  Rng rng(71);
+  const int64_t bn_affine = sk::kHasBatchNorm | sk::kBatchNormAffine;
+  const MlpSpec spec{13,
+                     {linear(37, Activation::GeluTanh, sk::kHasBias | bn_affine), scale_shift(37, Activation::ReLU6),
+                      pointwise(37, Activation::SiLU), linear(5, Activation::ReLU), linear(300, Activation::Tanh, 0),
+                      scale_shift(300, Activation::LeakyReLU, sk::kHasBatchNorm)}};
+  const Model<T> m = make_model<T>(spec, rng);
+  constexpr int64_t kRows = 33;
+  for (size_t s = 0; s < m.desc.stages.size(); ++s) {
+    sk::StageDesc elementwise = m.desc.stages[s];
+    const int64_t n = elementwise.out_features, ld = n + 4;
+    if (elementwise.kind == StageKind::Linear) {
+      elementwise.kind = StageKind::ScaleShift;
+      elementwise.in_features = n;
+    }
+    const std::vector<T> in = random_input<T>(rng, kRows, n, ld);  // NaN between n and ld
+    const Reference ref = reference_rows<T>({elementwise}, {m.params[s]}, in.data(), ld, kRows);
+    for (const std::string& isa : supported_isas()) {
+      ScopedIsa scoped(isa);
+      std::ostringstream label;
+      label << TypeInfo<T>::name << " isa=" << isa << " epilogue of stage " << s << " [" << spec.describe() << "]";
+
+      ForwardRun<T> run{kRows, n, n + 3, {}};
+      run.y.assign(static_cast<size_t>((kRows + 1) * run.ld_y), sentinel<T>());
+      sk::mlp_stage_epilogue<T>(m.desc, s, m.packed.data.get(), in.data(), ld, run.y.data(), run.ld_y, kRows);
+      const Mismatches bad = compare_with_reference(ref, run.y.data(), run.ld_y, 1);
+      CHECK(bad.count == 0, label.str() << ": " << bad.count << " outputs wrong; first: " << bad.first);
+      check_untouched_outside_output(run, label.str());
+
+      std::vector<T> inplace = in;
+      sk::mlp_stage_epilogue<T>(m.desc, s, m.packed.data.get(), inplace.data(), ld, inplace.data(), ld, kRows);
+      const Mismatches bad_inplace = compare_with_reference(ref, inplace.data(), ld, 1);
+      CHECK(bad_inplace.count == 0,
+            label.str() << " in place: " << bad_inplace.count << " outputs wrong; first: " << bad_inplace.first);
+      int64_t padding_changed = 0;
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t j = n; j < ld; ++j)
+          padding_changed += !same_bits(inplace[static_cast<size_t>(r * ld + j)], in[static_cast<size_t>(r * ld + j)]);
+      CHECK(padding_changed == 0, label.str() << " in place: " << padding_changed << " values changed past the row");
+    }
+  }
+}
+
+TEST(stage_epilogue) {
+  check_stage_epilogue<float>();
+  check_stage_epilogue<double>();
+  check_stage_epilogue<bf16>();
 }
 
 // The thread-local workspaces: concurrent calls on models of different widths
