@@ -25,10 +25,10 @@ $(VENV)/.seqfuse-installed: $(DEPS) setup.py pyproject.toml
 build: $(VENV)/.seqfuse-installed
 	$(PY) setup.py --quiet build_ext --inplace
 
-test-cpp:
-	cmake -S . -B $(CMAKE_BUILD) -DSEQFUSE_WERROR=$(if $(CI),ON,OFF) >/dev/null
-	cmake --build $(CMAKE_BUILD) -j2
-	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+test-cpp: $(DEPS)
+	$(VENV)/bin/cmake -S . -B $(CMAKE_BUILD) -DSEQFUSE_WERROR=$(if $(CI),ON,OFF) >/dev/null
+	$(VENV)/bin/cmake --build $(CMAKE_BUILD) -j2
+	$(VENV)/bin/ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
 test-python: build
 	$(PY) -m pytest -q tests seqfuse --doctest-modules
