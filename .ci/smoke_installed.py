@@ -8,6 +8,11 @@ import seqfuse
 
 assert "site-packages" in seqfuse.__file__, seqfuse.__file__
 assert seqfuse.BUILD_INFO["torch_version"] == torch.__version__, seqfuse.BUILD_INFO
+# the wheel pins the torch it was built against
+from importlib.metadata import requires  # noqa: E402
+
+pinned = f"torch=={torch.__version__.split('+')[0]}"
+assert pinned in (requires("seqfuse") or []), requires("seqfuse")
 m = seqfuse.FusedSequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4)).eval()
 x = torch.randn(8, 16)
 with torch.inference_mode():

@@ -8,22 +8,30 @@ except ImportError:  # a source tree that was never built
     BUILD_INFO = {}
 
 
+def import_error_message(err: Exception, built_for, torch_version: str) -> str:
+    """What to tell a user whose seqfuse._C failed to load.
+
+    >>> import_error_message(ImportError("undefined symbol: _ZN3c10..."), "2.13.0+cpu", "2.14.1+cpu")[:64]
+    "seqfuse's native extension was built for torch 2.13.0+cpu, you h"
+    """
+    if built_for and built_for != torch_version:
+        return (
+            f"seqfuse's native extension was built for torch {built_for}, you have torch "
+            f"{torch_version}. Rebuild it against this torch: "
+            "`pip install --no-build-isolation --force-reinstall --no-deps seqfuse` "
+            "(or `make build` in a checkout)."
+        )
+    return (
+        f"seqfuse's native extension could not be loaded ({err}). Build it with "
+        "`pip install --no-build-isolation .` against the installed torch."
+    )
+
+
 def _load():
     try:
         from . import _C
     except ImportError as err:
-        built = BUILD_INFO.get("torch_version")
-        if built and built != torch.__version__:
-            raise ImportError(
-                f"seqfuse's native extension was built for torch {built}, you have torch "
-                f"{torch.__version__}. Rebuild it against this torch: "
-                "`pip install --no-build-isolation --force-reinstall --no-deps seqfuse` "
-                "(or `make build` in a checkout)."
-            ) from err
-        raise ImportError(
-            f"seqfuse's native extension could not be loaded ({err}). Build it with "
-            "`pip install --no-build-isolation .` against the installed torch."
-        ) from err
+        raise ImportError(import_error_message(err, BUILD_INFO.get("torch_version"), torch.__version__)) from err
     return _C
 
 

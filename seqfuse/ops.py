@@ -94,12 +94,23 @@ def encode_mlp_spec(
 
 
 def mlp_out_features(spec: Sequence[int]) -> int:
-    """Width of the last stage of an encoded run."""
+    """Width of the last stage of an encoded run.
+
+    >>> mlp_out_features(encode_mlp_spec(torch.float32, 4, [MlpStage(StageKind.LINEAR, 3)])[0])
+    3
+    """
     return int(spec[_SPEC_HEADER + _SPEC_PER_STAGE * (int(spec[2]) - 1) + 1])
 
 
 def mlp_pack(tensors: List[torch.Tensor], spec: List[int], fparams: List[float]) -> torch.Tensor:
-    """Folds and packs the parameters of a run into the kernels' buffer."""
+    """Folds and packs the parameters of a run into the kernels' buffer
+    (``tensors`` per stage as listed in csrc/ops.cpp).
+
+    >>> lin = torch.nn.Linear(4, 3)
+    >>> spec, fparams = encode_mlp_spec(torch.float32, 4, [MlpStage(StageKind.LINEAR, 3, flags=HAS_BIAS)])
+    >>> mlp_pack([lin.weight.detach(), lin.bias.detach()], spec, fparams).dtype
+    torch.uint8
+    """
     return torch.ops.seqfuse.mlp_pack.default(tensors, spec, fparams)
 
 
@@ -117,7 +128,14 @@ def mlp_forward(
     engine: int = ENGINE_FUSED,
 ) -> torch.Tensor:
     """Runs a packed MLP run over the last dimension of ``input`` in one call.
-    ``weights`` (the Linear weights in stage order) are read by engine 1 only."""
+    ``weights`` (the Linear weights in stage order) are read by engine 1 only.
+
+    >>> lin = torch.nn.Linear(4, 3)
+    >>> spec, fparams = encode_mlp_spec(torch.float32, 4, [MlpStage(StageKind.LINEAR, 3, Activation.RELU, flags=HAS_BIAS)])
+    >>> packed = mlp_pack([lin.weight.detach(), lin.bias.detach()], spec, fparams)
+    >>> x = torch.randn(2, 4)
+    >>> torch.testing.assert_close(mlp_forward(x, packed, [], spec, fparams), torch.relu(lin(x)).detach())
+    """
     return torch.ops.seqfuse.mlp_forward.default(input, packed, weights, spec, fparams, engine)
 
 
