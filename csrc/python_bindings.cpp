@@ -89,6 +89,8 @@ class FusedMlpCall {
   // Below this many multiply-adds per call the fused kernel always wins: the
   // per-layer engine pays an ATen call and a memory round trip per stage.
   static constexpr int64_t kTuneMinMacs = int64_t{1} << 20;
+  // Releasing the GIL costs ~0.1 us: worth it only for calls that compute longer.
+  static constexpr int64_t kReleaseGilMacs = int64_t{1} << 16;
   static constexpr int kBuckets = 64;
 
   FusedMlpCall(at::Tensor packed, std::vector<at::Tensor> weights, std::vector<int64_t> spec,
@@ -111,6 +113,9 @@ class FusedMlpCall {
     if (flatten_) x = x.flatten(flatten_->first, flatten_->second);
     if (needs_2d_ && x.dim() != 2) return std::nullopt;
     const int64_t rows = x.dim() > 0 && in_features_ > 0 ? x.numel() / in_features_ : 0;
+    // Other Python threads may run while a call of real size computes.
+    std::optional<py::gil_scoped_release> no_gil;
+    if (rows * macs_per_row_ >= kReleaseGilMacs) no_gil.emplace();
     int engine = engine_override().load(std::memory_order_relaxed);
     if (engine < 0) engine = choose_engine(x, rows);
     return run(x, engine);
