@@ -279,7 +279,11 @@ def plan_segments(keys: Sequence[str], modules: Sequence[Optional[nn.Module]]) -
             continue
         if c.role == FLATTEN and run:
             flush()  # a flatten starts a run (as a view of its input), never sits inside one
-        if c.role == ACTIVATION and not run and getattr(m, "inplace", False):
+        # An in-place activation whose input is the run's input (nothing but
+        # no-ops and a Flatten view before it) must modify the caller's tensor.
+        at_run_input = all(rc.role in (NOOP, FLATTEN) for _, rc in run)
+        if c.role == ACTIVATION and at_run_input and getattr(m, "inplace", False):
+            flush()
             segments.append(
                 Segment(i, i + 1, keys[i : i + 1], modules[i : i + 1], False,
                         ["in-place activation on the run's input (must modify the caller's tensor)"])

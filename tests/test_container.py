@@ -274,3 +274,11 @@ def test_meta_device():
         s = FusedSequential(nn.Linear(4, 5), nn.ReLU())
         y = s(torch.randn(2, 4))
     assert y.device.type == "meta" and y.shape == (2, 5)
+
+
+def test_inplace_activation_after_flatten_view_still_aliases():
+    x = torch.randn(4, 3, 2)
+    expected = x.clone().relu_()
+    with torch.no_grad():
+        FusedSequential(nn.Flatten(), nn.ReLU(inplace=True), nn.Linear(6, 3)).eval()(x)
+    assert torch.equal(x, expected)  # modified through the flatten view, as eager does
