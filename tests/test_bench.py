@@ -1,0 +1,36 @@
+"""The benchmark harness as a product: the CLI's JSON/CSV output and
+--compare, on tiny settings (timings are not asserted, only behaviour)."""
+
+from __future__ import annotations
+
+import json
+
+from seqfuse.bench.cli import main
+
+TINY = ["--quick", "--repeats", "2", "--target-ms", "0.3", "--no-progress"]
+
+
+def test_json_csv_and_compare(tmp_path, capsys):
+    out_json, out_csv = tmp_path / "run.json", tmp_path / "run.csv"
+    assert main(["--case", "policy_b1,bn_b128", *TINY, "--json", str(out_json), "--csv", str(out_csv)]) == 0
+    table = capsys.readouterr().out
+    assert "policy_b1" in table and "bn_b128" in table and "ratio" in table
+    data = json.loads(out_json.read_text())
+    results = data["results"]
+    assert [r["case"] for r in results] == ["policy_b1", "bn_b128"]
+    assert all(r["numerics_ok"] and r["ratio"]["fused"] > 0 for r in results)
+    assert out_csv.read_text().splitlines()[0].startswith("case")
+
+    # a generous tolerance: re-running the same cases is not a regression
+    assert main(["--compare", str(out_json), *TINY, "--tolerance", "0.9"]) == 0
+    # an impossible baseline is
+    for r in results:
+        r["ratio"]["fused"] *= 1000
+        r["ratio_paired"] = {k: v * 1000 for k, v in (r.get("ratio_paired") or {}).items()}
+    out_json.write_text(json.dumps(data))
+    assert main(["--compare", str(out_json), *TINY]) == 1
+
+
+def test_bfloat16_and_batch_override(capsys):
+    assert main(["--case", "small_b1", "--dtype", "bfloat16", "--batch", "3", *TINY]) == 0
+    assert "bfloat16" in capsys.readouterr().out
