@@ -11,20 +11,13 @@ from .container import FusedSequential
 __all__ = ["fuse"]
 
 
-def _as_fused(seq: nn.Sequential) -> FusedSequential:
-    """A FusedSequential that shares seq's state (children, parameters, hooks,
-    training flag); seq itself is left untouched when it is a copy."""
-    fused = FusedSequential.__new__(FusedSequential)
-    fused.__dict__.update(seq.__dict__)
-    return fused
-
-
 def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Returns ``model`` with every ``nn.Sequential`` (at any depth, and the
     model itself if it is one) replaced by a :class:`FusedSequential` holding
     the same child modules. ``state_dict`` keys are unchanged. With
     ``inplace=False`` (the default) the model is deep-copied first and the
-    original is left as it was.
+    original is left as it was; with ``inplace=True`` the Sequentials
+    themselves become FusedSequentials (same objects).
 
     Only exact ``nn.Sequential`` instances are converted: subclasses may
     override ``forward`` and are left alone (their Sequential children are
@@ -41,10 +34,9 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     if not inplace:
         model = copy.deepcopy(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if type(child) is nn.Sequential:
-                parent._modules[name] = _as_fused(child)
-    if type(model) is nn.Sequential:
-        model = _as_fused(model)
+    for m in model.modules():
+        if type(m) is nn.Sequential:
+            # FusedSequential adds no state of its own, so switching the class
+            # keeps the object, its children, parameters and hooks as they are.
+            m.__class__ = FusedSequential
     return model

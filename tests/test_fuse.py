@@ -58,7 +58,7 @@ def test_fuse_converts_every_sequential_and_keeps_state():
 def test_fuse_inplace_and_top_level_sequential():
     seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     out = seqfuse.fuse(seq, inplace=True)
-    assert type(out) is FusedSequential and out[0] is seq[0]
+    assert out is seq and type(seq) is FusedSequential
     model = Net()
     assert seqfuse.fuse(model, inplace=True) is model
     assert type(model.stem) is FusedSequential
