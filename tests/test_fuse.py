@@ -88,3 +88,27 @@ def test_subclass_of_sequential_is_left_alone():
     m.a = MySeq(nn.Linear(2, 2), nn.Sequential(nn.ReLU()))
     fused = seqfuse.fuse(m)
     assert type(fused.a) is MySeq and type(fused.a[1]) is FusedSequential
+
+
+def test_parametrized_and_weight_normed_layers_stay_eager():
+    from torch.nn.utils import parametrize
+
+    class Symmetric(nn.Module):
+        def forward(self, w):
+            return w.triu() + w.triu(1).transpose(0, 1)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2)).eval()
+    parametrize.register_parametrization(net[2], "weight", Symmetric())
+    net[4] = nn.utils.weight_norm(net[4])  # a forward pre-hook on a stock nn.Linear
+    x = torch.randn(5, 6)
+    keys = list(net.state_dict())
+    with torch.no_grad():
+        expected = net(x)
+    fused = seqfuse.fuse(net, inplace=True)  # weight_norm modules cannot be deep-copied (a torch limitation)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), expected)
+    text = str(fused.explain())
+    assert "subclass or parametrization" in text and "has hooks" in text
+    assert fused.explain().fused_segments[0].stop == 2  # Linear + ReLU before them still fuse
+    assert list(fused.state_dict()) == keys
