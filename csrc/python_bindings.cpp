@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
@@ -32,6 +33,8 @@ namespace {
 bool needs_eager_context(py::handle input) {
   // functorch includes its front-mode key in the thread's dispatch keys while a transform is active.
   if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) return true;
+  // A TorchFunctionMode must see the stock modules' torch calls.
+  if (at::impl::torch_function_mode_enabled()) return true;
   return THPVariable_Check(input.ptr()) && THPVariable_Unpack(input.ptr())._fw_grad(/*level=*/0).defined();
 }
 
@@ -99,6 +102,7 @@ class FusedMlpCall {
         flatten_(flatten), needs_2d_(needs_2d) {
     const kernels::MlpDesc d = decode_mlp_spec(spec_, fparams_);
     in_features_ = d.in_features;
+    dtype_ = scalar_type_of(d.dtype);
     for (const auto& st : d.stages) {
       macs_per_row_ += st.kind == kernels::StageKind::Linear ? st.in_features * st.out_features : st.out_features;
       has_linear_ = has_linear_ || st.kind == kernels::StageKind::Linear;
@@ -107,9 +111,18 @@ class FusedMlpCall {
 
   // Empty result: this input must take the eager path (3-D input to a run with
   // BatchNorm1d, or input that is not a tensor).
+  //
+  // Inputs the kernels do not serve also go eagerly, silently: tensor
+  // subclasses (their __torch_function__ must run), a dtype, device or layout
+  // other than the segment's (a mixed-precision model feeding a float32
+  // BatchNorm a bfloat16 activation; meta, sparse or mkldnn tensors), and an
+  // input that requires grad under grad mode (it may come from an eager
+  // module in front of this segment; the op has no autograd formula).
   std::optional<at::Tensor> try_call(py::handle input) {
-    if (!THPVariable_Check(input.ptr())) return std::nullopt;
+    if (!THPVariable_CheckExact(input.ptr())) return std::nullopt;
     at::Tensor x = THPVariable_Unpack(input.ptr());
+    if (x.scalar_type() != dtype_ || x.device() != packed_.device() || x.layout() != at::kStrided) return std::nullopt;
+    if (x.requires_grad() && at::GradMode::is_enabled()) return std::nullopt;
     if (flatten_) x = x.flatten(flatten_->first, flatten_->second);
     if (needs_2d_ && x.dim() != 2) return std::nullopt;
     const int64_t rows = x.dim() > 0 && in_features_ > 0 ? x.numel() / in_features_ : 0;
@@ -175,6 +188,7 @@ class FusedMlpCall {
   std::optional<std::pair<int64_t, int64_t>> flatten_;
   bool needs_2d_;
   int64_t in_features_ = 0;
+  at::ScalarType dtype_ = at::kFloat;
   int64_t macs_per_row_ = 0;
   bool has_linear_ = false;
 };
@@ -221,6 +235,7 @@ class PlanGuard {
       std::optional<at::Tensor> y = single_->try_call(input);
       if (y) return py::reinterpret_steal<py::object>(THPVariable_Wrap(*y));
     } catch (const std::exception&) {
+      PyErr_Clear();  // the Python path repeats the call and raises properly
     }
     return py::none();
   }
@@ -232,8 +247,10 @@ class PlanGuard {
     if (!same_sequence(modules_, module_values_)) return 0;
     for (const Child& c : children_)
       if (!c.unchanged()) return 0;
-    for (const WatchedTensor& w : tensors_)
+    for (const WatchedTensor& w : tensors_) {
       if (!w.unchanged()) return 0;
+      if (w.tensor._fw_grad(/*level=*/0).defined()) return 2;  // forward-mode tangent on a parameter
+    }
     for (const auto& [t, rg] : grad_tensors_)
       if (t.requires_grad() != rg) return 0;
     for (const auto& [d, size] : global_hooks_)
@@ -308,9 +325,11 @@ class PlanGuard {
     int64_t version;
     const void* data;
     bool requires_grad;
+    // Inference tensors carry no version counter: an in-place edit of one is
+    // invisible, so a plan over them is never reused.
     bool unchanged() const {
       auto* impl = tensor.unsafeGetTensorImpl();
-      return (impl->is_inference() || impl->version_counter().current_version() == version) &&
+      return !impl->is_inference() && impl->version_counter().current_version() == version &&
              tensor.const_data_ptr() == data && tensor.requires_grad() == requires_grad;
     }
   };

@@ -116,7 +116,7 @@ class Plan:
         modules = list(container._modules.values())
         self.segments: List[Segment] = plan_segments(keys, modules)
         self.runs = [_FusedRun(s) if s.fused else _EagerRun(s) for s in self.segments]
-        fused_tensors = [t for s in self.segments if s.fused for t in s.pack_tensors()]
+        fused_tensors = [t for s in self.segments if s.fused for t in s.watched_tensors()]
         self.guard = _C.PlanGuard(
             container._modules, modules, fused_tensors, list(container.parameters()), global_hook_dicts()
         )
@@ -202,9 +202,13 @@ class FusedSequential(nn.Sequential):
         )
         x = input
         for seg in plan_segments(keys, modules):
-            if seg.fused and not needs_eager and not (seg.needs_2d and x.dim() != 2):
+            if seg.fused and not needs_eager:
                 if seg.flatten is not None:
                     x = x.flatten(*seg.flatten)
+                if seg.needs_2d and x.dim() != 2:  # BatchNorm1d over dim 1 of 3-D input: eager
+                    for m in seg.modules[1 if seg.flatten is not None else 0 :]:
+                        x = m(x)
+                    continue
                 packed = ops.mlp_pack(seg.pack_tensors(), seg.spec, seg.fparams)
                 x = ops.mlp_forward(x, packed, seg.linear_weights(), seg.spec, seg.fparams)
             else:
@@ -227,6 +231,16 @@ class FusedSequential(nn.Sequential):
           note: when autograd is needed ...
         """
         return Explanation(plan_segments(list(self._modules.keys()), list(self._modules.values())))
+
+    def _apply(self, fn, recurse=True):
+        # Conversions (.to, .double, ...) may swap parameter tensors in place
+        # (torch.utils.swap_tensors), which refuses while a plan holds them.
+        self.invalidate_plan()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.invalidate_plan()  # as for _apply: loading may swap tensors
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self):
         state = super().__getstate__()

@@ -101,7 +101,12 @@ def classify(m: Optional[nn.Module]) -> Classified:
         dtype, device, why = _tensor_home(m, ("weight", "bias"))
         if why:
             return Classified(None, why)
-        return Classified(LINEAR, width=m.in_features, dtype=dtype, device=device)
+        n_out, n_in = m.out_features, m.in_features
+        if n_in < 1 or n_out < 1 or tuple(m.weight.shape) != (n_out, n_in) or (
+            m.bias is not None and tuple(m.bias.shape) != (n_out,)
+        ):
+            return Classified(None, "zero-size, or weight/bias shapes differ from in_features/out_features")
+        return Classified(LINEAR, width=n_in, dtype=dtype, device=device)
     if t is nn.BatchNorm1d:
         if m.training:
             return Classified(None, "BatchNorm1d in training mode uses batch statistics (not fused yet)")
@@ -110,7 +115,15 @@ def classify(m: Optional[nn.Module]) -> Classified:
         dtype, device, why = _tensor_home(m, ("weight", "bias", "running_mean", "running_var"))
         if why:
             return Classified(None, why)
-        return Classified(BATCHNORM, width=m.num_features, dtype=dtype, device=device)
+        n = m.num_features
+        if (m.weight is None) != (m.bias is None) or (m.weight is None) == m.affine:
+            return Classified(None, "BatchNorm1d with only one of weight and bias (not fused)")
+        shapes = [m.running_mean, m.running_var] + ([m.weight, m.bias] if m.affine else [])
+        if n < 1 or any(tuple(t.shape) != (n,) for t in shapes):
+            return Classified(None, "BatchNorm1d tensors do not all have shape (num_features,)")
+        return Classified(BATCHNORM, width=n, dtype=dtype, device=device)
+    if t is nn.ReLU6 and (m.min_val, m.max_val) != (0.0, 6.0):
+        return Classified(None, f"ReLU6 with min_val={m.min_val}, max_val={m.max_val} (only 0..6 is fused)")
     if t in _ACTIVATIONS:
         act = _ACTIVATIONS[t]
         if t is nn.GELU:
@@ -155,6 +168,19 @@ class Segment:
     def linear_weights(self) -> List[torch.Tensor]:
         """The Linear weights in stage order (what the GEMM engine reads)."""
         return [st.modules[0].weight for st in self.stages if st.kind == StageKind.LINEAR]
+
+    def watched_tensors(self) -> List[torch.Tensor]:
+        """Every parameter and buffer of the fused modules: what the plan
+        guard watches (num_batches_tracked included: a training-mode forward
+        elsewhere updates running stats without bumping their version, but it
+        does bump this counter's)."""
+        seen, out = set(), []
+        for m in self.modules:
+            for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
+        return out
 
     def pack_tensors(self) -> List[torch.Tensor]:
         """The tensors mlp_pack takes, read from the modules now."""

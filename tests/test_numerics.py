@@ -161,3 +161,14 @@ def test_large_batch_uses_threads_consistently():
     finally:
         torch.set_num_threads(2)
     torch.testing.assert_close(out, single, rtol=0, atol=0)  # row partitioning never changes a row's math
+
+
+@pytest.mark.parametrize("make_act", ACTIVATIONS, ids=lambda f: repr(f()))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_infinities_through_each_activation(make_act, dtype):
+    """+-inf and NaN reach the activation unmixed (a per-channel BatchNorm
+    stage, no matmul to smear them), and come out as eager's do."""
+    bn = nn.BatchNorm1d(6, eps=0.0).eval().to(dtype)  # identity: mean 0, var 1
+    mods = [bn, make_act()]
+    x = torch.tensor([[float("inf"), -float("inf"), float("nan"), 0.0, 100.0, -100.0]] * 3, dtype=dtype)
+    assert_matches_eager(run_fused(mods, x), mods, x)

@@ -92,7 +92,13 @@ inline VF activate_vec(VF x, Activation act, float alpha) {
     case Activation::ReLU6: return select(x < 0.0f, splat(0.0f), select(x > 6.0f, splat(6.0f), x));
     case Activation::Sigmoid: return 1.0f / (1.0f + exp_vec(-x));
     case Activation::Tanh: return tanh_vec(x);
-    case Activation::GeluErf: return 0.5f * x * (1.0f + erf_vec(x * 0.70710678118654752f));
+    case Activation::GeluErf: {
+      // eager's float GELU (erf) gives NaN at +-inf (its float64 path gives inf
+      // at +inf, as the scalar formula below does); match each
+      VF y = 0.5f * x * (1.0f + erf_vec(x * 0.70710678118654752f));
+      VF ax = select(x < 0.0f, -x, x);
+      return select(ax == __builtin_inff(), splat(__builtin_nanf("")), y);
+    }
     case Activation::GeluTanh: {
       VF inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);
       return 0.5f * x * (1.0f + tanh_vec(inner));
@@ -115,7 +121,10 @@ inline double activate_scalar(double x, Activation act, double alpha) {
     case Activation::ReLU6: return x < 0.0 ? 0.0 : (x > 6.0 ? 6.0 : x);
     case Activation::Sigmoid: return 1.0 / (1.0 + __builtin_exp(-x));
     case Activation::Tanh: return __builtin_tanh(x);
-    case Activation::GeluErf: return 0.5 * x * (1.0 + __builtin_erf(x * 0.70710678118654752440));
+    case Activation::GeluErf:
+      // +inf: inf, as eager's float64 GELU (the formula can contract to inf - inf).
+      if (x == __builtin_inf()) return x;
+      return 0.5 * x * (1.0 + __builtin_erf(x * 0.70710678118654752440));
     case Activation::GeluTanh: {
       double inner = 0.79788456080286535588 * (x + 0.044715 * x * x * x);
       return 0.5 * x * (1.0 + __builtin_tanh(inner));

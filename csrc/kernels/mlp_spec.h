@@ -26,6 +26,11 @@ constexpr int64_t kSpecHeader = 4;
 constexpr int64_t kSpecPerStage = 4;
 constexpr int64_t kFParamsPerStage = 2;
 
+// Bounds that keep every size computed from a spec far from int64 overflow
+// (a width of 2^24 and 2^16 stages still size buffers below 2^60 bytes).
+constexpr int64_t kMaxWidth = int64_t{1} << 24;
+constexpr int64_t kMaxStages = int64_t{1} << 16;
+
 // Weight panels hold this many output columns, whatever the ISA, so a packed
 // buffer is valid for every kernel variant.
 constexpr int64_t kPanelWidth = 16;
@@ -93,13 +98,14 @@ inline MlpDesc decode_mlp_spec(const int64_t* spec, size_t spec_len, const doubl
   d.dtype = static_cast<DType>(spec[1]);
   const int64_t n = spec[2];
   if (n < 1) fail("no stages");
+  if (n > kMaxStages) fail("more than " + std::to_string(kMaxStages) + " stages");
   // Divide rather than multiply: a huge n must not overflow before it is rejected.
   const size_t stage_values = spec_len - static_cast<size_t>(kSpecHeader);
   if (stage_values % kSpecPerStage != 0 || stage_values / kSpecPerStage != static_cast<size_t>(n))
     fail("length does not match stage count");
   if (fparams_len != static_cast<size_t>(kFParamsPerStage * n)) fail("fparams length does not match stage count");
   d.in_features = spec[3];
-  if (d.in_features < 1) fail("in_features < 1");
+  if (d.in_features < 1 || d.in_features > kMaxWidth) fail("in_features out of range");
   const int64_t esize = element_size(d.dtype), asize = accumulate_size(d.dtype);
   int64_t offset = 0, width = d.in_features, max_width = round_up(d.in_features, kPanelWidth);
   auto section = [&](int64_t bytes) {
@@ -121,7 +127,8 @@ inline MlpDesc decode_mlp_spec(const int64_t* spec, size_t spec_len, const doubl
     st.eps = fparams[kFParamsPerStage * i + 1];
     st.weight_offset = st.scale_offset = st.shift_offset = -1;
     if (st.kind != StageKind::Linear && st.out_features != width) fail("elementwise stage changes width");
-    if (st.out_features < 1) fail("out_features < 1");
+    if (st.out_features < 1 || st.out_features > kMaxWidth) fail("out_features out of range");
+    if (st.flags & ~(kHasBias | kHasBatchNorm | kBatchNormAffine)) fail("unknown stage flags");
     const int64_t padded = round_up(st.out_features, kPanelWidth);
     if (st.kind == StageKind::Linear) {
       st.weight_offset = section(panel_count(st.out_features) * kPanelWidth * width * esize);

@@ -351,7 +351,9 @@ template <typename T> Model<T> make_model(const MlpSpec& spec, Rng& rng) {
 
 // ---- the double-precision reference ------------------------------------------------------
 
-double activation_reference(Activation act, double x, double alpha) {
+// `float_kernel`: the float/bfloat16 kernels follow eager's vectorized float GELU,
+// which gives NaN at +inf (float64 keeps inf).
+double activation_reference(Activation act, double x, double alpha, bool float_kernel) {
   constexpr double kPi = 3.14159265358979323846;
   switch (act) {
     case Activation::None: return x;
@@ -360,7 +362,9 @@ double activation_reference(Activation act, double x, double alpha) {
     case Activation::ReLU6: return std::isnan(x) ? x : std::clamp(x, 0.0, 6.0);
     case Activation::Sigmoid: return 1.0 / (1.0 + std::exp(-x));
     case Activation::Tanh: return std::tanh(x);
-    case Activation::GeluErf: return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
+    case Activation::GeluErf:
+      if (float_kernel && std::isinf(x)) return kNaN;
+      return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
     case Activation::GeluTanh: return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / kPi) * (x + 0.044715 * x * x * x)));
     case Activation::SiLU: return x / (1.0 + std::exp(-x));
     case Activation::Hardswish: return std::isnan(x) ? x : x * std::clamp(x + 3.0, 0.0, 6.0) / 6.0;
@@ -412,7 +416,7 @@ void reference_stage(const sk::StageDesc& st, const StageParams<T>& p, std::vect
         acc_mag = (acc_mag + std::abs(mean)) * std::abs(s) + std::abs(beta);
       }
     }
-    y[static_cast<size_t>(j)] = activation_reference(st.activation, acc, st.alpha);
+    y[static_cast<size_t>(j)] = activation_reference(st.activation, acc, st.alpha, !std::is_same_v<T, double>);
     ym[static_cast<size_t>(j)] = acc_mag * kActivationGain * std::max(1.0, std::abs(st.alpha));
   }
   v = std::move(y);
@@ -935,7 +939,8 @@ template <typename T> void check_documented_special_values() {
       {Activation::LeakyReLU, kNaN, kNaN},   {Activation::LeakyReLU, -kInf, -kInf}, {Activation::ReLU6, kNaN, kNaN},
       {Activation::ReLU6, kInf, 6.0},        {Activation::ReLU6, -kInf, 0.0},      {Activation::Sigmoid, -kInf, 0.0},
       {Activation::Sigmoid, kInf, 1.0},      {Activation::Sigmoid, kNaN, kNaN},    {Activation::Tanh, kInf, 1.0},
-      {Activation::Tanh, -kInf, -1.0},       {Activation::Tanh, kNaN, kNaN},       {Activation::GeluErf, kInf, kInf},
+      {Activation::Tanh, -kInf, -1.0},       {Activation::Tanh, kNaN, kNaN},
+      {Activation::GeluErf, kInf, std::is_same_v<T, double> ? kInf : kNaN},
       {Activation::GeluErf, kNaN, kNaN},     {Activation::GeluTanh, kInf, kInf},   {Activation::GeluTanh, kNaN, kNaN},
       {Activation::SiLU, kInf, kInf},        {Activation::SiLU, kNaN, kNaN},       {Activation::Hardswish, kInf, kInf},
       {Activation::Hardswish, kNaN, kNaN},   {Activation::None, kNaN, kNaN},       {Activation::None, -kInf, -kInf},
