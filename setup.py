@@ -60,10 +60,10 @@ cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-psabi", "-fvisibility=
 # torch's headers are not warning-clean under -Wextra: treat them as system headers.
 from torch.utils.cpp_extension import include_paths  # noqa: E402
 
-cxx_flags += [f"-isystem{p}" for p in include_paths()]
+system_includes = [f"-isystem{p}" for p in include_paths()]
 if os.environ.get("SEQFUSE_WERROR") == "1":
     cxx_flags.append("-Werror")
-extra_compile_args = {"cxx": cxx_flags}
+extra_compile_args = {"cxx": cxx_flags + system_includes}
 Extension = CppExtension
 if USE_CUDA:
     sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))

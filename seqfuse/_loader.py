@@ -36,3 +36,8 @@ def _load():
 
 
 _C = _load()
+
+try:  # an invalid SEQFUSE_CPU_CAPABILITY fails here, once, not on every call
+    _C.cpu_capability()
+except ValueError as err:
+    raise ImportError(f"{err} (from the environment variable SEQFUSE_CPU_CAPABILITY)") from None

@@ -146,6 +146,8 @@ def set_engine_override(engine: Optional[int]) -> None:
 
     >>> set_engine_override(ENGINE_GEMM_EPILOGUE); set_engine_override(None)
     """
+    if engine not in (None, ENGINE_FUSED, ENGINE_GEMM_EPILOGUE):
+        raise ValueError(f"unknown engine {engine!r}: expected None, ENGINE_FUSED or ENGINE_GEMM_EPILOGUE")
     _C.set_engine_override(-1 if engine is None else int(engine))
 
 

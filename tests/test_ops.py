@@ -133,3 +133,24 @@ def test_malformed_spec_rejected():
     x = torch.randn(2, 3)
     with pytest.raises(ValueError, match="malformed mlp spec"):
         torch.ops.seqfuse.mlp_forward.default(x, torch.empty(0, dtype=torch.uint8), [], [1, 0, 1], [])
+
+
+def test_cpu_capability_from_environment():
+    import os
+    import subprocess
+    import sys
+
+    def run(value):
+        env = dict(os.environ, SEQFUSE_CPU_CAPABILITY=value)
+        code = "import seqfuse; print(seqfuse.ops.cpu_capability())"
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+    ok = run("baseline")
+    assert ok.returncode == 0 and ok.stdout.strip() == "baseline", ok.stderr
+    bad = run("AVX2")
+    assert bad.returncode != 0 and "unknown CPU capability 'AVX2'" in bad.stderr
+
+
+def test_engine_override_validation():
+    with pytest.raises(ValueError, match="unknown engine"):
+        ops.set_engine_override(5)
