@@ -250,7 +250,12 @@ class FusedSequential(nn.Sequential):
 
 
 class Explanation:
-    """What :meth:`FusedSequential.explain` returns; ``str()`` is the readable plan."""
+    """What :meth:`FusedSequential.explain` returns; ``str()`` is the readable plan.
+
+    >>> e = FusedSequential(nn.Linear(4, 4), nn.ReLU(), nn.Softsign()).explain()
+    >>> [(s.start, s.stop) for s in e.fused_segments], [s.reasons for s in e.eager_segments]
+    ([(0, 2)], [['Softsign has no fused kernel']])
+    """
 
     def __init__(self, segments: List[Segment]):
         self.segments = segments
