@@ -229,3 +229,20 @@ def test_inference_mode_and_no_grad_outputs():
         z = m(x)
     assert not z.requires_grad and z.grad_fn is None
     torch.testing.assert_close(y, z)
+
+
+def test_weights_are_packed_once_per_plan(monkeypatch):
+    from seqfuse import ops
+
+    calls = []
+    real = ops.mlp_pack
+    monkeypatch.setattr(ops, "mlp_pack", lambda *a: calls.append(1) or real(*a))
+    m = make()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        for _ in range(10):
+            m(x)
+        assert len(calls) == 1  # packed when the plan was built, never per call
+        m[0].weight.add_(1)
+        m(x)
+    assert len(calls) == 2  # and again once the weights changed
