@@ -115,7 +115,8 @@ class Plan:
         keys = list(container._modules.keys())
         modules = list(container._modules.values())
         self.segments: List[Segment] = plan_segments(keys, modules)
-        self.runs = [_FusedRun(s) if s.fused else _EagerRun(s) for s in self.segments]
+        self.runs = [self._bind(s) if s.fused else _EagerRun(s) for s in self.segments]
+        self.segments = [r.segment for r in self.runs]
         fused_tensors = [t for s in self.segments if s.fused for t in s.watched_tensors()]
         self.guard = _C.PlanGuard(
             container._modules, modules, fused_tensors, list(container.parameters()), global_hook_dicts()
@@ -124,6 +125,24 @@ class Plan:
             self.run = self.runs[0]
             if self.segments[0].fused:
                 self.guard.set_single_fused(self.runs[0].call)
+
+    @staticmethod
+    def _bind(segment: Segment):
+        """Packs a fused segment; a segment the packing rejects (a planner
+        gap: the planner should have kept it eager) runs eagerly instead."""
+        try:
+            return _FusedRun(segment)
+        except Exception as err:
+            warnings.warn(
+                f"seqfuse: packing children [{segment.start}:{segment.stop}] failed ({err}); they run eagerly. "
+                "Please report this with FusedSequential.explain().",
+                SeqfuseWarning,
+                stacklevel=4,
+            )
+            reason = f"packing failed: {err}"
+            return _EagerRun(
+                Segment(segment.start, segment.stop, segment.keys, segment.modules, False, [reason] * len(segment.keys))
+            )
 
     def run(self, x, fused_ok: bool):
         for r in self.runs:

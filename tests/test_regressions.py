@@ -186,3 +186,18 @@ def test_meta_input_errors_like_eager():
         with pytest.raises(RuntimeError) as fused:
             model(x)
     assert str(eager.value) in str(fused.value)
+
+
+def test_a_segment_the_packing_rejects_runs_eagerly_with_a_warning(monkeypatch):
+    from seqfuse import ops
+
+    def broken(*args):
+        raise RuntimeError("simulated packing failure")
+
+    monkeypatch.setattr(ops, "mlp_pack", broken)
+    model = FusedSequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    x = torch.randn(2, 4)
+    with pytest.warns(seqfuse.SeqfuseWarning, match="simulated packing failure"):
+        with torch.no_grad():
+            out = model(x)
+    torch.testing.assert_close(out, nn.Sequential(*model)(x).detach())
