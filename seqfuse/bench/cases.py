@@ -95,7 +95,14 @@ CASES: Dict[str, Case] = {}
 
 
 def register(case: Case) -> Case:
-    """Adds ``case`` to :data:`CASES` (replacing one of the same name) and returns it."""
+    """Adds ``case`` to :data:`CASES` (replacing one of the same name) and returns it.
+
+    >>> from torch import nn
+    >>> c = register(Case("tiny_example", lambda: [nn.Linear(4, 4), nn.ReLU()], (2, 4), "a doc example"))
+    >>> get_case("tiny_example") is c
+    True
+    >>> del CASES["tiny_example"]
+    """
     CASES[case.name] = case
     return case
 

@@ -149,7 +149,13 @@ def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch
              check: bool = True, progress: Optional[Progress] = None, label: str = "") -> Dict[str, object]:
     """Measures one case (already resolved: batch applied) and returns its
     result dict; see :func:`run` for the keys. Call it under the thread
-    setting you want; it enters ``torch.inference_mode()`` itself."""
+    setting you want; it enters ``torch.inference_mode()`` itself.
+
+    >>> from seqfuse.bench import get_case, timing
+    >>> r = run_case(get_case("policy_b1"), settings=timing.Settings(target_s=0.0005, rounds=2, warmup_s=0.0))
+    >>> sorted(r["time_us"]), r["numerics_ok"]
+    (['eager', 'fused'], True)
+    """
     peers = parse_peers(peers)
     dtype = parse_dtype(dtype)
     progress = progress or Progress(False)

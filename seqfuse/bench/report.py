@@ -70,7 +70,13 @@ def _notes(r: dict) -> str:
 def table(results: Sequence[dict]) -> str:
     """The aligned per-case table: times (median µs per call), ratios vs
     eager, the fused peer's GFLOP/s, run-to-run spread, and peak RSS when
-    measured. A ``!`` after the case name marks a numerics mismatch."""
+    measured. A ``!`` after the case name marks a numerics mismatch.
+
+    >>> from seqfuse.bench import run
+    >>> results = run(["policy_b1"], quick=True, repeats=2, target_ms=0.3)
+    >>> table(results).splitlines()[0].split()[:4]
+    ['case', 'eager', 'µs', 'fused']
+    """
     peers = _peers_of(results)
     others = [p for p in peers if p != "eager"]
     has_mem = any("peak_rss_mib" in r for r in results)
