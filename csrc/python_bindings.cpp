@@ -76,6 +76,14 @@ class EngineChoices {
     std::lock_guard<std::mutex> lock(mutex_);
     choices_[Key{spec, bucket, threads}] = engine;
   }
+  // (bucket, threads, engine) measured for one spec.
+  std::vector<std::tuple<int, int, int>> for_spec(const std::vector<int64_t>& spec) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<std::tuple<int, int, int>> out;
+    for (const auto& [key, engine] : choices_)
+      if (std::get<0>(key) == spec) out.emplace_back(std::get<1>(key), std::get<2>(key), engine);
+    return out;
+  }
   static EngineChoices& global() {
     static EngineChoices instance;
     return instance;
@@ -150,6 +158,15 @@ class FusedMlpCall {
   }
 
   const at::Tensor& packed() const { return packed_; }
+
+  // What has been measured for this segment's shapes: (min rows, max rows,
+  // threads, engine) per batch-size bucket.
+  std::vector<std::tuple<int64_t, int64_t, int, int>> measured_engines() const {
+    std::vector<std::tuple<int64_t, int64_t, int, int>> out;
+    for (const auto& [b, threads, engine] : EngineChoices::global().for_spec(spec_))
+      out.emplace_back(int64_t{1} << (b - 1), (int64_t{1} << b) - 1, threads, engine);
+    return out;
+  }
 
  private:
   static int bucket(int64_t rows) { return rows <= 0 ? 0 : std::min(kBuckets - 1, 64 - __builtin_clzll(rows)); }
@@ -365,6 +382,8 @@ PYBIND11_MODULE(_C, m) {
            "Runs the segment; None when this input must run eagerly.")
       .def("engine_for", &FusedMlpCall::engine_for, py::arg("rows"),
            "Engine for a call with this many rows: 0 fused kernel, 1 GEMM + fused epilogue, -1 not measured yet.")
+      .def("measured_engines", &FusedMlpCall::measured_engines,
+           "(min rows, max rows, threads, engine) for every batch-size bucket measured so far.")
       .def_property_readonly("packed", &FusedMlpCall::packed);
   m.def(
       "set_engine_override", [](int engine) { engine_override().store(engine); }, py::arg("engine"),

@@ -249,7 +249,14 @@ class FusedSequential(nn.Sequential):
           note: a fused segment runs the fused kernel; ...
           note: when autograd is needed ...
         """
-        return Explanation(plan_segments(list(self._modules.keys()), list(self._modules.values())))
+        segments = plan_segments(list(self._modules.keys()), list(self._modules.values()))
+        plan = self.__dict__.get(_PLAN_ATTR)
+        measured = {}
+        if plan is not None:  # engine choices measured by earlier calls, for the same segments
+            for run in plan.runs:
+                if isinstance(run, _FusedRun):
+                    measured[(run.segment.start, run.segment.stop, tuple(run.segment.spec))] = run.call.measured_engines()
+        return Explanation(segments, measured)
 
     def _apply(self, fn, recurse=True):
         # Conversions (.to, .double, ...) may swap parameter tensors in place
@@ -276,8 +283,15 @@ class Explanation:
     ([(0, 2)], [['Softsign has no fused kernel']])
     """
 
-    def __init__(self, segments: List[Segment]):
+    def __init__(self, segments: List[Segment], measured_engines: Optional[dict] = None):
         self.segments = segments
+        self._measured = measured_engines or {}
+
+    def engines(self, segment: Segment) -> List[tuple]:
+        """(min rows, max rows, threads, engine name) chosen by measurement
+        for a fused segment so far (empty before any large call)."""
+        found = self._measured.get((segment.start, segment.stop, tuple(segment.spec)), [])
+        return [(lo, hi, t, ops.ENGINE_NAMES[e]) for lo, hi, t, e in sorted(found)]
 
     @property
     def fused_segments(self) -> List[Segment]:
@@ -304,6 +318,8 @@ class Explanation:
                     + extra
                 )
                 notes = s.roles
+                for lo, hi, threads, name in self.engines(s):
+                    lines.append(f"    calls of {lo}-{hi} rows, {threads} threads: {name} (measured)")
             else:
                 lines.append(f"  [{s.start}:{s.stop}] eager")
                 notes = s.reasons
