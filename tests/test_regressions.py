@@ -1,4 +1,4 @@
-"""Regression tests for defects found in review: each reproduces a case where
+"""Regression tests: each reproduces a case where FusedSequential once
 FusedSequential once differed from nn.Sequential."""
 
 from __future__ import annotations
