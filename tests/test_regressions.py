@@ -1,4 +1,4 @@
-"""Regression tests: each reproduces a case where FusedSequential once
+"""Regression tests: each reproduces a case where
 FusedSequential once differed from nn.Sequential."""
 
 from __future__ import annotations
