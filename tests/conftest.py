@@ -164,9 +164,10 @@ def cpu_capability(request):
     detected = seqfuse.ops._C.detected_cpu_capability()
     if order.index(request.param) > order.index(detected):
         pytest.skip(f"CPU does not support {request.param}")
+    before = seqfuse.ops.cpu_capability()
     seqfuse.ops.set_cpu_capability(request.param)
     yield request.param
-    seqfuse.ops.set_cpu_capability("")
+    seqfuse.ops.set_cpu_capability(before)
 
 
 @pytest.fixture(params=["fused", "gemm_epilogue"])

@@ -118,13 +118,14 @@ def test_profiler_shows_one_fused_op_and_no_eager_ops():
 
 
 def test_cpu_capability_control():
-    detected = ops._C.detected_cpu_capability()
-    assert ops.cpu_capability() == detected
+    before = ops.cpu_capability()  # the detected one, or SEQFUSE_CPU_CAPABILITY's
     ops.set_cpu_capability("baseline")
     try:
         assert ops.cpu_capability() == "baseline"
-    finally:
         ops.set_cpu_capability("")
+        assert ops.cpu_capability() == ops._C.detected_cpu_capability()
+    finally:
+        ops.set_cpu_capability(before)
     with pytest.raises(ValueError, match="unknown CPU capability"):
         ops.set_cpu_capability("sse9")
 
