@@ -28,7 +28,8 @@ namespace seqfuse {
 namespace {
 
 // Calls the fused ops cannot serve, whatever the plan: inside a torch.func
-// transform (vmap, grad, jvp: tensors are functorch wrappers), or with a
+// transform (vmap, grad, jvp: tensors are functorch wrappers), under a
+// TorchFunctionMode (including `with torch.device(...)`), or with a
 // forward-mode tangent on the input (the ops have no forward-AD formula).
 bool needs_eager_context(py::handle input) {
   // functorch includes its front-mode key in the thread's dispatch keys while a transform is active.
