@@ -112,10 +112,8 @@ class FusedMlpCall {
     const kernels::MlpDesc d = decode_mlp_spec(spec_, fparams_);
     in_features_ = d.in_features;
     dtype_ = scalar_type_of(d.dtype);
-    for (const auto& st : d.stages) {
-      macs_per_row_ += st.kind == kernels::StageKind::Linear ? st.in_features * st.out_features : st.out_features;
-      has_linear_ = has_linear_ || st.kind == kernels::StageKind::Linear;
-    }
+    macs_per_row_ = d.macs_per_row;
+    has_linear_ = d.has_linear;
   }
 
   // Empty result: this input must take the eager path (3-D input to a run with

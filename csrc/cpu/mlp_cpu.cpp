@@ -21,12 +21,6 @@ using kernels::StageKind;
 // pool costs more than it saves.
 constexpr int64_t kParallelMinMacs = int64_t{1} << 20;
 
-int64_t macs_per_row(const MlpDesc& d) {
-  int64_t macs = 0;
-  for (const StageDesc& s : d.stages) macs += s.kind == StageKind::Linear ? s.in_features * s.out_features : s.out_features;
-  return macs;
-}
-
 at::Tensor mlp_pack_cpu(at::TensorList tensors, at::IntArrayRef spec, at::ArrayRef<double> fparams) {
   const MlpDesc d = decode_mlp_spec(spec, fparams);
   const at::ScalarType dtype = scalar_type_of(d.dtype);
@@ -154,7 +148,7 @@ at::Tensor mlp_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at
     T* yp = reinterpret_cast<T*>(y.mutable_data_ptr());
     const uint8_t* pk = packed.const_data_ptr<uint8_t>();
     const int64_t threads = at::get_num_threads();
-    if (threads > 1 && rows > 1 && rows * macs_per_row(d) >= kParallelMinMacs) {
+    if (threads > 1 && rows > 1 && rows * d.macs_per_row >= kParallelMinMacs) {
       const int64_t grain = std::max<int64_t>((rows + threads - 1) / threads, 1);
       at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
         kernels::mlp_forward_rows<T>(d, pk, xp + begin * ld_x, ld_x, yp + begin * N, N, end - begin);

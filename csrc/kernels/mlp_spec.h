@@ -77,6 +77,8 @@ struct MlpDesc {
   int64_t out_features;
   int64_t max_width;  // widest activation row a stage reads or writes, padded to a panel
   int64_t packed_bytes;
+  int64_t macs_per_row;  // multiply-adds (elementwise stages count one per value): the size of a call
+  bool has_linear;
   std::vector<StageDesc> stages;
 };
 
@@ -94,7 +96,7 @@ inline MlpDesc decode_mlp_spec(const int64_t* spec, size_t spec_len, const doubl
   if (spec_len < static_cast<size_t>(kSpecHeader)) fail("too short");
   if (spec[0] != kSpecVersion) fail("version " + std::to_string(spec[0]));
   if (spec[1] < 0 || spec[1] > 2) fail("dtype code " + std::to_string(spec[1]));
-  MlpDesc d;
+  MlpDesc d{};
   d.dtype = static_cast<DType>(spec[1]);
   const int64_t n = spec[2];
   if (n < 1) fail("no stages");
@@ -137,6 +139,8 @@ inline MlpDesc decode_mlp_spec(const int64_t* spec, size_t spec_len, const doubl
       st.scale_offset = section(padded * asize);
       st.shift_offset = section(padded * asize);
     }
+    d.macs_per_row += st.kind == StageKind::Linear ? st.in_features * st.out_features : st.out_features;
+    d.has_linear = d.has_linear || st.kind == StageKind::Linear;
     width = st.out_features;
     if (padded > max_width) max_width = padded;
     d.stages.push_back(st);
