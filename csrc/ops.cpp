@@ -3,7 +3,8 @@
 // registers fake (meta) kernels and autograd in seqfuse/ops.py.
 //
 // The int[] spec / float[] fparams pair describing a fused MLP run is defined
-// in kernels/mlp_spec.h.
+// in kernels/mlp_spec.h, the one describing a fused conv run in
+// kernels/conv_spec.h.
 #include <torch/library.h>
 
 TORCH_LIBRARY(seqfuse, m) {
@@ -22,4 +23,18 @@ TORCH_LIBRARY(seqfuse, m) {
   // FusedSequential picks the engine per batch size by measurement.
   m.def(
       "mlp_forward(Tensor input, Tensor packed, Tensor[] weights, int[] spec, float[] fparams, int engine=0) -> Tensor");
+
+  // The conv-run counterparts. conv_pack takes, per Conv/Linear stage:
+  //   weight, [bias], [bn_weight, bn_bias]?, [running_mean, running_var]?
+  // and per ScaleShift stage: [bn_weight, bn_bias]?, running_mean, running_var.
+  m.def("conv_pack(Tensor[] tensors, int[] spec, float[] fparams) -> Tensor");
+  // Runs every stage of the spec over a 4-D (N, C, H, W) input of any memory
+  // format; the output has eager's memory format (channels_last when the input
+  // or a Conv weight is). engine 0: the fused kernels (each image carried
+  // through every stage when the batch splits evenly over the threads);
+  // engine 1: each Conv by ATen's convolution on `weights` (the Conv weights
+  // in stage order), its epilogue and every other stage by the fused kernels
+  // (bfloat16 always runs engine 0: its activations stay in float).
+  m.def(
+      "conv_forward(Tensor input, Tensor packed, Tensor[] weights, int[] spec, float[] fparams, int engine=0) -> Tensor");
 }

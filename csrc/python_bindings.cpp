@@ -55,34 +55,38 @@ std::atomic<int>& engine_override() {
   return value;
 }
 
-// One fused MLP segment bound to its packed parameters: calling it runs
-// seqfuse::mlp_forward through the dispatcher (so profiling, autograd and
-// every other dispatch key see it) without the per-call argument parsing of
-// a torch.ops call from Python.
+// One fused segment bound to its packed parameters: calling it runs its op
+// (seqfuse::mlp_forward or seqfuse::conv_forward) through the dispatcher (so
+// profiling, autograd and every other dispatch key see it) without the
+// per-call argument parsing of a torch.ops call from Python.
 //
-// For calls big enough that the engine matters, the first call in each
-// batch-size bucket (powers of two) times both engines a few times and keeps
-// the faster one for that bucket and thread count. Choices are shared by every
-// segment with the same spec (shapes, dtype, stages), so re-planning after a
-// parameter update never measures again.
+// For calls big enough that the engine matters, the first call of each shape
+// class (batch size bucketed by powers of two; for conv runs also the spatial
+// size) times both engines and keeps the faster one for that class and thread
+// count. Choices are shared by every segment with the same spec (shapes,
+// dtype, stages), so re-planning after a parameter update never measures again.
 class EngineChoices {
  public:
+  using Key = std::tuple<std::vector<int64_t>, int, int>;  // (shape key, bucket, threads)
   // -1 when not measured yet.
-  int get(const std::vector<int64_t>& spec, int bucket, int threads) const {
+  int get(const Key& key) const {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = choices_.find(Key{spec, bucket, threads});
+    auto it = choices_.find(key);
     return it == choices_.end() ? -1 : it->second;
   }
-  void set(const std::vector<int64_t>& spec, int bucket, int threads, int engine) {
+  void set(const Key& key, int engine) {
     std::lock_guard<std::mutex> lock(mutex_);
-    choices_[Key{spec, bucket, threads}] = engine;
+    choices_[key] = engine;
   }
-  // (bucket, threads, engine) measured for one spec.
-  std::vector<std::tuple<int, int, int>> for_spec(const std::vector<int64_t>& spec) const {
+  // (shape key, bucket, threads, engine) for every key starting with `prefix`.
+  std::vector<std::tuple<std::vector<int64_t>, int, int, int>> with_prefix(const std::vector<int64_t>& prefix) const {
     std::lock_guard<std::mutex> lock(mutex_);
-    std::vector<std::tuple<int, int, int>> out;
-    for (const auto& [key, engine] : choices_)
-      if (std::get<0>(key) == spec) out.emplace_back(std::get<1>(key), std::get<2>(key), engine);
+    std::vector<std::tuple<std::vector<int64_t>, int, int, int>> out;
+    for (const auto& [key, engine] : choices_) {
+      const auto& shape = std::get<0>(key);
+      if (shape.size() >= prefix.size() && std::equal(prefix.begin(), prefix.end(), shape.begin()))
+        out.emplace_back(shape, std::get<1>(key), std::get<2>(key), engine);
+    }
     return out;
   }
   static EngineChoices& global() {
@@ -91,12 +95,11 @@ class EngineChoices {
   }
 
  private:
-  using Key = std::tuple<std::vector<int64_t>, int, int>;
   mutable std::mutex mutex_;
   std::map<Key, int> choices_;
 };
 
-class FusedMlpCall {
+class FusedCall {
  public:
   // Below this many multiply-adds per call the fused kernel always wins: the
   // per-layer engine pays an ATen call and a memory round trip per stage.
@@ -105,19 +108,10 @@ class FusedMlpCall {
   static constexpr int64_t kReleaseGilMacs = int64_t{1} << 16;
   static constexpr int kBuckets = 64;
 
-  FusedMlpCall(at::Tensor packed, std::vector<at::Tensor> weights, std::vector<int64_t> spec,
-               std::vector<double> fparams, std::optional<std::pair<int64_t, int64_t>> flatten, bool needs_2d)
-      : packed_(std::move(packed)), weights_(std::move(weights)), spec_(std::move(spec)), fparams_(std::move(fparams)),
-        flatten_(flatten), needs_2d_(needs_2d) {
-    const kernels::MlpDesc d = decode_mlp_spec(spec_, fparams_);
-    in_features_ = d.in_features;
-    dtype_ = scalar_type_of(d.dtype);
-    macs_per_row_ = d.macs_per_row;
-    has_linear_ = d.has_linear;
-  }
+  virtual ~FusedCall() = default;
 
-  // Empty result: this input must take the eager path (3-D input to a run with
-  // BatchNorm1d, or input that is not a tensor).
+  // Empty result: this input must take the eager path (a shape the op does
+  // not serve, or input that is not a tensor).
   //
   // Inputs the kernels do not serve also go eagerly, silently: tensor
   // subclasses (their __torch_function__ must run), a dtype, device or layout
@@ -130,14 +124,13 @@ class FusedMlpCall {
     at::Tensor x = THPVariable_Unpack(input.ptr());
     if (x.scalar_type() != dtype_ || x.device() != packed_.device() || x.layout() != at::kStrided) return std::nullopt;
     if (x.requires_grad() && at::GradMode::is_enabled()) return std::nullopt;
-    if (flatten_) x = x.flatten(flatten_->first, flatten_->second);
-    if (needs_2d_ && x.dim() != 2) return std::nullopt;
-    const int64_t rows = x.dim() > 0 && in_features_ > 0 ? x.numel() / in_features_ : 0;
+    std::optional<Shape> shape = prepare(x);
+    if (!shape) return std::nullopt;
     // Other Python threads may run while a call of real size computes.
     std::optional<py::gil_scoped_release> no_gil;
-    if (rows * macs_per_row_ >= kReleaseGilMacs) no_gil.emplace();
+    if (shape->macs >= kReleaseGilMacs) no_gil.emplace();
     int engine = engine_override().load(std::memory_order_relaxed);
-    if (engine < 0) engine = choose_engine(x, rows);
+    if (engine < 0) engine = choose_engine(x, *shape);
     return run(x, engine);
   }
 
@@ -150,63 +143,164 @@ class FusedMlpCall {
     }
   }
 
-  // The engine the next call with `rows` rows will use (-1: not measured yet).
-  int engine_for(int64_t rows) const {
-    if (!has_linear_ || rows * macs_per_row_ < kTuneMinMacs) return 0;
-    return EngineChoices::global().get(spec_, bucket(rows), at::get_num_threads());
-  }
-
   const at::Tensor& packed() const { return packed_; }
 
-  // What has been measured for this segment's shapes: (min rows, max rows,
-  // threads, engine) per batch-size bucket.
-  std::vector<std::tuple<int64_t, int64_t, int, int>> measured_engines() const {
-    std::vector<std::tuple<int64_t, int64_t, int, int>> out;
-    for (const auto& [b, threads, engine] : EngineChoices::global().for_spec(spec_))
-      out.emplace_back(int64_t{1} << (b - 1), (int64_t{1} << b) - 1, threads, engine);
+  // What has been measured for this segment's shapes: (min batch, max batch,
+  // threads, engine, extra shape key: (H, W) for conv runs, () for MLP runs).
+  std::vector<std::tuple<int64_t, int64_t, int, int, std::vector<int64_t>>> measured_engines() const {
+    std::vector<std::tuple<int64_t, int64_t, int, int, std::vector<int64_t>>> out;
+    for (const auto& [key, b, threads, engine] : EngineChoices::global().with_prefix(spec_))
+      out.emplace_back(int64_t{1} << (b - 1), (int64_t{1} << b) - 1, threads, engine,
+                       std::vector<int64_t>(key.begin() + static_cast<int64_t>(spec_.size()), key.end()));
     return out;
+  }
+
+ protected:
+  FusedCall(const char* op_name, at::Tensor packed, std::vector<at::Tensor> weights, std::vector<int64_t> spec,
+            std::vector<double> fparams, at::ScalarType dtype)
+      : op_(c10::Dispatcher::singleton()
+                .findSchemaOrThrow(op_name, "")
+                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::TensorList, at::IntArrayRef,
+                                  at::ArrayRef<double>, int64_t)>()),
+        packed_(std::move(packed)), weights_(std::move(weights)), spec_(std::move(spec)),
+        fparams_(std::move(fparams)), dtype_(dtype) {}
+
+  // The size of a call and its engine-choice class.
+  struct Shape {
+    int64_t macs;
+    int64_t batch;              // bucketed by powers of two
+    std::vector<int64_t> extra;  // further shape key (conv: H, W)
+    bool tunable;               // both engines can run it
+  };
+  // nullopt: this input runs eagerly. May reshape x (a flatten view).
+  virtual std::optional<Shape> prepare(at::Tensor& x) const = 0;
+
+  at::Tensor run(const at::Tensor& x, int engine) const {
+    return op_.call(x, packed_, weights_, spec_, fparams_, engine);
+  }
+
+  // The measured engine for a shape class, -1 when not measured yet.
+  int measured_engine(int64_t batch, const std::vector<int64_t>& extra) const {
+    std::vector<int64_t> key_shape = spec_;
+    key_shape.insert(key_shape.end(), extra.begin(), extra.end());
+    return EngineChoices::global().get({std::move(key_shape), bucket(batch), at::get_num_threads()});
   }
 
  private:
   static int bucket(int64_t rows) { return rows <= 0 ? 0 : std::min(kBuckets - 1, 64 - __builtin_clzll(rows)); }
 
-  at::Tensor run(const at::Tensor& x, int engine) const {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("seqfuse::mlp_forward", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::TensorList, at::IntArrayRef,
-                                           at::ArrayRef<double>, int64_t)>();
-    return op.call(x, packed_, weights_, spec_, fparams_, engine);
-  }
-
-  int choose_engine(const at::Tensor& x, int64_t rows) {
-    const int known = engine_for(rows);
+  int choose_engine(const at::Tensor& x, const Shape& shape) {
+    if (!shape.tunable || shape.macs < kTuneMinMacs) return 0;
+    const int known = measured_engine(shape.batch, shape.extra);
     if (known >= 0) return known;
-    // Measure: alternate the engines (one warm-up each), median of 3.
+    std::vector<int64_t> key_shape = spec_;
+    key_shape.insert(key_shape.end(), shape.extra.begin(), shape.extra.end());
+    const EngineChoices::Key key{std::move(key_shape), bucket(shape.batch), at::get_num_threads()};
+    // Measure: alternate the engines after one warm-up each; median of 3, or
+    // one timing each for calls long enough (> 20 ms) to be stable.
     using clock = std::chrono::steady_clock;
+    auto timed = [&](int e) {
+      const auto t0 = clock::now();
+      run(x, e);
+      return std::chrono::duration<double>(clock::now() - t0).count();
+    };
+    const double warm = std::max(timed(0), timed(1));
+    const int reps = warm > 0.02 ? 1 : 3;
     double times[2][3];
-    for (int e = 0; e < 2; ++e) run(x, e);
-    for (int rep = 0; rep < 3; ++rep)
-      for (int e = 0; e < 2; ++e) {
-        const auto t0 = clock::now();
-        run(x, e);
-        times[e][rep] = std::chrono::duration<double>(clock::now() - t0).count();
-      }
-    for (auto& t : times) std::sort(t, t + 3);
-    const int best = times[1][1] < times[0][1] ? 1 : 0;
-    EngineChoices::global().set(spec_, bucket(rows), at::get_num_threads(), best);
+    for (int rep = 0; rep < reps; ++rep)
+      for (int e = 0; e < 2; ++e) times[e][rep] = timed(e);
+    for (auto& t : times) std::sort(t, t + reps);
+    const int best = times[1][reps / 2] < times[0][reps / 2] ? 1 : 0;
+    EngineChoices::global().set(key, best);
     return best;
   }
 
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, at::TensorList, at::IntArrayRef,
+                                      at::ArrayRef<double>, int64_t)>
+      op_;
   at::Tensor packed_;
   std::vector<at::Tensor> weights_;
   std::vector<int64_t> spec_;
   std::vector<double> fparams_;
+  at::ScalarType dtype_;
+};
+
+// A fused MLP segment: rows of the input's last dimension.
+class FusedMlpCall final : public FusedCall {
+ public:
+  FusedMlpCall(at::Tensor packed, std::vector<at::Tensor> weights, std::vector<int64_t> spec,
+               std::vector<double> fparams, std::optional<std::pair<int64_t, int64_t>> flatten, bool needs_2d)
+      // spec/fparams copied, not moved: argument evaluation order is unspecified.
+      : FusedMlpCall(decode_mlp_spec(spec, fparams), std::move(packed), std::move(weights), spec, fparams, flatten,
+                     needs_2d) {}
+
+  // The engine the next call with `rows` rows will use (-1: not measured yet).
+  int engine_for(int64_t rows) const {
+    if (!has_linear_ || rows * macs_per_row_ < kTuneMinMacs) return 0;
+    return measured_engine(rows, {});
+  }
+
+ private:
+  FusedMlpCall(const kernels::MlpDesc& d, at::Tensor packed, std::vector<at::Tensor> weights,
+               std::vector<int64_t> spec, std::vector<double> fparams,
+               std::optional<std::pair<int64_t, int64_t>> flatten, bool needs_2d)
+      : FusedCall("seqfuse::mlp_forward", std::move(packed), std::move(weights), std::move(spec), std::move(fparams),
+                  scalar_type_of(d.dtype)),
+        flatten_(flatten), needs_2d_(needs_2d), in_features_(d.in_features), macs_per_row_(d.macs_per_row),
+        has_linear_(d.has_linear) {}
+
+  // 3-D input to a run with BatchNorm1d runs eagerly (it normalizes dim 1).
+  std::optional<Shape> prepare(at::Tensor& x) const override {
+    if (flatten_) x = x.flatten(flatten_->first, flatten_->second);
+    if (needs_2d_ && x.dim() != 2) return std::nullopt;
+    const int64_t rows = x.dim() > 0 && in_features_ > 0 ? x.numel() / in_features_ : 0;
+    return Shape{rows * macs_per_row_, rows, {}, has_linear_};
+  }
+
   std::optional<std::pair<int64_t, int64_t>> flatten_;
   bool needs_2d_;
-  int64_t in_features_ = 0;
-  at::ScalarType dtype_ = at::kFloat;
-  int64_t macs_per_row_ = 0;
-  bool has_linear_ = false;
+  int64_t in_features_;
+  int64_t macs_per_row_;
+  bool has_linear_;
+};
+
+// A fused conv segment: 4-D (N, C, H, W) input; anything else (an unbatched
+// 3-D input, which Conv2d accepts) runs eagerly.
+class FusedConvCall final : public FusedCall {
+ public:
+  FusedConvCall(at::Tensor packed, std::vector<at::Tensor> weights, std::vector<int64_t> spec,
+                std::vector<double> fparams)
+      // spec/fparams copied, not moved: argument evaluation order is unspecified.
+      : FusedConvCall(decode_conv_spec(spec, fparams), std::move(packed), std::move(weights), spec, fparams) {}
+
+ private:
+  FusedConvCall(kernels::ConvDesc d, at::Tensor packed, std::vector<at::Tensor> weights, std::vector<int64_t> spec,
+                std::vector<double> fparams)
+      : FusedCall("seqfuse::conv_forward", std::move(packed), std::move(weights), std::move(spec),
+                  std::move(fparams), scalar_type_of(d.dtype)),
+        desc_(std::move(d)) {
+    for (const auto& st : desc_.stages) has_conv_ = has_conv_ || st.kind == kernels::ConvStageKind::Conv;
+  }
+
+  std::optional<Shape> prepare(at::Tensor& x) const override {
+    if (x.dim() != 4) return std::nullopt;
+    const int64_t h = x.size(2), w = x.size(3);
+    int64_t macs = 0;
+    if (x.size(1) == desc_.in_channels) {
+      try {
+        macs = x.size(0) * kernels::resolve_conv_geometry(desc_, h, w).macs_per_image;
+      } catch (const std::invalid_argument&) {
+        macs = 0;  // the op reports the bad shape
+      }
+    }
+    // The ATen engine has no bfloat16 path here (activations stay in float).
+    return Shape{macs, x.size(0), {h, w}, has_conv_ && dtype_is_tunable()};
+  }
+
+  bool dtype_is_tunable() const { return desc_.dtype != kernels::DType::BFloat16; }
+
+  kernels::ConvDesc desc_;
+  bool has_conv_ = false;
 };
 
 // Everything a cached plan depends on, snapshotted when the plan is built and
@@ -240,7 +334,7 @@ class PlanGuard {
 
   // Plans that are one fused segment register it here: run() then does the
   // whole forward in one call from Python.
-  void set_single_fused(std::shared_ptr<FusedMlpCall> call) { single_ = std::move(call); }
+  void set_single_fused(std::shared_ptr<FusedCall> call) { single_ = std::move(call); }
 
   // The forward of a single-segment plan when the plan is valid and the call
   // may run fused; None otherwise (also on any error: the Python path then
@@ -363,7 +457,7 @@ class PlanGuard {
   std::vector<std::pair<at::Tensor, bool>> grad_tensors_;
   std::vector<std::pair<py::dict, Py_ssize_t>> global_hooks_;
   bool any_requires_grad_ = false;
-  std::shared_ptr<FusedMlpCall> single_;
+  std::shared_ptr<FusedCall> single_;
 };
 
 }  // namespace
@@ -372,18 +466,21 @@ class PlanGuard {
 PYBIND11_MODULE(_C, m) {
   using namespace seqfuse;
   m.doc() = "seqfuse native extension: operator registrations and plan guard";
-  py::class_<FusedMlpCall, std::shared_ptr<FusedMlpCall>>(m, "FusedMlpCall")
+  py::class_<FusedCall, std::shared_ptr<FusedCall>>(m, "FusedCall")
+      .def("__call__", &FusedCall::call, py::arg("input"), "Runs the segment; None when this input must run eagerly.")
+      .def("measured_engines", &FusedCall::measured_engines,
+           "(min batch, max batch, threads, engine, (H, W) or ()) for every shape class measured so far.")
+      .def_property_readonly("packed", &FusedCall::packed);
+  py::class_<FusedMlpCall, FusedCall, std::shared_ptr<FusedMlpCall>>(m, "FusedMlpCall")
       .def(py::init<at::Tensor, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>,
                     std::optional<std::pair<int64_t, int64_t>>, bool>(),
            py::arg("packed"), py::arg("weights"), py::arg("spec"), py::arg("fparams"), py::arg("flatten"),
            py::arg("needs_2d"))
-      .def("__call__", &FusedMlpCall::call, py::arg("input"),
-           "Runs the segment; None when this input must run eagerly.")
       .def("engine_for", &FusedMlpCall::engine_for, py::arg("rows"),
-           "Engine for a call with this many rows: 0 fused kernel, 1 GEMM + fused epilogue, -1 not measured yet.")
-      .def("measured_engines", &FusedMlpCall::measured_engines,
-           "(min rows, max rows, threads, engine) for every batch-size bucket measured so far.")
-      .def_property_readonly("packed", &FusedMlpCall::packed);
+           "Engine for a call with this many rows: 0 fused kernel, 1 GEMM + fused epilogue, -1 not measured yet.");
+  py::class_<FusedConvCall, FusedCall, std::shared_ptr<FusedConvCall>>(m, "FusedConvCall")
+      .def(py::init<at::Tensor, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>(),
+           py::arg("packed"), py::arg("weights"), py::arg("spec"), py::arg("fparams"));
   m.def(
       "set_engine_override", [](int engine) { engine_override().store(engine); }, py::arg("engine"),
       "Force an engine for every fused MLP call (0 or 1), or -1 to choose by measurement.");
@@ -395,6 +492,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "needs_eager_context", [](py::handle input) { return needs_eager_context(input); }, py::arg("input"),
       "True inside a torch.func transform or for an input with a forward-mode tangent.");
+  m.def(
+      "conv_packed_nbytes",
+      [](std::vector<int64_t> spec, std::vector<double> fparams) {
+        return decode_conv_spec(spec, fparams).packed_bytes;
+      },
+      "Size in bytes of the buffer seqfuse::conv_pack returns for this spec.");
   m.def(
       "mlp_packed_nbytes",
       [](std::vector<int64_t> spec, std::vector<double> fparams) {

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "kernels/bf16.h"
+#include "kernels/conv_spec.h"
 #include "kernels/mlp_spec.h"
 
 namespace seqfuse {
@@ -14,6 +15,14 @@ namespace seqfuse {
 inline kernels::MlpDesc decode_mlp_spec(at::IntArrayRef spec, at::ArrayRef<double> fparams) {
   try {
     return kernels::decode_mlp_spec(spec.data(), spec.size(), fparams.data(), fparams.size());
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+inline kernels::ConvDesc decode_conv_spec(at::IntArrayRef spec, at::ArrayRef<double> fparams) {
+  try {
+    return kernels::decode_conv_spec(spec.data(), spec.size(), fparams.data(), fparams.size());
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK_VALUE(false, e.what());
   }

@@ -60,9 +60,16 @@ class _FusedRun:
         # Folded/packed weights are derived data: never autograd history, never
         # inference tensors (the plan may be reused outside inference_mode).
         with torch.inference_mode(False), torch.no_grad():
-            packed = ops.mlp_pack([t.detach() for t in segment.pack_tensors()], segment.spec, segment.fparams)
-        weights = [w.detach() for w in segment.linear_weights()]  # views of the parameters, not copies
-        self.call = _C.FusedMlpCall(packed, weights, segment.spec, segment.fparams, segment.flatten, segment.needs_2d)
+            tensors = [t.detach() for t in segment.pack_tensors()]
+            pack = ops.conv_pack if segment.op == "conv" else ops.mlp_pack
+            packed = pack(tensors, segment.spec, segment.fparams)
+        weights = [w.detach() for w in segment.engine_weights()]  # views of the parameters, not copies
+        if segment.op == "conv":
+            self.call = _C.FusedConvCall(packed, weights, segment.spec, segment.fparams)
+        else:
+            self.call = _C.FusedMlpCall(
+                packed, weights, segment.spec, segment.fparams, segment.flatten, segment.needs_2d
+            )
 
     def __call__(self, x, fused_ok: bool):
         if not fused_ok:
@@ -152,7 +159,9 @@ class Plan:
 
 class FusedSequential(nn.Sequential):
     r"""A drop-in :class:`torch.nn.Sequential` that runs chains of Linear,
-    BatchNorm1d (eval) and activations as single fused kernel calls.
+    BatchNorm1d (eval) and activations, and chains of Conv2d, BatchNorm2d
+    (eval), activations and pooling (with a Flatten and Linear head), as
+    single fused kernel calls.
 
     Construct it like ``nn.Sequential`` (positional modules or one
     ``OrderedDict``); every container operation, ``state_dict`` key and
@@ -221,32 +230,40 @@ class FusedSequential(nn.Sequential):
         )
         x = input
         for seg in plan_segments(keys, modules):
-            if seg.fused and not needs_eager:
-                if seg.flatten is not None:
-                    x = x.flatten(*seg.flatten)
-                if seg.needs_2d and x.dim() != 2:  # BatchNorm1d over dim 1 of 3-D input: eager
-                    for m in seg.modules[1 if seg.flatten is not None else 0 :]:
-                        x = m(x)
-                    continue
-                packed = ops.mlp_pack(seg.pack_tensors(), seg.spec, seg.fparams)
-                x = ops.mlp_forward(x, packed, seg.linear_weights(), seg.spec, seg.fparams)
-            else:
+            if not seg.fused or needs_eager:
                 for m in seg.modules:
                     x = m(x)
+                continue
+            if seg.op == "conv":
+                if x.dim() != 4:  # unbatched input: eager
+                    for m in seg.modules:
+                        x = m(x)
+                    continue
+                packed = ops.conv_pack(seg.pack_tensors(), seg.spec, seg.fparams)
+                x = ops.conv_forward(x, packed, seg.engine_weights(), seg.spec, seg.fparams)
+                continue
+            if seg.flatten is not None:
+                x = x.flatten(*seg.flatten)
+            if seg.needs_2d and x.dim() != 2:  # BatchNorm1d over dim 1 of 3-D input: eager
+                for m in seg.modules[1 if seg.flatten is not None else 0 :]:
+                    x = m(x)
+                continue
+            packed = ops.mlp_pack(seg.pack_tensors(), seg.spec, seg.fparams)
+            x = ops.mlp_forward(x, packed, seg.engine_weights(), seg.spec, seg.fparams)
         return x
 
     def explain(self) -> "Explanation":
         """Describes how the next forward runs: which children run in which
         fused kernel and which fall back to eager, and why.
 
-        >>> print(FusedSequential(nn.Linear(4, 8), nn.ReLU(), nn.Conv2d(1, 1, 1)).explain())  # doctest: +ELLIPSIS
+        >>> print(FusedSequential(nn.Linear(4, 8), nn.ReLU(), nn.Softsign()).explain())  # doctest: +ELLIPSIS
         FusedSequential plan: 1 fused segment, 1 eager segment (CPU kernels: ...)
           [0:2] fused: seqfuse::mlp_forward, float32, 4 -> 8
             (0) Linear(in_features=4, out_features=8, bias=True)  stage 0: matmul
             (1) ReLU()  stage 0: activation in the epilogue
           [2:3] eager
-            (2) Conv2d(1, 1, kernel_size=(1, 1), stride=(1, 1))  Conv2d has no fused kernel
-          note: a fused segment runs the fused kernel; ...
+            (2) Softsign()  Softsign has no fused kernel
+          note: a fused segment runs the fused kernels; ...
           note: when autograd is needed ...
         """
         segments = plan_segments(list(self._modules.keys()), list(self._modules.values()))
@@ -275,6 +292,21 @@ class FusedSequential(nn.Sequential):
         return state
 
 
+def _widths(s: Segment) -> str:
+    """The widths a fused segment maps through, e.g. '3 -> 32 -> 64 channels'."""
+    if s.op == "mlp":
+        widths = [s.in_features] + [st.out_features for st in s.stages if st.kind == ops.StageKind.LINEAR]
+        extra = ", 2-D input only (BatchNorm1d)" if s.needs_2d else ""
+        return " -> ".join(map(str, widths)) + extra
+    K = ops.ConvStageKind
+    channels = [s.in_features] + [st.out_channels for st in s.stages if st.kind == K.CONV]
+    text = " -> ".join(map(str, channels)) + " channels, 4-D input"
+    features = [st.out_channels for st in s.stages if st.kind == K.LINEAR]
+    if any(st.kind == K.FLATTEN for st in s.stages):
+        text += ", flatten" + "".join(f" -> {f}" for f in features)
+    return text
+
+
 class Explanation:
     """What :meth:`FusedSequential.explain` returns; ``str()`` is the readable plan.
 
@@ -288,10 +320,12 @@ class Explanation:
         self._measured = measured_engines or {}
 
     def engines(self, segment: Segment) -> List[tuple]:
-        """(min rows, max rows, threads, engine name) chosen by measurement
-        for a fused segment so far (empty before any large call)."""
+        """(min batch, max batch, threads, engine name, (H, W) for conv runs
+        or ()) chosen by measurement for a fused segment so far (empty before
+        any large call)."""
         found = self._measured.get((segment.start, segment.stop, tuple(segment.spec)), [])
-        return [(lo, hi, t, ops.ENGINE_NAMES[e]) for lo, hi, t, e in sorted(found)]
+        names = ops.CONV_ENGINE_NAMES if segment.op == "conv" else ops.ENGINE_NAMES
+        return [(lo, hi, t, names[e], tuple(extra)) for lo, hi, t, e, extra in sorted(found)]
 
     @property
     def fused_segments(self) -> List[Segment]:
@@ -309,17 +343,13 @@ class Explanation:
         ]
         for s in self.segments:
             if s.fused:
-                widths = [s.in_features] + [st.out_features for st in s.stages if st.kind == ops.StageKind.LINEAR]
                 dtype = str(s.dtype).replace("torch.", "")
-                extra = ", 2-D input only (BatchNorm1d)" if s.needs_2d else ""
-                lines.append(
-                    f"  [{s.start}:{s.stop}] fused: seqfuse::mlp_forward, {dtype}, "
-                    + " -> ".join(map(str, widths))
-                    + extra
-                )
+                lines.append(f"  [{s.start}:{s.stop}] fused: seqfuse::{s.op}_forward, {dtype}, {_widths(s)}")
                 notes = s.roles
-                for lo, hi, threads, name in self.engines(s):
-                    lines.append(f"    calls of {lo}-{hi} rows, {threads} threads: {name} (measured)")
+                unit = "images" if s.op == "conv" else "rows"
+                for lo, hi, threads, name, extra in self.engines(s):
+                    at = f" of {extra[0]}x{extra[1]}" if extra else ""
+                    lines.append(f"    calls of {lo}-{hi} {unit}{at}, {threads} threads: {name} (measured)")
             else:
                 lines.append(f"  [{s.start}:{s.stop}] eager")
                 notes = s.reasons
@@ -327,8 +357,9 @@ class Explanation:
                 lines.append(f"    ({key}) {_describe(m)}  {note}")
         if n_f:
             lines.append(
-                "  note: a fused segment runs the fused kernel; for calls over ~1M multiply-adds the first call "
-                "per batch size measures it against ATen's GEMM + the fused epilogue and keeps the faster."
+                "  note: a fused segment runs the fused kernels; for calls over ~1M multiply-adds the first call "
+                "per batch size (and spatial size) measures them against ATen's GEMM / convolution + the fused "
+                "epilogue and keeps the faster."
             )
             lines.append(
                 "  note: when autograd is needed (grad mode on and a parameter or the input requires grad), "

@@ -1,7 +1,8 @@
 """Typed wrappers over the ``torch.ops.seqfuse`` operators, their fake
 (shape-only) kernels for ``torch.compile`` / ``torch.export``, and the encoding
-of a fused MLP run into the operators' ``spec`` / ``fparams`` arguments
-(defined for C++ in ``csrc/kernels/mlp_spec.h``).
+of fused MLP and conv runs into the operators' ``spec`` / ``fparams``
+arguments (defined for C++ in ``csrc/kernels/mlp_spec.h`` and
+``csrc/kernels/conv_spec.h``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ __all__ = [
     "mlp_out_features",
     "mlp_pack",
     "mlp_forward",
+    "ConvStageKind",
+    "ConvStage",
+    "encode_conv_spec",
+    "conv_pack",
+    "conv_forward",
     "set_engine_override",
     "ENGINE_FUSED",
     "ENGINE_GEMM_EPILOGUE",
@@ -114,9 +120,139 @@ def mlp_pack(tensors: List[torch.Tensor], spec: List[int], fparams: List[float])
     return torch.ops.seqfuse.mlp_pack.default(tensors, spec, fparams)
 
 
+CONV_SPEC_VERSION = 1
+_CONV_SPEC_HEADER = 4
+_CONV_SPEC_PER_STAGE = 16
+
+CEIL_MODE = 1
+COUNT_INCLUDE_PAD = 2
+
+
+class ConvStageKind(enum.IntEnum):
+    CONV = 0
+    SCALE_SHIFT = 1
+    POINTWISE = 2
+    MAX_POOL = 3
+    AVG_POOL = 4
+    GLOBAL_AVG_POOL = 5
+    FLATTEN = 6
+    LINEAR = 7
+
+
+@dataclass
+class ConvStage:
+    """One stage of a fused conv run (see csrc/kernels/conv_spec.h): a Conv2d
+    (bias and an eval BatchNorm2d folded into its epilogue), a standalone
+    BatchNorm, an activation, a pooling window, the Flatten, or a Linear after
+    it; each ends in one activation. ``window`` is (kernel_h, kernel_w,
+    stride_h, stride_w, pad_top, pad_left, pad_bottom, pad_right, dilation_h,
+    dilation_w); ``param`` the Conv's groups, the AvgPool's divisor_override
+    (0: none) or the Linear's in_features."""
+
+    kind: ConvStageKind
+    out_channels: int
+    activation: Activation = Activation.NONE
+    alpha: float = 0.0
+    flags: int = 0
+    eps: float = 0.0
+    window: Tuple[int, ...] = (1, 1, 1, 1, 0, 0, 0, 0, 1, 1)
+    param: int = 1
+    options: int = 0
+    # Modules whose tensors this stage packs, in conv_pack's order.
+    modules: List[torch.nn.Module] = field(default_factory=list)
+
+
+def encode_conv_spec(
+    dtype: torch.dtype, in_channels: int, stages: Sequence[ConvStage]
+) -> Tuple[List[int], List[float]]:
+    """Encodes a conv run for the ``spec`` and ``fparams`` arguments of the ops.
+
+    >>> spec, _ = encode_conv_spec(torch.float32, 3, [ConvStage(ConvStageKind.CONV, 8, Activation.RELU)])
+    >>> spec[:8]
+    [1, 0, 1, 3, 0, 8, 1, 0]
+    """
+    spec = [CONV_SPEC_VERSION, _DTYPE_CODES[dtype], len(stages), int(in_channels)]
+    fparams: List[float] = []
+    for s in stages:
+        assert len(s.window) == 10
+        spec += [int(s.kind), int(s.out_channels), int(s.activation), int(s.flags)]
+        spec += [int(v) for v in s.window] + [int(s.param), int(s.options)]
+        fparams += [float(s.alpha), float(s.eps)]
+    return spec, fparams
+
+
+def _conv_stages(spec: Sequence[int]):
+    for i in range(int(spec[2])):
+        yield spec[_CONV_SPEC_HEADER + _CONV_SPEC_PER_STAGE * i : _CONV_SPEC_HEADER + _CONV_SPEC_PER_STAGE * (i + 1)]
+
+
+def _window_output_size(size, k, s, pad_before, pad_after, d, ceil_mode):
+    """ATen's convolution / pooling output size along one dimension (the
+    Python twin of window_output_size in conv_spec.h, for fake tensors)."""
+    span = size + pad_before + pad_after - d * (k - 1) - 1
+    out = (span + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + pad_before:
+        out = out - 1
+    return out
+
+
+def conv_output_shape(spec: Sequence[int], input_shape: Sequence) -> Tuple:
+    """The output shape of a conv run for a 4-D input shape (symbolic sizes allowed).
+
+    >>> spec, _ = encode_conv_spec(torch.float32, 3, [ConvStage(ConvStageKind.CONV, 8, window=(3, 3, 2, 2, 1, 1, 1, 1, 1, 1))])
+    >>> conv_output_shape(spec, (2, 3, 9, 9))
+    (2, 8, 5, 5)
+    """
+    n, c, h, w = input_shape
+    for st in _conv_stages(spec):
+        kind, out_c, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, param, options = (
+            st[0], st[1], *st[4:16])
+        if kind in (ConvStageKind.CONV, ConvStageKind.MAX_POOL, ConvStageKind.AVG_POOL):
+            ceil_mode = bool(options & CEIL_MODE)
+            h = _window_output_size(h, kh, sh, pt, pb, dh, ceil_mode)
+            w = _window_output_size(w, kw, sw, pl, pr, dw, ceil_mode)
+            c = out_c
+        elif kind == ConvStageKind.GLOBAL_AVG_POOL:
+            h = w = 1
+        elif kind == ConvStageKind.FLATTEN:
+            c, h, w = c * h * w, None, None
+        else:
+            c = out_c
+    return (n, c) if h is None else (n, c, h, w)
+
+
+def conv_pack(tensors: List[torch.Tensor], spec: List[int], fparams: List[float]) -> torch.Tensor:
+    """Folds and packs the parameters of a conv run into the kernels' buffer
+    (``tensors`` per stage as listed in csrc/ops.cpp)."""
+    return torch.ops.seqfuse.conv_pack.default(tensors, spec, fparams)
+
+
+def conv_forward(
+    input: torch.Tensor,
+    packed: torch.Tensor,
+    weights: List[torch.Tensor],
+    spec: List[int],
+    fparams: List[float],
+    engine: int = 0,
+) -> torch.Tensor:
+    """Runs a packed conv run over a 4-D ``input`` in one call. ``weights``
+    (the Conv2d weights in stage order) decide the output memory format with
+    the input, and are what engine 1 convolves with.
+
+    >>> conv = torch.nn.Conv2d(3, 4, 3, padding=1).eval()
+    >>> stage = ConvStage(ConvStageKind.CONV, 4, Activation.RELU, flags=HAS_BIAS, window=(3, 3, 1, 1, 1, 1, 1, 1, 1, 1))
+    >>> spec, fparams = encode_conv_spec(torch.float32, 3, [stage])
+    >>> packed = conv_pack([conv.weight.detach(), conv.bias.detach()], spec, fparams)
+    >>> x = torch.randn(2, 3, 8, 8)
+    >>> torch.testing.assert_close(conv_forward(x, packed, [conv.weight.detach()], spec, fparams), torch.relu(conv(x)).detach())
+    """
+    return torch.ops.seqfuse.conv_forward.default(input, packed, weights, spec, fparams, engine)
+
+
 ENGINE_FUSED = 0  # the fused kernel: every stage in one pass over row tiles
 ENGINE_GEMM_EPILOGUE = 1  # ATen GEMM per Linear + the fused epilogue kernel
 ENGINE_NAMES = {ENGINE_FUSED: "fused kernel", ENGINE_GEMM_EPILOGUE: "ATen GEMM + fused epilogue"}
+CONV_ENGINE_NAMES = {ENGINE_FUSED: "fused kernels", ENGINE_GEMM_EPILOGUE: "ATen convolution + fused epilogue"}
 
 
 def mlp_forward(
@@ -140,9 +276,10 @@ def mlp_forward(
 
 
 def set_engine_override(engine: Optional[int]) -> None:
-    """Forces every fused MLP call onto one engine (``ENGINE_FUSED`` or
-    ``ENGINE_GEMM_EPILOGUE``); ``None`` restores the per-shape choice by
-    measurement. For tests and studies.
+    """Forces every fused call onto one engine (``ENGINE_FUSED``: the fused
+    kernels; ``ENGINE_GEMM_EPILOGUE``: ATen's GEMM or convolution for each
+    Linear or Conv2d + the fused epilogue); ``None`` restores the per-shape
+    choice by measurement. For tests and studies.
 
     >>> set_engine_override(ENGINE_GEMM_EPILOGUE); set_engine_override(None)
     """
@@ -165,6 +302,26 @@ def _mlp_forward_fake(input, packed, weights, spec, fparams, engine=ENGINE_FUSED
         lambda: f"seqfuse::mlp_forward: input shape {tuple(input.shape)} does not end in in_features={in_features}",
     )
     return input.new_empty((*input.shape[:-1], mlp_out_features(spec)))
+
+
+@torch.library.register_fake("seqfuse::conv_pack")
+def _conv_pack_fake(tensors, spec, fparams):
+    return tensors[0].new_empty((_C.conv_packed_nbytes(list(spec), list(fparams)),), dtype=torch.uint8)
+
+
+@torch.library.register_fake("seqfuse::conv_forward")
+def _conv_forward_fake(input, packed, weights, spec, fparams, engine=ENGINE_FUSED):
+    torch._check(input.dim() == 4, lambda: f"seqfuse::conv_forward: expected 4-D input, got {tuple(input.shape)}")
+    torch._check(input.shape[1] == int(spec[3]), lambda: f"seqfuse::conv_forward: wrong channels {tuple(input.shape)}")
+    shape = conv_output_shape(spec, input.shape)
+    if len(shape) == 2:
+        return input.new_empty(shape)
+    channels_last = any(
+        t.dim() == 4 and torch._prims_common.suggest_memory_format(t) == torch.channels_last
+        for t in [input, *weights]
+    )
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return input.new_empty(shape).contiguous(memory_format=fmt)
 
 
 def cpu_capability() -> str:

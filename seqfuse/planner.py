@@ -13,14 +13,21 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module_mod
 
+from torch.nn.modules.utils import _pair
+
 from .ops import (
     BATCHNORM_AFFINE,
+    CEIL_MODE,
+    COUNT_INCLUDE_PAD,
     HAS_BATCHNORM,
     HAS_BIAS,
     SUPPORTED_DTYPES,
     Activation,
+    ConvStage,
+    ConvStageKind,
     MlpStage,
     StageKind,
+    encode_conv_spec,
     encode_mlp_spec,
 )
 
@@ -44,6 +51,8 @@ _GLOBAL_HOOK_DICTS = (
 
 # Roles a module can play inside a fused run.
 LINEAR, BATCHNORM, ACTIVATION, NOOP, FLATTEN = "linear", "batchnorm", "activation", "noop", "flatten"
+CONV, BATCHNORM2D, POOL = "conv", "batchnorm2d", "pool"
+_SPATIAL = (CONV, BATCHNORM2D, POOL)  # roles that need (N, C, H, W) input: a conv run
 
 
 def global_hook_dicts() -> list:
@@ -87,6 +96,62 @@ def _tensor_home(m: nn.Module, names: Sequence[str]):
     return dtype, device, ""
 
 
+def _classify_batchnorm(m, role: str) -> Classified:
+    name = type(m).__name__
+    if m.training:
+        return Classified(None, f"{name} in training mode uses batch statistics (not fused yet)")
+    if m.running_mean is None or m.running_var is None:
+        return Classified(None, f"{name} without running statistics uses batch statistics (not fused)")
+    dtype, device, why = _tensor_home(m, ("weight", "bias", "running_mean", "running_var"))
+    if why:
+        return Classified(None, why)
+    n = m.num_features
+    if (m.weight is None) != (m.bias is None) or (m.weight is None) == m.affine:
+        return Classified(None, f"{name} with only one of weight and bias (not fused)")
+    shapes = [m.running_mean, m.running_var] + ([m.weight, m.bias] if m.affine else [])
+    if n < 1 or any(tuple(t.shape) != (n,) for t in shapes):
+        return Classified(None, f"{name} tensors do not all have shape (num_features,)")
+    return Classified(role, width=n, dtype=dtype, device=device)
+
+
+def _classify_conv(m: nn.Conv2d) -> Classified:
+    if m.padding_mode != "zeros":
+        return Classified(None, f"Conv2d with padding_mode={m.padding_mode!r} (only 'zeros' is fused)")
+    dtype, device, why = _tensor_home(m, ("weight", "bias"))
+    if why:
+        return Classified(None, why)
+    expected = (m.out_channels, m.in_channels // max(m.groups, 1), *m.kernel_size)
+    if (
+        m.in_channels < 1
+        or m.out_channels < 1
+        or m.groups < 1
+        or m.in_channels % m.groups
+        or m.out_channels % m.groups
+        or tuple(m.weight.shape) != expected
+        or (m.bias is not None and tuple(m.bias.shape) != (m.out_channels,))
+        or len(m._reversed_padding_repeated_twice) != 4
+    ):
+        return Classified(None, "zero-size, or weight/bias shapes differ from the Conv2d's configuration")
+    return Classified(CONV, width=m.in_channels, dtype=dtype, device=device)
+
+
+def _classify_pool(m) -> Classified:
+    name = type(m).__name__
+    if type(m) is nn.AdaptiveAvgPool2d:
+        if _pair(m.output_size) != (1, 1):
+            return Classified(None, f"{name}(output_size={m.output_size}) (only output size 1 is fused)")
+        return Classified(POOL)
+    if getattr(m, "return_indices", False):
+        return Classified(None, f"{name} with return_indices=True returns a tuple")
+    k, p = _pair(m.kernel_size), _pair(m.padding)
+    d = _pair(getattr(m, "dilation", 1))
+    if any(pi > ki // 2 for pi, ki in zip(p, k)) or min(k) < 1 or min(_pair(m.stride)) < 1 or min(d) < 1:
+        return Classified(None, f"{name} with padding over half the kernel or a zero window (eager rejects it)")
+    if getattr(m, "divisor_override", None) == 0:
+        return Classified(None, f"{name} with divisor_override=0 (eager rejects it)")
+    return Classified(POOL)
+
+
 def classify(m: Optional[nn.Module]) -> Classified:
     """What role ``m`` can play in a fused run, or why it must run eagerly."""
     if m is None:
@@ -107,21 +172,12 @@ def classify(m: Optional[nn.Module]) -> Classified:
         ):
             return Classified(None, "zero-size, or weight/bias shapes differ from in_features/out_features")
         return Classified(LINEAR, width=n_in, dtype=dtype, device=device)
-    if t is nn.BatchNorm1d:
-        if m.training:
-            return Classified(None, "BatchNorm1d in training mode uses batch statistics (not fused yet)")
-        if m.running_mean is None or m.running_var is None:
-            return Classified(None, "BatchNorm1d without running statistics uses batch statistics (not fused)")
-        dtype, device, why = _tensor_home(m, ("weight", "bias", "running_mean", "running_var"))
-        if why:
-            return Classified(None, why)
-        n = m.num_features
-        if (m.weight is None) != (m.bias is None) or (m.weight is None) == m.affine:
-            return Classified(None, "BatchNorm1d with only one of weight and bias (not fused)")
-        shapes = [m.running_mean, m.running_var] + ([m.weight, m.bias] if m.affine else [])
-        if n < 1 or any(tuple(t.shape) != (n,) for t in shapes):
-            return Classified(None, "BatchNorm1d tensors do not all have shape (num_features,)")
-        return Classified(BATCHNORM, width=n, dtype=dtype, device=device)
+    if t is nn.BatchNorm1d or t is nn.BatchNorm2d:
+        return _classify_batchnorm(m, BATCHNORM if t is nn.BatchNorm1d else BATCHNORM2D)
+    if t is nn.Conv2d:
+        return _classify_conv(m)
+    if t in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d):
+        return _classify_pool(m)
     if t is nn.ReLU6 and (m.min_val, m.max_val) != (0.0, 6.0):
         return Classified(None, f"ReLU6 with min_val={m.min_val}, max_val={m.max_val} (only 0..6 is fused)")
     if t in _ACTIVATIONS:
@@ -133,13 +189,13 @@ def classify(m: Optional[nn.Module]) -> Classified:
         return Classified(ACTIVATION, activation=act)
     if t is nn.Identity:
         return Classified(NOOP)
-    if t is nn.Dropout:
+    if t is nn.Dropout or t is nn.Dropout2d:
         if m.training:
             return Classified(None, "Dropout in training mode is random (runs eagerly)")
         return Classified(NOOP)
     if t is nn.Flatten:
         return Classified(FLATTEN)
-    if isinstance(m, (nn.Linear, nn.BatchNorm1d)) or t.__name__.startswith("Parametrized"):
+    if isinstance(m, (nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.Conv2d)) or t.__name__.startswith("Parametrized"):
         return Classified(None, f"{t.__name__} is a subclass or parametrization of a stock module (only exact types fuse)")
     return Classified(None, f"{t.__name__} has no fused kernel")
 
@@ -162,11 +218,15 @@ class Segment:
     dtype: Optional[torch.dtype] = None
     flatten: Optional[Tuple[int, int]] = None  # (start_dim, end_dim) applied to the input first
     needs_2d: bool = False  # BatchNorm1d normalizes dim 1: fused only for (N, C) input
+    op: str = "mlp"  # "mlp": seqfuse::mlp_forward over rows; "conv": seqfuse::conv_forward over (N, C, H, W)
     spec: List[int] = field(default_factory=list)
     fparams: List[float] = field(default_factory=list)
 
-    def linear_weights(self) -> List[torch.Tensor]:
-        """The Linear weights in stage order (what the GEMM engine reads)."""
+    def engine_weights(self) -> List[torch.Tensor]:
+        """What engine 1 multiplies with: the Linear weights of an MLP run, the
+        Conv2d weights of a conv run, in stage order."""
+        if self.op == "conv":
+            return [st.modules[0].weight for st in self.stages if st.kind == ConvStageKind.CONV]
         return [st.modules[0].weight for st in self.stages if st.kind == StageKind.LINEAR]
 
     def watched_tensors(self) -> List[torch.Tensor]:
@@ -183,11 +243,11 @@ class Segment:
         return out
 
     def pack_tensors(self) -> List[torch.Tensor]:
-        """The tensors mlp_pack takes, read from the modules now."""
+        """The tensors mlp_pack / conv_pack take, read from the modules now."""
         out: List[torch.Tensor] = []
         for stage in self.stages:
             for m in stage.modules:
-                if type(m) is nn.Linear:
+                if type(m) in (nn.Linear, nn.Conv2d):
                     out.append(m.weight)
                     if m.bias is not None:
                         out.append(m.bias)
@@ -237,7 +297,86 @@ def _build_stages(entries) -> Tuple[List[MlpStage], List[str]]:
     return stages, roles
 
 
-def _close_run(segments, run, keys, modules):
+def _window(m) -> tuple:
+    """(kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left, pad_bottom,
+    pad_right, dilation_h, dilation_w) of a Conv2d or pooling module."""
+    if type(m) is nn.Conv2d:
+        left, right, top, bottom = m._reversed_padding_repeated_twice  # resolves 'same' / 'valid'
+        return (*m.kernel_size, *m.stride, top, left, bottom, right, *m.dilation)
+    ph, pw = _pair(m.padding)
+    return (*_pair(m.kernel_size), *_pair(m.stride), ph, pw, ph, pw, *_pair(getattr(m, "dilation", 1)))
+
+
+def _build_conv_stages(entries, in_channels: int) -> Tuple[List[ConvStage], List[str]]:
+    stages: List[ConvStage] = []
+    roles: List[str] = []
+    channels = in_channels
+
+    def add(stage: ConvStage, role: str):
+        stages.append(stage)
+        roles.append(f"stage {len(stages) - 1}: {role}")
+
+    for m, c in entries:
+        last = stages[-1] if stages else None
+        t = type(m)
+        if c.role == CONV:
+            flags = HAS_BIAS if m.bias is not None else 0
+            channels = m.out_channels
+            kind = "depthwise convolution" if m.groups == m.in_channels == m.out_channels else "convolution"
+            add(ConvStage(ConvStageKind.CONV, channels, flags=flags, window=_window(m), param=m.groups, modules=[m]),
+                f"{kind} (implicit GEMM)" if kind == "convolution" else kind)
+        elif c.role == LINEAR:
+            flags = HAS_BIAS if m.bias is not None else 0
+            channels = m.out_features
+            add(ConvStage(ConvStageKind.LINEAR, channels, flags=flags, param=m.in_features, modules=[m]), "matmul")
+        elif c.role in (BATCHNORM, BATCHNORM2D):
+            flags = HAS_BATCHNORM | (BATCHNORM_AFFINE if m.affine else 0)
+            if (
+                last is not None
+                and last.kind in (ConvStageKind.CONV, ConvStageKind.LINEAR)
+                and not last.flags & HAS_BATCHNORM
+                and last.activation == Activation.NONE
+            ):
+                last.flags |= flags
+                last.eps = m.eps
+                last.modules.append(m)
+                roles.append(f"stage {len(stages) - 1}: folded into the epilogue (eval)")
+            else:
+                add(ConvStage(ConvStageKind.SCALE_SHIFT, channels, flags=flags, eps=m.eps, modules=[m]),
+                    "per-channel scale/shift (eval)")
+        elif c.role == POOL:
+            if t is nn.AdaptiveAvgPool2d:
+                add(ConvStage(ConvStageKind.GLOBAL_AVG_POOL, channels), "global average pool")
+            elif t is nn.MaxPool2d:
+                add(ConvStage(ConvStageKind.MAX_POOL, channels, window=_window(m),
+                              options=CEIL_MODE if m.ceil_mode else 0), "max pool")
+            else:
+                options = (CEIL_MODE if m.ceil_mode else 0) | (COUNT_INCLUDE_PAD if m.count_include_pad else 0)
+                add(ConvStage(ConvStageKind.AVG_POOL, channels, window=_window(m), param=m.divisor_override or 0,
+                              options=options), "average pool")
+        elif c.role == FLATTEN:
+            add(ConvStage(ConvStageKind.FLATTEN, channels), "flatten (NCHW order)")
+        elif c.role == ACTIVATION:
+            alpha = float(m.negative_slope) if c.activation == Activation.LEAKY_RELU else 0.0
+            target = last
+            if last is not None and last.kind == ConvStageKind.FLATTEN:
+                # Elementwise commutes with the flatten: apply it to the stage before.
+                target = stages[-2] if len(stages) > 1 else None
+                if target is None or target.activation != Activation.NONE:
+                    stages.insert(len(stages) - 1, ConvStage(ConvStageKind.POINTWISE, channels, c.activation, alpha))
+                    roles.append(f"stage {len(stages) - 2}: activation (moved before the flatten)")
+                    continue
+            if target is None or target.activation != Activation.NONE:
+                add(ConvStage(ConvStageKind.POINTWISE, channels, c.activation, alpha), "activation")
+            else:
+                target.activation, target.alpha = c.activation, alpha
+                roles.append(f"stage {stages.index(target)}: activation in the epilogue")
+        else:
+            roles.append("no-op at inference")
+    return stages, roles
+
+
+def _close_run(segments, run, keys, modules, mode=None):
     """Turns the pending run (list of (index, classified)) into a segment."""
     if not run:
         return
@@ -245,10 +384,18 @@ def _close_run(segments, run, keys, modules):
     start, stop = idx[0], idx[-1] + 1
     widths = [c.width for _, c in run if c.width is not None]
     if not widths:
-        reason = "nothing to fuse: no Linear or BatchNorm1d in this run"
+        reason = "nothing to fuse: no Linear, Conv2d or BatchNorm in this run"
         segments.append(Segment(start, stop, keys[start:stop], modules[start:stop], False, [reason] * len(run)))
         return
     entries = [(modules[i], c) for i, c in run]
+    if mode in ("conv", "tail"):
+        in_channels = widths[0]
+        stages, roles = _build_conv_stages(entries, in_channels)
+        seg = Segment(start, stop, keys[start:stop], modules[start:stop], True, stages=stages, roles=roles,
+                      in_features=in_channels, dtype=next(c.dtype for _, c in run if c.dtype is not None), op="conv")
+        seg.spec, seg.fparams = encode_conv_spec(seg.dtype, in_channels, stages)
+        segments.append(seg)
+        return
     stages, roles = _build_stages(entries)
     in_features = widths[0]
     for s in stages:  # a leading activation takes the run's input width
@@ -276,9 +423,9 @@ def _close_run(segments, run, keys, modules):
 def plan_segments(keys: Sequence[str], modules: Sequence[Optional[nn.Module]]) -> List[Segment]:
     """Splits the children into fused and eager segments.
 
-    >>> segs = plan_segments(["0", "1", "2"], [nn.Linear(4, 8), nn.ReLU(), nn.Conv2d(1, 1, 1)])
-    >>> [(s.start, s.stop, s.fused) for s in segs]
-    [(0, 2, True), (2, 3, False)]
+    >>> segs = plan_segments(["0", "1", "2", "3"], [nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Softsign(), nn.Linear(4, 8)])
+    >>> [(s.start, s.stop, s.fused, s.op) for s in segs]
+    [(0, 2, True, 'conv'), (2, 3, False, 'mlp'), (3, 4, True, 'mlp')]
     """
     keys, modules = list(keys), list(modules)
     segments: List[Segment] = []
@@ -289,13 +436,16 @@ def plan_segments(keys: Sequence[str], modules: Sequence[Optional[nn.Module]]) -
         return segments
 
     run: List[Tuple[int, Classified]] = []
-    width: Optional[int] = None  # width flowing out of the run so far
+    width: Optional[int] = None  # features / channels flowing out of the run so far
     home: Optional[Tuple[torch.dtype, torch.device]] = None
+    # None: nothing decided yet; "mlp": rows of features (seqfuse::mlp_forward);
+    # "conv": (N, C, H, W) activations; "tail": a conv run after its Flatten.
+    mode: Optional[str] = None
 
     def flush():
-        nonlocal run, width, home
-        _close_run(segments, run, keys, modules)
-        run, width, home = [], None, None
+        nonlocal run, width, home, mode
+        _close_run(segments, run, keys, modules, mode)
+        run, width, home, mode = [], None, None, None
 
     for i, m in enumerate(modules):
         c = classify(m)
@@ -303,8 +453,25 @@ def plan_segments(keys: Sequence[str], modules: Sequence[Optional[nn.Module]]) -
             flush()
             segments.append(Segment(i, i + 1, keys[i : i + 1], modules[i : i + 1], False, [c.reason]))
             continue
-        if c.role == FLATTEN and run:
-            flush()  # a flatten starts a run (as a view of its input), never sits inside one
+        if c.role == FLATTEN:
+            if mode == "conv" and (m.start_dim, m.end_dim) in ((1, -1), (1, 3)):
+                run.append((i, c))
+                mode, width = "tail", None  # the flattened width depends on the input's spatial size
+                continue
+            if run:
+                flush()  # otherwise a flatten starts a run (as a view of its input), never sits inside one
+            mode = "mlp"
+        elif c.role in _SPATIAL:
+            if mode in ("mlp", "tail"):
+                flush()  # a Conv2d, BatchNorm2d or pool needs the (N, C, H, W) input
+            mode = "conv"
+        elif c.role in (LINEAR, BATCHNORM):
+            # Linear / BatchNorm1d on 4-D activations, or BatchNorm1d straight
+            # after the Flatten (its width is known only at run time): eager's
+            # semantics, in a new run.
+            if mode == "conv" or (mode == "tail" and width is None and c.role == BATCHNORM):
+                flush()
+            mode = mode or "mlp"
         # An in-place activation whose input is the run's input (nothing but
         # no-ops and a Flatten view before it) must modify the caller's tensor.
         at_run_input = all(rc.role in (NOOP, FLATTEN) for _, rc in run)
@@ -316,12 +483,12 @@ def plan_segments(keys: Sequence[str], modules: Sequence[Optional[nn.Module]]) -
             )
             continue
         if c.width is not None:
-            if width is not None and c.width != width:
-                flush()  # eager reports the shape mismatch when this run gets its input
-            if home is not None and (c.dtype, c.device) != home:
+            if (width is not None and c.width != width) or (home is not None and (c.dtype, c.device) != home):
+                # eager reports a shape mismatch when this run gets its input
                 flush()
+                mode = "conv" if c.role in _SPATIAL else "mlp"
             home = (c.dtype, c.device)
-            width = m.out_features if c.role == LINEAR else c.width
+            width = m.out_features if c.role == LINEAR else m.out_channels if c.role == CONV else c.width
         run.append((i, c))
     flush()
     return _merge_adjacent_eager(segments)

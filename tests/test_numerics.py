@@ -147,8 +147,8 @@ def test_engine_choice_is_measured_and_cached():
         model(x)
     assert model.__dict__["_seqfuse_plan"].runs[0].call.engine_for(512) == call.engine_for(512)  # shared choice
     explanation = model.explain()
-    (lo, hi, threads, name), *_ = explanation.engines(explanation.fused_segments[0])
-    assert lo <= 512 <= hi and threads == torch.get_num_threads() and "(measured)" in str(explanation)
+    (lo, hi, threads, name, extra), *_ = explanation.engines(explanation.fused_segments[0])
+    assert lo <= 512 <= hi and threads == torch.get_num_threads() and extra == () and "(measured)" in str(explanation)
     assert_matches_eager(out, list(model), x)
 
 

@@ -40,7 +40,7 @@ def test_opcheck(case):
     tensors = [t.detach() for t in seg.pack_tensors()]
     torch.library.opcheck(torch.ops.seqfuse.mlp_pack.default, (tensors, seg.spec, seg.fparams))
     packed = ops.mlp_pack(tensors, seg.spec, seg.fparams)
-    weights = [w.detach() for w in seg.linear_weights()]
+    weights = [w.detach() for w in seg.engine_weights()]
     for engine in (ops.ENGINE_FUSED, ops.ENGINE_GEMM_EPILOGUE):
         torch.library.opcheck(torch.ops.seqfuse.mlp_forward.default, (x, packed, weights, seg.spec, seg.fparams, engine))
 
@@ -50,7 +50,7 @@ def test_fake_kernel_shapes_match_real():
 
     for seg, x in sample_segments():
         packed = ops.mlp_pack([t.detach() for t in seg.pack_tensors()], seg.spec, seg.fparams)
-        weights = [w.detach() for w in seg.linear_weights()]
+        weights = [w.detach() for w in seg.engine_weights()]
         real = ops.mlp_forward(x, packed, weights, seg.spec, seg.fparams)
         tensors = [t.detach() for t in seg.pack_tensors()]
         with FakeTensorMode() as mode:

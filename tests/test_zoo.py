@@ -148,7 +148,8 @@ def test_cli_model_spec_with_input_and_cases(capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "input 1x3x32x32" in out
-    assert "encoder.block1: eager only, 3 children (Conv2d, BatchNorm2d, ReLU): nothing fusible" in out
+    assert "encoder: eager only, 4 children (FusedSequential, MaxPool2d): nothing fusible" in out
+    assert "encoder.block1: FusedSequential plan: 1 fused segment" in out and "seqfuse::conv_forward" in out
     assert "decoder: FusedSequential plan: 1 fused segment" in out
     table = out[out.index("eager µs"):]
     assert "policy_b1 " in table and "seqfuse.bench.zoo:tutorial_conv_net " in table

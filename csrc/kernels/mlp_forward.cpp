@@ -1,6 +1,7 @@
 // ISA selection and row tiling for the fused MLP forward. The arithmetic lives
 // in mlp_forward_impl.h, compiled once per ISA by mlp_forward_<isa>.cpp.
 #include "mlp_forward.h"
+#include "workspace.h"
 
 #include <algorithm>
 #include <atomic>
@@ -86,23 +87,6 @@ Isa initial_isa() {
 std::atomic<int>& isa_state() {
   static std::atomic<int> state{static_cast<int>(initial_isa())};
   return state;
-}
-
-template <typename A> A* thread_workspace(size_t elements) {
-  struct Free {
-    void operator()(void* p) const { std::free(p); }
-  };
-  thread_local std::unique_ptr<void, Free> buffer;
-  thread_local size_t capacity = 0;
-  const size_t bytes = std::max<size_t>(elements * sizeof(A), 64);
-  if (bytes > capacity) {
-    buffer.reset();
-    void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-    if (!p) throw std::bad_alloc();
-    buffer.reset(p);
-    capacity = bytes;
-  }
-  return static_cast<A*>(buffer.get());
 }
 
 }  // namespace

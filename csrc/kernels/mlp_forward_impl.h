@@ -14,120 +14,7 @@
 // Everything here must be header-only templates or inline: it gets a separate
 // copy per ISA namespace, which is what keeps the variants apart at link time.
 
-template <typename A> inline Vec<A> splat(A v) {
-  Vec<A> r = {};
-  return r + v;
-}
-
-// Loads 16 consecutive values of storage type T widened to the accumulate type.
-template <typename A, typename T> inline Vec<A> load_vec(const T* p) {
-  Vec<A> r;
-  __builtin_memcpy(&r, p, sizeof(r));
-  return r;
-}
-template <> inline Vec<float> load_vec<float, bf16>(const bf16* p) {
-  U16x16 h;
-  __builtin_memcpy(&h, p, sizeof(h));
-  U32x16 w = __builtin_convertvector(h, U32x16) << 16;
-  Vec<float> r;
-  __builtin_memcpy(&r, &w, sizeof(r));
-  return r;
-}
-
-template <typename A> inline void store_vec(A* p, Vec<A> v) { __builtin_memcpy(p, &v, sizeof(v)); }
-
-
-#include "activations.h"
-
-template <typename A> constexpr int registers_per_panel() {
-  return static_cast<int>(kPanelWidth * sizeof(A)) / SEQFUSE_VECTOR_BYTES;
-}
-// Full row blocks use two panels (32 columns) when a panel fits one register.
-template <typename A> constexpr int rows_per_tile() {
-  return SEQFUSE_ACC_REGISTERS / ((registers_per_panel<A>() == 1 ? 2 : 1) * registers_per_panel<A>());
-}
-
-// Calls f(std::integral_constant<int, 0>) ... f(<N - 1>): a loop unrolled at
-// compile time, so accumulator arrays are indexed by constants and live in
-// registers (a `#pragma unroll` loop leaves them on the stack with GCC).
-#define SEQFUSE_INLINE __attribute__((always_inline))
-template <int N, typename F> SEQFUSE_INLINE inline void unroll(F&& f) {
-  [&]<int... I>(std::integer_sequence<int, I...>) SEQFUSE_INLINE {
-    (f(std::integral_constant<int, I>{}), ...);
-  }(std::make_integer_sequence<int, N>{});
-}
-
-// out[r][16p + j] = epilogue(sum_k in[r][k] * panel_p[k][j]) for r < MR, p < NP.
-template <int MR, int NP, bool kReLU, typename TI, typename TW, typename A>
-inline void gemm_micro_tile(const TI* __restrict in, int64_t ld_in, const TW* __restrict panels, int64_t K,
-                            const A* __restrict scale, const A* __restrict shift, A* __restrict out,
-                            int64_t ld_out) {
-  Vec<A> acc[MR][NP];
-  unroll<MR>([&](auto r) SEQFUSE_INLINE { unroll<NP>([&](auto p) SEQFUSE_INLINE { acc[r][p] = Vec<A>{}; }); });
-  for (int64_t k = 0; k < K; ++k) {
-    Vec<A> b[NP];
-    unroll<NP>([&](auto p) SEQFUSE_INLINE { b[p] = load_vec<A>(panels + (p * K + k) * kPanelWidth); });
-    unroll<MR>([&](auto r) SEQFUSE_INLINE {
-      const A a = convert<A>(in[r * ld_in + k]);
-      unroll<NP>([&](auto p) SEQFUSE_INLINE { acc[r][p] += a * b[p]; });
-    });
-  }
-  unroll<NP>([&](auto p) SEQFUSE_INLINE {
-    const Vec<A> sc = load_vec<A>(scale + p * kPanelWidth);
-    const Vec<A> sh = load_vec<A>(shift + p * kPanelWidth);
-    unroll<MR>([&](auto r) SEQFUSE_INLINE {
-      Vec<A> v = acc[r][p] * sc + sh;
-      if constexpr (kReLU) v = v < A(0) ? Vec<A>{} : v;  // NaN stays NaN, as in eager
-      store_vec(out + r * ld_out + p * kPanelWidth, v);
-    });
-  });
-}
-
-// Panels per micro-tile for an `mr`-row tile: enough independent accumulators
-// to cover the FMA latency (one-row tiles, batch 1, are otherwise bound by a
-// single dependency chain), within the accumulator register budget. At most 4:
-// a one-row tile streams every weight once and is bound by L2 bandwidth, and
-// more concurrent panel streams measured slower (7.1 vs 6.4 us for 600 KB).
-template <typename A> constexpr int panels_for_rows(int mr) {
-  const int fit = SEQFUSE_ACC_REGISTERS / (mr * registers_per_panel<A>());
-  return fit < 1 ? 1 : (fit > 4 ? 4 : fit);
-}
-
-// All panels of an `MR`-row tile, NP panels at a time, then single panels.
-template <int MR, typename TI, typename TW, typename A>
-inline void gemm_row_block(bool relu, const TI* in, int64_t ld_in, const TW* weight, int64_t K, int64_t n_panels,
-                           const A* scale, const A* shift, A* out, int64_t ld_out) {
-  constexpr int NP = panels_for_rows<A>(MR);
-  int64_t p = 0;
-  for (; p + NP <= n_panels; p += NP) {
-    if (relu)
-      gemm_micro_tile<MR, NP, true>(in, ld_in, weight + p * K * kPanelWidth, K, scale + p * kPanelWidth,
-                                    shift + p * kPanelWidth, out + p * kPanelWidth, ld_out);
-    else
-      gemm_micro_tile<MR, NP, false>(in, ld_in, weight + p * K * kPanelWidth, K, scale + p * kPanelWidth,
-                                     shift + p * kPanelWidth, out + p * kPanelWidth, ld_out);
-  }
-  for (; p < n_panels; ++p) {
-    if (relu)
-      gemm_micro_tile<MR, 1, true>(in, ld_in, weight + p * K * kPanelWidth, K, scale + p * kPanelWidth,
-                                   shift + p * kPanelWidth, out + p * kPanelWidth, ld_out);
-    else
-      gemm_micro_tile<MR, 1, false>(in, ld_in, weight + p * K * kPanelWidth, K, scale + p * kPanelWidth,
-                                    shift + p * kPanelWidth, out + p * kPanelWidth, ld_out);
-  }
-}
-
-// Picks the row-block instantiation for `mr` rows at run time.
-template <int MR, typename TI, typename TW, typename A>
-inline void gemm_rows(int mr, bool relu, const TI* in, int64_t ld_in, const TW* weight, int64_t K, int64_t n_panels,
-                      const A* scale, const A* shift, A* out, int64_t ld_out) {
-  if constexpr (MR > 0) {
-    if (mr == MR)
-      gemm_row_block<MR>(relu, in, ld_in, weight, K, n_panels, scale, shift, out, ld_out);
-    else
-      gemm_rows<MR - 1>(mr, relu, in, ld_in, weight, K, n_panels, scale, shift, out, ld_out);
-  }
-}
+#include "kernel_impl.h"
 
 template <typename A, typename TI, typename TW>
 void run_linear_stage(const StageDesc& st, const uint8_t* packed, const TI* in, int64_t ld_in, int64_t rows, A* out,
@@ -143,7 +30,8 @@ void run_linear_stage(const StageDesc& st, const uint8_t* packed, const TI* in, 
   // weights stream from L2, which the packed panel layout makes sequential.
   for (int64_t r0 = 0; r0 < rows; r0 += MR) {
     const int mr = static_cast<int>(rows - r0 < MR ? rows - r0 : MR);
-    gemm_rows<MR>(mr, relu, in + r0 * ld_in, ld_in, weight, K, n_panels, scale, shift, out + r0 * ld_out, ld_out);
+    gemm_rows<MR>(mr, relu, in + r0 * ld_in, ld_in, weight, K, n_panels * kPanelWidth, scale, shift,
+                  out + r0 * ld_out, ld_out);
   }
   if (!relu)
     for (int64_t r = 0; r < rows; ++r) activate_row(out + r * ld_out, st.out_features, st.activation, st.alpha);
@@ -154,25 +42,10 @@ void run_linear_stage(const StageDesc& st, const uint8_t* packed, const TI* in, 
 template <typename A, typename TI, typename TO>
 void run_elementwise_stage(const StageDesc& st, const uint8_t* packed, const TI* in, int64_t ld_in, int64_t rows,
                            TO* out, int64_t ld_out) {
-  constexpr int64_t kChunk = 16 * kPanelWidth;
-  const int64_t n = st.out_features;
   const bool affine = st.kind != StageKind::Pointwise;
   const A* scale = affine ? reinterpret_cast<const A*>(packed + st.scale_offset) : nullptr;
   const A* shift = affine ? reinterpret_cast<const A*>(packed + st.shift_offset) : nullptr;
-  alignas(64) A chunk[kChunk];
-  for (int64_t r = 0; r < rows; ++r) {
-    const TI* src = in + r * ld_in;
-    TO* dst = out + r * ld_out;
-    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-      const int64_t len = n - j0 < kChunk ? n - j0 : kChunk;
-      if (affine)
-        for (int64_t j = 0; j < len; ++j) chunk[j] = convert<A>(src[j0 + j]) * scale[j0 + j] + shift[j0 + j];
-      else
-        for (int64_t j = 0; j < len; ++j) chunk[j] = convert<A>(src[j0 + j]);
-      activate_row(chunk, len, st.activation, st.alpha);
-      for (int64_t j = 0; j < len; ++j) dst[j0 + j] = convert<TO>(chunk[j]);
-    }
-  }
+  elementwise_rows<A, TI, TO>(st.out_features, scale, shift, st.activation, st.alpha, in, ld_in, rows, out, ld_out);
 }
 
 template <typename A, typename TI, typename TW>

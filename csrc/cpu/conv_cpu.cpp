@@ -1,0 +1,258 @@
+// CPU adapters of the fused convolution ops: argument checks, layout at the
+// run's boundaries, allocation and at::parallel_for; the arithmetic is in
+// kernels/.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../kernels/conv_forward.h"
+#include "../spec_adapter.h"
+
+namespace seqfuse {
+namespace {
+
+using kernels::ConvDesc;
+using kernels::ConvGeometry;
+using kernels::ConvStage;
+using kernels::ConvStageKind;
+
+// Below this many multiply-adds a stage stays on the calling thread.
+constexpr int64_t kParallelMinMacs = int64_t{1} << 18;
+
+at::Tensor conv_pack_cpu(at::TensorList tensors, at::IntArrayRef spec, at::ArrayRef<double> fparams) {
+  const ConvDesc d = decode_conv_spec(spec, fparams);
+  const at::ScalarType dtype = scalar_type_of(d.dtype);
+  at::Tensor packed = at::zeros({d.packed_bytes}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* base = packed.data_ptr<uint8_t>();
+  size_t next = 0;
+  std::vector<at::Tensor> keep;
+  auto take = [&](int64_t stage, const char* what, std::vector<int64_t> shape) -> const void* {
+    TORCH_CHECK_VALUE(next < tensors.size(), "seqfuse::conv_pack: stage ", stage, " needs a ", what,
+                      " tensor but the list ended after ", tensors.size());
+    const at::Tensor& t = tensors[next++];
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "seqfuse::conv_pack: stage ", stage, " ", what, " is on ", t.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "seqfuse::conv_pack: stage ", stage, " ", what, " has dtype ",
+                     t.scalar_type(), " but the spec says ", dtype);
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), "seqfuse::conv_pack: stage ", stage, " ", what,
+                      " has shape ", t.sizes(), ", expected ", at::IntArrayRef(shape));
+    keep.push_back(t.contiguous());
+    return keep.back().const_data_ptr();
+  };
+  dispatch_mlp_dtype(d.dtype, [&]<typename T>() {
+    for (size_t i = 0; i < d.stages.size(); ++i) {
+      const ConvStage& s = d.stages[i];
+      const int64_t si = static_cast<int64_t>(i), n = s.out_channels;
+      const T *weight = nullptr, *bias = nullptr, *gamma = nullptr, *beta = nullptr, *mean = nullptr, *var = nullptr;
+      if (s.kind == ConvStageKind::Conv)
+        weight = static_cast<const T*>(take(si, "weight", {n, s.in_channels / s.groups, s.kernel_h, s.kernel_w}));
+      else if (s.kind == ConvStageKind::Linear)
+        weight = static_cast<const T*>(take(si, "weight", {n, s.in_channels}));
+      if (weight && (s.flags & kernels::kHasBias)) bias = static_cast<const T*>(take(si, "bias", {n}));
+      if (s.flags & kernels::kHasBatchNorm) {
+        if (s.flags & kernels::kBatchNormAffine) {
+          gamma = static_cast<const T*>(take(si, "batchnorm weight", {n}));
+          beta = static_cast<const T*>(take(si, "batchnorm bias", {n}));
+        }
+        mean = static_cast<const T*>(take(si, "running_mean", {n}));
+        var = static_cast<const T*>(take(si, "running_var", {n}));
+      }
+      kernels::pack_conv_stage<T>(s, weight, bias, gamma, beta, mean, var, base);
+    }
+  });
+  TORCH_CHECK_VALUE(next == tensors.size(), "seqfuse::conv_pack: got ", tensors.size(), " tensors, the spec uses ",
+                    next);
+  return packed;
+}
+
+// Splits [0, n) across the pool when `work` multiply-adds justify it.
+template <typename F> void parallel_range(int64_t n, int64_t work, const F& f) {
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && n > 1 && work >= kParallelMinMacs)
+    at::parallel_for(0, n, (n + threads - 1) / threads, f);
+  else if (n > 0)
+    f(0, n);
+}
+
+// The output memory format eager gives: channels_last when the input or any
+// convolution weight of the run is channels_last (ATen's oneDNN rule),
+// contiguous otherwise.
+bool wants_channels_last(const at::Tensor& input, at::TensorList weights) {
+  if (input.suggest_memory_format() == at::MemoryFormat::ChannelsLast) return true;
+  for (const at::Tensor& w : weights)
+    if (w.dim() == 4 && w.suggest_memory_format() == at::MemoryFormat::ChannelsLast) return true;
+  return false;
+}
+
+struct RunContext {
+  const ConvDesc& d;
+  const ConvGeometry& g;
+  const uint8_t* packed;
+  int64_t images;
+  at::TensorList weights;  // the Conv weights in stage order (ATen engine)
+};
+
+// Engine 1's Conv stage: ATen's convolution (oneDNN) on the raw weight, then
+// the folded bias/BatchNorm and activation by the fused epilogue kernel.
+// Returns an undefined tensor when ATen cannot express the stage (asymmetric
+// 'same' padding): the fused kernel then runs it.
+template <typename A>
+at::Tensor aten_conv_stage(const RunContext& ctx, size_t i, const A* in, size_t weight_index) {
+  const ConvStage& st = ctx.d.stages[i];
+  const kernels::StageShape& s = ctx.g.stages[i];
+  if (st.pad_top != st.pad_bottom || st.pad_left != st.pad_right) return {};
+  TORCH_CHECK_VALUE(weight_index < ctx.weights.size(), "seqfuse::conv_forward: engine 1 needs the weight of stage ",
+                    i);
+  const at::Tensor& w = ctx.weights[weight_index];
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
+  const at::Tensor x = at::from_blob(const_cast<A*>(in), {ctx.images, s.in_c, s.in_h, s.in_w},
+                                     {s.in_h * s.in_w * s.in_c, 1, s.in_w * s.in_c, s.in_c}, opts);
+  at::Tensor y = at::convolution(x, w, std::nullopt, {st.stride_h, st.stride_w}, {st.pad_top, st.pad_left},
+                                 {st.dilation_h, st.dilation_w}, false, {0, 0}, st.groups)
+                     .contiguous(at::MemoryFormat::ChannelsLast);
+  A* yp = y.mutable_data_ptr<A>();
+  const int64_t pixels = ctx.images * s.out_pixels();
+  parallel_range(pixels, pixels * s.out_c, [&](int64_t b, int64_t e) {
+    kernels::conv_stage_epilogue<A>(ctx.d, ctx.g, i, ctx.packed, yp, b, e);
+  });
+  return y;
+}
+
+// Stages [first, stop) over the whole batch, stage by stage, each split over
+// output pixels. Returns the tensor holding the last stage's output (or
+// `final_out`'s storage when given).
+template <typename A>
+at::Tensor run_stages_batched(const RunContext& ctx, size_t first, size_t stop, at::Tensor cur, A* final_out,
+                              const at::Tensor& final_holder, int engine) {
+  size_t weight_index = 0;
+  for (size_t i = 0; i < first; ++i) weight_index += ctx.d.stages[i].kind == ConvStageKind::Conv;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
+  for (size_t i = first; i < stop; ++i) {
+    const ConvStage& st = ctx.d.stages[i];
+    const kernels::StageShape& s = ctx.g.stages[i];
+    const A* in = cur.const_data_ptr<A>();
+    if (engine == 1 && st.kind == ConvStageKind::Conv) {
+      at::Tensor y = aten_conv_stage<A>(ctx, i, in, weight_index++);
+      if (y.defined()) {
+        cur = y;
+        continue;
+      }
+    } else if (st.kind == ConvStageKind::Conv) {
+      ++weight_index;
+    }
+    at::Tensor out;
+    A* op = nullptr;
+    if (i + 1 == stop && final_out) {
+      out = final_holder, op = final_out;
+    } else {
+      out = at::empty({ctx.images * s.out_elems()}, opts);
+      op = out.mutable_data_ptr<A>();
+    }
+    const int64_t pixels = ctx.images * s.out_pixels();
+    const int64_t work = ctx.g.macs_per_image * ctx.images;  // whole-run size: a stage of it is worth splitting
+    parallel_range(pixels, work, [&](int64_t b, int64_t e) {
+      kernels::conv_stage_forward<A>(ctx.d, ctx.g, i, ctx.packed, in, op, b, e);
+    });
+    cur = out;
+  }
+  return cur;
+}
+
+at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,
+                            at::IntArrayRef spec, at::ArrayRef<double> fparams, int64_t engine) {
+  const ConvDesc d = decode_conv_spec(spec, fparams);
+  const at::ScalarType dtype = scalar_type_of(d.dtype);
+  TORCH_CHECK(input.scalar_type() == dtype, "seqfuse::conv_forward: input dtype ", input.scalar_type(),
+              " does not match the fused parameters' dtype ", dtype);
+  TORCH_CHECK_VALUE(input.dim() == 4, "seqfuse::conv_forward: expected 4-D (N, C, H, W) input, got shape ",
+                    input.sizes());
+  TORCH_CHECK(input.size(1) == d.in_channels, "seqfuse::conv_forward: expected input with ", d.in_channels,
+              " channels, got shape ", input.sizes());
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() == d.packed_bytes,
+              "seqfuse::conv_forward: packed buffer does not match the spec (", packed.numel(), " bytes, ",
+              d.packed_bytes, " expected)");
+  TORCH_CHECK_VALUE(engine == 0 || engine == 1, "seqfuse::conv_forward: unknown engine ", engine);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  ConvGeometry g;
+  try {
+    g = kernels::resolve_conv_geometry(d, H, W);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what(), " (input shape ", input.sizes(), ")");
+  }
+  const kernels::StageShape& last = g.stages.back();
+  const bool flat = d.flatten_stage >= 0;
+  const bool channels_last = !flat && wants_channels_last(input, weights);
+  at::Tensor y = flat ? at::empty({N, last.out_c}, input.options())
+                      : at::empty({N, last.out_c, last.out_h, last.out_w},
+                                  input.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                              : at::MemoryFormat::Contiguous));
+  if (N == 0) return y;
+
+  dispatch_mlp_dtype(d.dtype, [&]<typename T>() {
+    using A = kernels::acc_t<T>;
+    const auto acc_opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
+    // NHWC input in A: the input itself when it already is, else one converting pass.
+    at::Tensor x_nhwc = input;
+    if (!std::is_same_v<T, A> || !input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      x_nhwc = at::empty({N * H * W * C}, acc_opts);
+      const T* xp = reinterpret_cast<const T*>(input.const_data_ptr());
+      A* dst = x_nhwc.mutable_data_ptr<A>();
+      const int64_t strides[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
+      parallel_range(N, N * H * W * C * 64, [&](int64_t b, int64_t e) {
+        kernels::load_nhwc<T, A>(xp, strides, C, H, W, b, e, dst);
+      });
+    }
+    // The last stage writes into y when y's layout is compact NHWC in A.
+    const bool direct_out = std::is_same_v<T, A> && (flat || channels_last);
+    at::Tensor staging = direct_out ? y : at::empty({N * last.out_elems()}, acc_opts);
+    A* out = reinterpret_cast<A*>(staging.mutable_data_ptr());
+
+    const RunContext ctx{d, g, packed.const_data_ptr<uint8_t>(), N, weights};
+    // ATen's convolution needs activations in the storage type: bfloat16 runs
+    // (whose activations stay in float between stages) use the fused kernels.
+    const int run_engine = std::is_same_v<T, A> ? static_cast<int>(engine) : 0;
+    const size_t n_stages = d.stages.size();
+    const size_t spatial_stop = flat ? static_cast<size_t>(d.flatten_stage) + 1 : n_stages;
+    const int64_t threads = at::get_num_threads();
+    // One image per task carries every stage in the core's cache: chosen when
+    // the images split evenly enough over the threads.
+    const bool per_image = run_engine == 0 && (threads == 1 || N % threads == 0 || N >= 4 * threads ||
+                                           N * g.macs_per_image < kParallelMinMacs);
+    at::Tensor cur;
+    if (per_image) {
+      const bool whole = spatial_stop == n_stages;
+      at::Tensor mid = whole ? staging : at::empty({N * g.stages[spatial_stop - 1].out_elems()}, acc_opts);
+      A* mp = whole ? out : mid.mutable_data_ptr<A>();
+      const A* in = x_nhwc.const_data_ptr<A>();
+      const int64_t in_elems = g.stages[0].in_elems(), mid_elems = g.stages[spatial_stop - 1].out_elems();
+      parallel_range(N, N * g.macs_per_image, [&](int64_t b, int64_t e) {
+        kernels::conv_forward_images<A>(d, g, ctx.packed, in + b * in_elems, mp + b * mid_elems, e - b,
+                                        spatial_stop);
+      });
+      cur = run_stages_batched<A>(ctx, spatial_stop, n_stages, mid, out, staging, run_engine);
+    } else {
+      cur = run_stages_batched<A>(ctx, 0, n_stages, x_nhwc, out, staging, run_engine);
+    }
+    if (direct_out && cur.const_data_ptr() == y.const_data_ptr()) return;
+    const A* src = cur.const_data_ptr<A>();
+    T* yp = reinterpret_cast<T*>(y.mutable_data_ptr());
+    const int64_t oh = flat ? 1 : last.out_h, ow = flat ? 1 : last.out_w;
+    const int64_t strides[4] = {y.stride(0), y.stride(1), flat ? 1 : y.stride(2), flat ? 1 : y.stride(3)};
+    parallel_range(N, N * last.out_elems() * 64, [&](int64_t b, int64_t e) {
+      kernels::store_nhwc<A, T>(src, last.out_c, oh, ow, strides, b, e, yp);
+    });
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
+  m.impl("conv_pack", &conv_pack_cpu);
+  m.impl("conv_forward", &conv_forward_cpu);
+}
+
+}  // namespace seqfuse

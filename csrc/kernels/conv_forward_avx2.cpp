@@ -1,0 +1,17 @@
+// The fused conv stages compiled for AVX2 + FMA (16 ymm registers; 12 for accumulators).
+// Standard headers come first so that only our own code is built for the target.
+#include "conv_forward.h"
+#include "vec.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx2,fma,bmi2")
+#define SEQFUSE_ISA_ENABLED 1
+#endif
+
+#ifdef SEQFUSE_ISA_ENABLED
+namespace seqfuse::kernels::avx2 {
+#define SEQFUSE_VECTOR_BYTES 32
+#define SEQFUSE_ACC_REGISTERS 12
+#include "conv_forward_impl.h"
+}  // namespace seqfuse::kernels::avx2
+#endif

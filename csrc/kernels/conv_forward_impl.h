@@ -1,0 +1,271 @@
+// The stages of a fused convolution run, written once and compiled per ISA.
+//
+// Every stage maps a range of output pixels of NHWC activations (channels
+// contiguous, compact) to the next stage's NHWC activations, in the
+// accumulate type A (float or double). A pixel index runs over
+// images * out_h * out_w, so one call serves a whole batch or one image.
+//
+// Conv is an implicit GEMM: a tile of output pixels is gathered into a
+// [pixels][kernel_h * kernel_w * in_channels/groups] patch matrix (im2col) in
+// a small cache-resident scratch, then multiplied by the packed weight panels
+// with the MLP's register-blocked micro-kernel, whose epilogue applies the
+// folded bias/BatchNorm and ReLU while the accumulators are still in
+// registers. 1x1 stride-1 convolutions and the Linear head skip the gather.
+// Depthwise convolutions run a direct kernel vectorized over channels.
+//
+// Included by conv_forward_<isa>.cpp inside `namespace seqfuse::kernels::<isa>`
+// (see kernel_impl.h for the contract).
+
+#include "kernel_impl.h"
+
+namespace conv_detail {
+
+// Decomposes consecutive pixel indices into (image, row, column) without a
+// division per pixel.
+struct PixelCursor {
+  int64_t n, y, x, h, w;
+  PixelCursor(int64_t p, int64_t h_, int64_t w_) : h(h_), w(w_) {
+    n = p / (h * w);
+    const int64_t rem = p - n * h * w;
+    y = rem / w;
+    x = rem - y * w;
+  }
+  void next() {
+    if (++x == w) {
+      x = 0;
+      if (++y == h) y = 0, ++n;
+    }
+  }
+};
+
+// Scratch elements the conv stage needs for its patch tile.
+template <typename A> constexpr int64_t im2col_budget() { return 16384; }
+
+// rows x K patch matrix of output pixels [p0, p0 + rows), group g.
+template <typename A>
+void im2col(const ConvStage& st, const StageShape& g, const A* in, int64_t group, int64_t p0, int64_t rows,
+            A* patches) {
+  const int64_t cin_g = st.in_channels / st.groups, K = st.reduction();
+  PixelCursor px(p0, g.out_h, g.out_w);
+  for (int64_t r = 0; r < rows; ++r, px.next()) {
+    A* dst = patches + r * K;
+    const A* image = in + px.n * g.in_h * g.in_w * g.in_c + group * cin_g;
+    for (int64_t kh = 0; kh < st.kernel_h; ++kh) {
+      const int64_t iy = px.y * st.stride_h - st.pad_top + kh * st.dilation_h;
+      for (int64_t kw = 0; kw < st.kernel_w; ++kw, dst += cin_g) {
+        const int64_t ix = px.x * st.stride_w - st.pad_left + kw * st.dilation_w;
+        if (iy < 0 || iy >= g.in_h || ix < 0 || ix >= g.in_w)
+          for (int64_t c = 0; c < cin_g; ++c) dst[c] = A(0);
+        else
+          __builtin_memcpy(dst, image + (iy * g.in_w + ix) * g.in_c, cin_g * sizeof(A));
+      }
+    }
+  }
+}
+
+template <typename A>
+void conv_gemm(const ConvStage& st, const StageShape& g, const uint8_t* packed, const A* in, A* out, int64_t p0,
+               int64_t p1, A* scratch) {
+  constexpr int MR = rows_per_tile<A>();
+  const int64_t G = st.groups, cout_g = st.out_channels / G;
+  const int64_t K = st.reduction(), np = panel_count(cout_g), C = g.out_c;
+  const bool direct = st.kernel_h == 1 && st.kernel_w == 1 && st.stride_h == 1 && st.stride_w == 1 &&
+                      !st.pad_top && !st.pad_left && !st.pad_bottom && !st.pad_right && G == 1;
+  const A* weight = reinterpret_cast<const A*>(packed + st.weight_offset);
+  const A* scale = reinterpret_cast<const A*>(packed + st.scale_offset);
+  const A* shift = reinterpret_cast<const A*>(packed + st.shift_offset);
+  const bool relu = st.activation == Activation::ReLU;
+  int64_t tile = im2col_budget<A>() / K / MR * MR;
+  if (tile < MR) tile = MR;
+  for (int64_t t0 = p0; t0 < p1; t0 += tile) {
+    const int64_t rows = p1 - t0 < tile ? p1 - t0 : tile;
+    for (int64_t grp = 0; grp < G; ++grp) {
+      const A* a = in + t0 * g.in_c;
+      int64_t lda = g.in_c;
+      if (!direct) {
+        im2col(st, g, in, grp, t0, rows, scratch);
+        a = scratch, lda = K;
+      }
+      const A* w = weight + grp * np * K * kPanelWidth;
+      for (int64_t r0 = 0; r0 < rows; r0 += MR) {
+        const int mr = static_cast<int>(rows - r0 < MR ? rows - r0 : MR);
+        gemm_rows<MR>(mr, relu, a + r0 * lda, lda, w, K, cout_g, scale + grp * cout_g, shift + grp * cout_g,
+                      out + (t0 + r0) * C + grp * cout_g, C);
+      }
+    }
+    if (!relu)
+      for (int64_t r = 0; r < rows; ++r) activate_row(out + (t0 + r) * C, C, st.activation, st.alpha);
+  }
+}
+
+// Direct depthwise convolution: per output pixel, 16 channels at a time.
+template <typename A>
+void conv_depthwise(const ConvStage& st, const StageShape& g, const uint8_t* packed, const A* in, A* out,
+                    int64_t p0, int64_t p1) {
+  const int64_t C = g.out_c, cpad = round_up(C, kPanelWidth);
+  const A* weight = reinterpret_cast<const A*>(packed + st.weight_offset);
+  const A* scale = reinterpret_cast<const A*>(packed + st.scale_offset);
+  const A* shift = reinterpret_cast<const A*>(packed + st.shift_offset);
+  const bool relu = st.activation == Activation::ReLU;
+  PixelCursor px(p0, g.out_h, g.out_w);
+  for (int64_t p = p0; p < p1; ++p, px.next()) {
+    const A* image = in + px.n * g.in_h * g.in_w * C;
+    A* dst = out + p * C;
+    for (int64_t c0 = 0; c0 < C; c0 += kPanelWidth) {
+      const int64_t len = C - c0 < kPanelWidth ? C - c0 : kPanelWidth;
+      Vec<A> acc = {};
+      for (int64_t kh = 0; kh < st.kernel_h; ++kh) {
+        const int64_t iy = px.y * st.stride_h - st.pad_top + kh * st.dilation_h;
+        if (iy < 0 || iy >= g.in_h) continue;
+        for (int64_t kw = 0; kw < st.kernel_w; ++kw) {
+          const int64_t ix = px.x * st.stride_w - st.pad_left + kw * st.dilation_w;
+          if (ix < 0 || ix >= g.in_w) continue;
+          const A* src = image + (iy * g.in_w + ix) * C + c0;
+          const Vec<A> x = len == kPanelWidth ? load_vec<A>(src) : load_partial(src, len);
+          acc += x * load_vec<A>(weight + (kh * st.kernel_w + kw) * cpad + c0);
+        }
+      }
+      Vec<A> v = acc * load_vec<A>(scale + c0) + load_vec<A>(shift + c0);
+      if (relu) v = v < A(0) ? Vec<A>{} : v;
+      if (len == kPanelWidth)
+        store_vec(dst + c0, v);
+      else
+        store_partial(dst + c0, v, len);
+    }
+    if (!relu) activate_row(dst, C, st.activation, st.alpha);
+  }
+}
+
+// Max or average over each window, 16 channels at a time, as ATen's CPU
+// pooling computes it (NaN wins a max; the average's divisor per
+// count_include_pad / divisor_override, windows clipped to the padded input).
+template <typename A, bool kMax>
+void pool(const ConvStage& st, const StageShape& g, const A* in, A* out, int64_t p0, int64_t p1) {
+  const int64_t C = g.out_c;
+  const bool include_pad = st.options & kCountIncludePad;
+  PixelCursor px(p0, g.out_h, g.out_w);
+  for (int64_t p = p0; p < p1; ++p, px.next()) {
+    const A* image = in + px.n * g.in_h * g.in_w * C;
+    A* dst = out + p * C;
+    const int64_t y0 = px.y * st.stride_h - st.pad_top, x0 = px.x * st.stride_w - st.pad_left;
+    // Average divisor (unused by max).
+    const int64_t y_end_pad = std::min(y0 + st.kernel_h, g.in_h + st.pad_bottom);
+    const int64_t x_end_pad = std::min(x0 + st.kernel_w, g.in_w + st.pad_right);
+    const int64_t padded_count = (y_end_pad - y0) * (x_end_pad - x0);
+    const int64_t valid_count = std::max<int64_t>(std::min(y_end_pad, g.in_h) - std::max<int64_t>(y0, 0), 0) *
+                                std::max<int64_t>(std::min(x_end_pad, g.in_w) - std::max<int64_t>(x0, 0), 0);
+    const A divisor = static_cast<A>(st.divisor ? st.divisor : include_pad ? padded_count : valid_count);
+    for (int64_t c0 = 0; c0 < C; c0 += kPanelWidth) {
+      const int64_t len = C - c0 < kPanelWidth ? C - c0 : kPanelWidth;
+      Vec<A> acc = kMax ? splat<A>(-__builtin_inf()) : Vec<A>{};
+      for (int64_t kh = 0; kh < st.kernel_h; ++kh) {
+        const int64_t iy = y0 + kh * st.dilation_h;
+        if (iy < 0 || iy >= g.in_h) continue;
+        for (int64_t kw = 0; kw < st.kernel_w; ++kw) {
+          const int64_t ix = x0 + kw * st.dilation_w;
+          if (ix < 0 || ix >= g.in_w) continue;
+          const A* src = image + (iy * g.in_w + ix) * C + c0;
+          const Vec<A> x = len == kPanelWidth ? load_vec<A>(src) : load_partial(src, len);
+          if constexpr (kMax)
+            acc = (x > acc) | (x != x) ? x : acc;
+          else
+            acc += x;
+        }
+      }
+      if constexpr (!kMax) acc = valid_count > 0 ? acc / divisor : Vec<A>{};
+      if (len == kPanelWidth)
+        store_vec(dst + c0, acc);
+      else
+        store_partial(dst + c0, acc, len);
+    }
+    activate_row(dst, C, st.activation, st.alpha);
+  }
+}
+
+template <typename A>
+void global_avg_pool(const ConvStage& st, const StageShape& g, const A* in, A* out, int64_t n0, int64_t n1) {
+  const int64_t C = g.out_c, hw = g.in_h * g.in_w;
+  for (int64_t n = n0; n < n1; ++n) {
+    const A* image = in + n * hw * C;
+    A* dst = out + n * C;
+    for (int64_t c = 0; c < C; ++c) dst[c] = A(0);
+    for (int64_t p = 0; p < hw; ++p)
+      for (int64_t c = 0; c < C; ++c) dst[c] += image[p * C + c];
+    for (int64_t c = 0; c < C; ++c) dst[c] /= static_cast<A>(hw);
+    activate_row(dst, C, st.activation, st.alpha);
+  }
+}
+
+// NHWC -> the NCHW order of torch.flatten(x, 1).
+template <typename A> void flatten_nchw(const StageShape& g, const A* in, A* out, int64_t n0, int64_t n1) {
+  const int64_t C = g.in_c, hw = g.in_h * g.in_w;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t p = 0; p < hw; ++p) out[n * C * hw + c * hw + p] = in[(n * hw + p) * C + c];
+}
+
+}  // namespace conv_detail
+
+// One stage over output pixels [p0, p1) (images for GlobalAvgPool and
+// Flatten, whose output is one pixel per image). `scratch` holds
+// conv_scratch_elems() values. in and out never alias.
+template <typename A>
+void conv_stage(const ConvDesc& d, const ConvGeometry& geom, size_t i, const uint8_t* packed, const A* in, A* out,
+                int64_t p0, int64_t p1, A* scratch) {
+  using namespace conv_detail;
+  const ConvStage& st = d.stages[i];
+  const StageShape& g = geom.stages[i];
+  switch (st.kind) {
+    case ConvStageKind::Conv:
+    case ConvStageKind::Linear:
+      if (st.depthwise)
+        conv_depthwise(st, g, packed, in, out, p0, p1);
+      else
+        conv_gemm(st, g, packed, in, out, p0, p1, scratch);
+      break;
+    case ConvStageKind::ScaleShift:
+    case ConvStageKind::Pointwise: {
+      const bool affine = st.kind == ConvStageKind::ScaleShift;
+      elementwise_rows<A, A, A>(g.out_c, affine ? reinterpret_cast<const A*>(packed + st.scale_offset) : nullptr,
+                                affine ? reinterpret_cast<const A*>(packed + st.shift_offset) : nullptr,
+                                st.activation, st.alpha, in + p0 * g.in_c, g.in_c, p1 - p0, out + p0 * g.out_c,
+                                g.out_c);
+      break;
+    }
+    case ConvStageKind::MaxPool: pool<A, true>(st, g, in, out, p0, p1); break;
+    case ConvStageKind::AvgPool: pool<A, false>(st, g, in, out, p0, p1); break;
+    case ConvStageKind::GlobalAvgPool: global_avg_pool(st, g, in, out, p0, p1); break;
+    case ConvStageKind::Flatten: flatten_nchw(g, in, out, p0, p1); break;
+  }
+}
+
+// The epilogue of a Conv stage whose convolution ran elsewhere (ATen): in
+// place over pixels [p0, p1), act(x * scale + shift).
+template <typename A>
+void conv_epilogue(const ConvDesc& d, const ConvGeometry& geom, size_t i, const uint8_t* packed, A* io, int64_t p0,
+                   int64_t p1) {
+  const ConvStage& st = d.stages[i];
+  const int64_t C = geom.stages[i].out_c;
+  elementwise_rows<A, A, A>(C, reinterpret_cast<const A*>(packed + st.scale_offset),
+                            reinterpret_cast<const A*>(packed + st.shift_offset), st.activation, st.alpha,
+                            io + p0 * C, C, p1 - p0, io + p0 * C, C);
+}
+
+int64_t conv_im2col_budget() { return conv_detail::im2col_budget<float>(); }
+
+void conv_stage_f32(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* pk, const float* in,
+                    float* out, int64_t p0, int64_t p1, float* scratch) {
+  conv_stage<float>(d, g, i, pk, in, out, p0, p1, scratch);
+}
+void conv_stage_f64(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* pk, const double* in,
+                    double* out, int64_t p0, int64_t p1, double* scratch) {
+  conv_stage<double>(d, g, i, pk, in, out, p0, p1, scratch);
+}
+void conv_epilogue_f32(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* pk, float* io, int64_t p0,
+                       int64_t p1) {
+  conv_epilogue<float>(d, g, i, pk, io, p0, p1);
+}
+void conv_epilogue_f64(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* pk, double* io,
+                       int64_t p0, int64_t p1) {
+  conv_epilogue<double>(d, g, i, pk, io, p0, p1);
+}

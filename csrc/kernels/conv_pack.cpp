@@ -1,0 +1,47 @@
+// Packing of Conv/Linear weights into the conv kernels' layouts and folding of
+// bias + eval BatchNorm into the per-channel epilogue. Runs once per plan.
+#include "conv_forward.h"
+
+namespace seqfuse::kernels {
+
+template <typename T>
+void pack_conv_stage(const ConvStage& st, const T* weight, const T* bias, const T* bn_weight, const T* bn_bias,
+                     const T* bn_mean, const T* bn_var, uint8_t* packed) {
+  using A = acc_t<T>;
+  if (st.scale_offset >= 0)
+    fold_scale_shift(st.out_channels, bias, bn_weight, bn_bias, bn_mean, bn_var, st.eps,
+                     reinterpret_cast<A*>(packed + st.scale_offset), reinterpret_cast<A*>(packed + st.shift_offset));
+  if (!st.has_weights()) return;
+  A* dst = reinterpret_cast<A*>(packed + st.weight_offset);
+  const int64_t khw = st.kernel_h * st.kernel_w;
+  if (st.depthwise) {  // [kh * kw][channel]: one vector of taps per window position
+    const int64_t cpad = round_up(st.out_channels, kPanelWidth);
+    for (int64_t c = 0; c < st.out_channels; ++c)
+      for (int64_t t = 0; t < khw; ++t) dst[t * cpad + c] = convert<A>(weight[c * khw + t]);
+    return;
+  }
+  // Per group, [panel][k][16] with k = (kh * kernel_w + kw) * cin_g + ci: the
+  // order of the patch rows im2col gathers from NHWC activations.
+  const int64_t cin_g = st.in_channels / st.groups, cout_g = st.out_channels / st.groups;
+  const int64_t K = st.reduction(), np = panel_count(cout_g);
+  for (int64_t grp = 0; grp < st.groups; ++grp)
+    for (int64_t p = 0; p < np; ++p)
+      for (int64_t t = 0; t < khw; ++t)
+        for (int64_t ci = 0; ci < cin_g; ++ci) {
+          A* panel_row = dst + ((grp * np + p) * K + t * cin_g + ci) * kPanelWidth;
+          for (int64_t j = 0; j < kPanelWidth; ++j) {
+            const int64_t co = p * kPanelWidth + j;
+            if (co < cout_g) panel_row[j] = convert<A>(weight[((grp * cout_g + co) * cin_g + ci) * khw + t]);
+          }
+        }
+}
+
+#define SEQFUSE_INSTANTIATE_PACK(T)                                                                          \
+  template void pack_conv_stage<T>(const ConvStage&, const T*, const T*, const T*, const T*, const T*, const T*, \
+                                   uint8_t*);
+SEQFUSE_INSTANTIATE_PACK(float)
+SEQFUSE_INSTANTIATE_PACK(double)
+SEQFUSE_INSTANTIATE_PACK(bf16)
+#undef SEQFUSE_INSTANTIATE_PACK
+
+}  // namespace seqfuse::kernels

@@ -1,0 +1,277 @@
+// The description of a fused convolution run shared by Python, the op adapters
+// and the kernels: the integer "spec" carried by the seqfuse::conv_* ops,
+// decoded in one place, the packed parameter layout, and the per-stage shapes
+// for a given input size.
+//
+// spec = [kConvSpecVersion, dtype, n_stages, in_channels,
+//         then per stage (kConvSpecPerStage values):
+//           kind, out_channels, activation, flags,
+//           kernel_h, kernel_w, stride_h, stride_w,
+//           pad_top, pad_left, pad_bottom, pad_right,
+//           dilation_h, dilation_w, param, options]
+// fparams = per stage: [activation alpha, batchnorm eps]
+//
+// param is the Conv's groups, the AvgPool's divisor_override (0: none), or the
+// Linear's in_features. options are the pools' ceil_mode / count_include_pad.
+//
+// A stage is one of
+//   Conv          y = act(conv(x, W) * scale + shift)   bias and eval BatchNorm2d folded
+//   ScaleShift    y = act(x * scale + shift)            a BatchNorm not after a Conv/Linear
+//   Pointwise     y = act(x)
+//   MaxPool, AvgPool, GlobalAvgPool (AdaptiveAvgPool2d(1)), each then act
+//   Flatten       (N, C, H, W) -> (N, C*H*W) in NCHW order
+//   Linear        after a Flatten: a 1x1 convolution of the (N, F, 1, 1) rows
+// Activations live between stages in NHWC order (channels contiguous), in the
+// accumulate type; packed weights and scale/shift are in the accumulate type too.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "mlp_spec.h"
+
+namespace seqfuse::kernels {
+
+constexpr int64_t kConvSpecVersion = 1;
+constexpr int64_t kConvSpecHeader = 4;
+constexpr int64_t kConvSpecPerStage = 16;
+constexpr int64_t kMaxKernel = int64_t{1} << 12;
+constexpr int64_t kMaxSpatial = int64_t{1} << 20;
+
+enum class ConvStageKind : int64_t {
+  Conv = 0,
+  ScaleShift = 1,
+  Pointwise = 2,
+  MaxPool = 3,
+  AvgPool = 4,
+  GlobalAvgPool = 5,
+  Flatten = 6,
+  Linear = 7,
+};
+constexpr int64_t kNumConvStageKinds = 8;
+
+// Pool options.
+constexpr int64_t kCeilMode = 1;
+constexpr int64_t kCountIncludePad = 2;
+
+struct ConvStage {
+  ConvStageKind kind;
+  int64_t in_channels;
+  int64_t out_channels;
+  Activation activation;
+  int64_t flags;  // kHasBias / kHasBatchNorm / kBatchNormAffine (mlp_spec.h)
+  double alpha;
+  double eps;
+  int64_t kernel_h, kernel_w, stride_h, stride_w;
+  int64_t pad_top, pad_left, pad_bottom, pad_right;
+  int64_t dilation_h, dilation_w;
+  int64_t groups;           // Conv (1 otherwise)
+  int64_t divisor;          // AvgPool divisor_override, 0 for none
+  int64_t options;          // pools: kCeilMode | kCountIncludePad
+  bool depthwise;           // Conv with one input and one output channel per group
+  int64_t weight_offset;    // -1 when the stage packs no weight
+  int64_t scale_offset;     // -1 when the stage has no scale/shift
+  int64_t shift_offset;
+
+  bool has_weights() const { return kind == ConvStageKind::Conv || kind == ConvStageKind::Linear; }
+  // Rows of the GEMM's reduction: what one output value sums over.
+  int64_t reduction() const { return kernel_h * kernel_w * (in_channels / groups); }
+};
+
+struct ConvDesc {
+  DType dtype;
+  int64_t in_channels;
+  int64_t out_channels;
+  int64_t flatten_stage;  // index of the Flatten stage, -1 if none
+  int64_t packed_bytes;
+  std::vector<ConvStage> stages;
+};
+
+// Geometry of one stage for a given input size (per image, NHWC).
+struct StageShape {
+  int64_t in_h, in_w, in_c;
+  int64_t out_h, out_w, out_c;
+  int64_t out_pixels() const { return out_h * out_w; }
+  int64_t in_elems() const { return in_h * in_w * in_c; }
+  int64_t out_elems() const { return out_h * out_w * out_c; }
+};
+
+struct ConvGeometry {
+  std::vector<StageShape> stages;
+  int64_t max_image_elems;  // largest activation of one image between stages
+  int64_t macs_per_image;   // multiply-adds (one per value for other stages): the size of a call
+};
+
+// Output size of a convolution or pooling window along one dimension, as ATen
+// computes it (pooling_output_shape for pools, with its ceil_mode rule).
+inline int64_t window_output_size(int64_t in, int64_t k, int64_t s, int64_t pad_before, int64_t pad_after,
+                                  int64_t d, bool ceil_mode) {
+  const int64_t span = in + pad_before + pad_after - d * (k - 1) - 1;
+  if (span < 0) return 0;
+  int64_t out = (ceil_mode ? span + s - 1 : span) / s + 1;
+  if (ceil_mode && (out - 1) * s >= in + pad_before) --out;
+  return out;
+}
+
+inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const double* fparams, size_t fparams_len) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("seqfuse: malformed conv spec: " + m); };
+  if (spec_len < static_cast<size_t>(kConvSpecHeader)) fail("too short");
+  if (spec[0] != kConvSpecVersion) fail("version " + std::to_string(spec[0]));
+  if (spec[1] < 0 || spec[1] > 2) fail("dtype code " + std::to_string(spec[1]));
+  ConvDesc d{};
+  d.dtype = static_cast<DType>(spec[1]);
+  d.flatten_stage = -1;
+  const int64_t n = spec[2];
+  if (n < 1 || n > kMaxStages) fail("stage count " + std::to_string(n));
+  const size_t stage_values = spec_len - static_cast<size_t>(kConvSpecHeader);
+  if (stage_values % kConvSpecPerStage != 0 || stage_values / kConvSpecPerStage != static_cast<size_t>(n))
+    fail("length does not match stage count");
+  if (fparams_len != static_cast<size_t>(kFParamsPerStage * n)) fail("fparams length does not match stage count");
+  d.in_channels = spec[3];
+  if (d.in_channels < 1 || d.in_channels > kMaxWidth) fail("in_channels out of range");
+  const int64_t asize = accumulate_size(d.dtype);
+  int64_t offset = 0, channels = d.in_channels;
+  auto section = [&](int64_t elems) {
+    const int64_t at = offset;
+    offset = round_up(offset + elems * asize, kSectionAlign);
+    return at;
+  };
+  auto in_range = [](int64_t v, int64_t lo, int64_t hi) { return v >= lo && v <= hi; };
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t* s = spec + kConvSpecHeader + kConvSpecPerStage * i;
+    const std::string where = "stage " + std::to_string(i) + ": ";
+    ConvStage st{};
+    if (!in_range(s[0], 0, kNumConvStageKinds - 1)) fail(where + "kind " + std::to_string(s[0]));
+    if (!in_range(s[2], 0, kNumActivations - 1)) fail(where + "activation " + std::to_string(s[2]));
+    st.kind = static_cast<ConvStageKind>(s[0]);
+    st.out_channels = s[1];
+    st.activation = static_cast<Activation>(s[2]);
+    st.flags = s[3];
+    st.kernel_h = s[4], st.kernel_w = s[5], st.stride_h = s[6], st.stride_w = s[7];
+    st.pad_top = s[8], st.pad_left = s[9], st.pad_bottom = s[10], st.pad_right = s[11];
+    st.dilation_h = s[12], st.dilation_w = s[13];
+    st.groups = st.kind == ConvStageKind::Conv ? s[14] : 1;
+    st.divisor = st.kind == ConvStageKind::AvgPool ? s[14] : 0;
+    st.options = s[15];
+    st.alpha = fparams[kFParamsPerStage * i];
+    st.eps = fparams[kFParamsPerStage * i + 1];
+    st.weight_offset = st.scale_offset = st.shift_offset = -1;
+    st.in_channels = st.kind == ConvStageKind::Linear ? s[14] : channels;
+    if (st.flags & ~(kHasBias | kHasBatchNorm | kBatchNormAffine)) fail(where + "unknown flags");
+    if (!in_range(st.in_channels, 1, kMaxWidth) || !in_range(st.out_channels, 1, kMaxWidth))
+      fail(where + "channels out of range");
+    for (int64_t v : {st.kernel_h, st.kernel_w, st.stride_h, st.stride_w, st.dilation_h, st.dilation_w})
+      if (!in_range(v, 1, kMaxKernel)) fail(where + "kernel, stride or dilation out of range");
+    for (int64_t v : {st.pad_top, st.pad_left, st.pad_bottom, st.pad_right})
+      if (!in_range(v, 0, kMaxKernel)) fail(where + "padding out of range");
+    if (!in_range(st.divisor, 0, kMaxWidth) || !in_range(st.options, 0, kCeilMode | kCountIncludePad))
+      fail(where + "pool options out of range");
+    const bool after_flatten = d.flatten_stage >= 0;
+    switch (st.kind) {
+      case ConvStageKind::Conv:
+        if (after_flatten) fail(where + "Conv after Flatten");
+        if (!in_range(st.groups, 1, st.in_channels) || st.in_channels % st.groups || st.out_channels % st.groups)
+          fail(where + "groups do not divide the channels");
+        break;
+      case ConvStageKind::Linear:
+        if (!after_flatten) fail(where + "Linear before Flatten");
+        break;
+      case ConvStageKind::Flatten:
+        if (after_flatten) fail(where + "second Flatten");
+        d.flatten_stage = i;
+        break;
+      case ConvStageKind::MaxPool:
+      case ConvStageKind::AvgPool:
+      case ConvStageKind::GlobalAvgPool:
+        if (after_flatten) fail(where + "pooling after Flatten");
+        [[fallthrough]];
+      default:
+        if (st.kind != ConvStageKind::Flatten && st.out_channels != channels) fail(where + "changes channels");
+        break;
+    }
+    if (st.kind != ConvStageKind::Linear && st.kind != ConvStageKind::Conv &&
+        st.kind != ConvStageKind::MaxPool && st.kind != ConvStageKind::AvgPool &&
+        (st.kernel_h != 1 || st.kernel_w != 1 || st.stride_h != 1 || st.stride_w != 1 || st.pad_top ||
+         st.pad_left || st.pad_bottom || st.pad_right || st.dilation_h != 1 || st.dilation_w != 1))
+      fail(where + "window parameters on a stage without a window");
+    st.depthwise = st.kind == ConvStageKind::Conv && st.groups == st.in_channels && st.groups == st.out_channels;
+    const int64_t padded = round_up(st.out_channels, kPanelWidth);
+    if (st.has_weights()) {
+      if (st.depthwise)  // [kernel_h * kernel_w][channels padded to a panel]
+        st.weight_offset = section(st.kernel_h * st.kernel_w * padded);
+      else  // per group: [panel][reduction][kPanelWidth]
+        st.weight_offset = section(st.groups * panel_count(st.out_channels / st.groups) * kPanelWidth *
+                                   st.reduction());
+    }
+    if (st.has_weights() || st.kind == ConvStageKind::ScaleShift) {
+      if (st.kind == ConvStageKind::ScaleShift && !(st.flags & kHasBatchNorm)) fail(where + "ScaleShift without BatchNorm");
+      // One panel of slack: a group's last panel may start anywhere in the row.
+      st.scale_offset = section(padded + kPanelWidth);
+      st.shift_offset = section(padded + kPanelWidth);
+    } else if (st.flags) {
+      fail(where + "flags on a stage without parameters");
+    }
+    channels = st.out_channels;
+    d.stages.push_back(st);
+  }
+  d.out_channels = channels;
+  d.packed_bytes = offset;
+  return d;
+}
+
+// Per-stage shapes for an (in_h, in_w) input. Throws std::invalid_argument
+// naming the stage when a window does not fit or a Linear's in_features
+// differs from the flattened width (the caller reports eager's error).
+inline ConvGeometry resolve_conv_geometry(const ConvDesc& d, int64_t in_h, int64_t in_w) {
+  auto fail = [](size_t i, const std::string& m) {
+    throw std::invalid_argument("seqfuse::conv_forward: stage " + std::to_string(i) + ": " + m);
+  };
+  if (in_h < 1 || in_w < 1 || in_h > kMaxSpatial || in_w > kMaxSpatial)
+    throw std::invalid_argument("seqfuse::conv_forward: spatial size " + std::to_string(in_h) + "x" +
+                                std::to_string(in_w) + " out of range");
+  ConvGeometry g{};
+  int64_t h = in_h, w = in_w, c = d.in_channels;
+  g.max_image_elems = h * w * c;
+  for (size_t i = 0; i < d.stages.size(); ++i) {
+    const ConvStage& st = d.stages[i];
+    StageShape s{h, w, c, h, w, st.out_channels};
+    const bool ceil_mode = st.options & kCeilMode;
+    switch (st.kind) {
+      case ConvStageKind::Conv:
+      case ConvStageKind::MaxPool:
+      case ConvStageKind::AvgPool:
+        s.out_h = window_output_size(h, st.kernel_h, st.stride_h, st.pad_top, st.pad_bottom, st.dilation_h,
+                                     ceil_mode);
+        s.out_w = window_output_size(w, st.kernel_w, st.stride_w, st.pad_left, st.pad_right, st.dilation_w,
+                                     ceil_mode);
+        if (s.out_h < 1 || s.out_w < 1)
+          fail(i, "input " + std::to_string(h) + "x" + std::to_string(w) + " is smaller than the window");
+        break;
+      case ConvStageKind::GlobalAvgPool: s.out_h = s.out_w = 1; break;
+      case ConvStageKind::Flatten:
+        s.out_h = s.out_w = 1;
+        s.out_c = h * w * c;
+        break;
+      case ConvStageKind::Linear:
+        if (c != st.in_channels)
+          fail(i, "flattened width " + std::to_string(c) + " differs from in_features " +
+                      std::to_string(st.in_channels));
+        break;
+      default: break;
+    }
+    g.macs_per_image += s.out_pixels() * (st.has_weights() ? s.out_c * st.reduction()
+                                          : st.kind == ConvStageKind::MaxPool || st.kind == ConvStageKind::AvgPool
+                                              ? s.out_c * st.kernel_h * st.kernel_w
+                                              : s.out_c);
+    g.max_image_elems = std::max(g.max_image_elems, s.out_elems());
+    h = s.out_h, w = s.out_w, c = s.out_c;
+    g.stages.push_back(s);
+  }
+  return g;
+}
+
+}  // namespace seqfuse::kernels
