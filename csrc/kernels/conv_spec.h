@@ -110,11 +110,12 @@ struct ConvGeometry {
 // computes it (pooling_output_shape for pools, with its ceil_mode rule).
 inline int64_t window_output_size(int64_t in, int64_t k, int64_t s, int64_t pad_before, int64_t pad_after,
                                   int64_t d, bool ceil_mode) {
-  const int64_t span = in + pad_before + pad_after - d * (k - 1) - 1;
-  if (span < 0) return 0;
-  int64_t out = (ceil_mode ? span + s - 1 : span) / s + 1;
+  // Division rounding toward -infinity (ATen's div_rtn): with ceil_mode a
+  // window overhanging the padded input by less than a stride still counts.
+  const int64_t num = in + pad_before + pad_after - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0);
+  int64_t out = (num >= 0 ? num / s : -((-num + s - 1) / s)) + 1;
   if (ceil_mode && (out - 1) * s >= in + pad_before) --out;
-  return out;
+  return out < 0 ? 0 : out;
 }
 
 inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const double* fparams, size_t fparams_len) {
@@ -135,6 +136,7 @@ inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const dou
   if (d.in_channels < 1 || d.in_channels > kMaxWidth) fail("in_channels out of range");
   const int64_t asize = accumulate_size(d.dtype);
   int64_t offset = 0, channels = d.in_channels;
+  bool width_known = true;
   auto section = [&](int64_t elems) {
     const int64_t at = offset;
     offset = round_up(offset + elems * asize, kSectionAlign);
@@ -183,6 +185,7 @@ inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const dou
       case ConvStageKind::Flatten:
         if (after_flatten) fail(where + "second Flatten");
         d.flatten_stage = i;
+        width_known = false;
         break;
       case ConvStageKind::MaxPool:
       case ConvStageKind::AvgPool:
@@ -193,11 +196,20 @@ inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const dou
         if (st.kind != ConvStageKind::Flatten && st.out_channels != channels) fail(where + "changes channels");
         break;
     }
-    if (st.kind != ConvStageKind::Linear && st.kind != ConvStageKind::Conv &&
-        st.kind != ConvStageKind::MaxPool && st.kind != ConvStageKind::AvgPool &&
-        (st.kernel_h != 1 || st.kernel_w != 1 || st.stride_h != 1 || st.stride_w != 1 || st.pad_top ||
-         st.pad_left || st.pad_bottom || st.pad_right || st.dilation_h != 1 || st.dilation_w != 1))
+    const bool windowed =
+        st.kind == ConvStageKind::Conv || st.kind == ConvStageKind::MaxPool || st.kind == ConvStageKind::AvgPool;
+    const bool pool = st.kind == ConvStageKind::MaxPool || st.kind == ConvStageKind::AvgPool;
+    if (!windowed && (st.kernel_h != 1 || st.kernel_w != 1 || st.stride_h != 1 || st.stride_w != 1 || st.pad_top ||
+                      st.pad_left || st.pad_bottom || st.pad_right || st.dilation_h != 1 || st.dilation_w != 1))
       fail(where + "window parameters on a stage without a window");
+    if (st.kind == ConvStageKind::AvgPool && (st.dilation_h != 1 || st.dilation_w != 1))
+      fail(where + "dilated average pool");
+    if (!pool && st.options) fail(where + "pool options on a stage that is not a pool");
+    if (st.kind == ConvStageKind::Flatten && st.activation != Activation::None) fail(where + "activation on Flatten");
+    // After the Flatten the width is known only once a Linear sets it.
+    if (after_flatten && !width_known && st.kind != ConvStageKind::Linear)
+      fail(where + "stage between Flatten and the first Linear");
+    if (st.kind == ConvStageKind::Linear) width_known = true;
     st.depthwise = st.kind == ConvStageKind::Conv && st.groups == st.in_channels && st.groups == st.out_channels;
     const int64_t padded = round_up(st.out_channels, kPanelWidth);
     if (st.has_weights()) {

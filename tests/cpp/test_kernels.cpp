@@ -1,150 +1,32 @@
 // Unit tests of the torch-free kernel cores (csrc/kernels): spec decoding,
 // weight packing, scale/shift folding and the fused MLP forward of every dtype
 // and every ISA variant the CPU allows, against a naive double-precision
-// reference computed here.
-//
-// Self-contained: a tiny check framework instead of GoogleTest. Each CHECK
-// counts as one check; the last line printed is "N passed, M failed" and the
-// exit status is non-zero when any check failed.
+// reference computed here. The check framework and the shared helpers live in
+// check.h; the conv kernels are tested by test_conv_kernels.cpp.
 #include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <limits>
-#include <memory>
-#include <random>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "check.h"
 #include "mlp_forward.h"
 
-// ---- check framework ---------------------------------------------------------
-
-namespace check {
-
-struct TestCase {
-  const char* name;
-  void (*fn)();
-};
-
-struct Counters {
-  int64_t passed = 0;
-  int64_t failed = 0;
-};
-
-inline std::vector<TestCase>& tests() {
-  static std::vector<TestCase> all;
-  return all;
-}
-
-inline Counters& counters() {
-  static Counters c;
-  return c;
-}
-
-inline bool add(const char* name, void (*fn)()) {
-  tests().push_back({name, fn});
-  return true;
-}
-
-constexpr int64_t kMaxReported = 100;  // failures printed in full; later ones are only counted
-
-inline void record(bool ok, const char* file, int line, const char* expr, const std::string& message) {
-  Counters& c = counters();
-  if (ok) {
-    ++c.passed;
-    return;
-  }
-  ++c.failed;
-  if (c.failed <= kMaxReported) std::printf("%s:%d: CHECK(%s) failed: %s\n", file, line, expr, message.c_str());
-  if (c.failed == kMaxReported) std::printf("(further failures are counted but not printed)\n");
-}
-
-}  // namespace check
-
-// CHECK(condition, message): `message` is a stream expression (`"x=" << x`),
-// evaluated only when the check fails.
-#define CHECK(cond, message)                                               \
-  do {                                                                     \
-    const bool check_ok_ = static_cast<bool>(cond);                        \
-    std::string check_msg_;                                                \
-    if (!check_ok_) {                                                      \
-      std::ostringstream check_os_;                                        \
-      check_os_ << message;                                                \
-      check_msg_ = check_os_.str();                                        \
-    }                                                                      \
-    ::check::record(check_ok_, __FILE__, __LINE__, #cond, check_msg_);     \
-  } while (0)
-
-// CHECK_THROWS(Exception, statement, message)
-#define CHECK_THROWS(Exception, statement, message)                                     \
-  do {                                                                                  \
-    bool check_thrown_ = false;                                                         \
-    try {                                                                               \
-      statement;                                                                        \
-    } catch (const Exception&) {                                                        \
-      check_thrown_ = true;                                                             \
-    } catch (...) {                                                                     \
-    }                                                                                   \
-    CHECK(check_thrown_, "expected " #Exception " from `" #statement "`: " << message); \
-  } while (0)
-
-#define TEST(name)                                                              \
-  static void name();                                                           \
-  [[maybe_unused]] static const bool name##_registered_ = ::check::add(#name, name); \
-  static void name()
-
-// ---- dtypes --------------------------------------------------------------------
+// ---- tolerance ------------------------------------------------------------------
 
 namespace {
 
-namespace sk = seqfuse::kernels;
+using namespace test_util;
 using sk::Activation;
 using sk::bf16;
 using sk::DType;
 using sk::StageKind;
-
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-constexpr double kInf = std::numeric_limits<double>::infinity();
-
-// Per storage type: the spec dtype code and the forward's error budget.
-//   arithmetic_rtol  rounding of the accumulate-type arithmetic, relative to the
-//                    size of the terms summed (see Reference::magnitude)
-//   storage_rtol     rounding of the result to the storage type, relative to it
-template <typename T> struct TypeInfo;
-template <> struct TypeInfo<float> {
-  static constexpr DType dtype = DType::Float32;
-  static constexpr const char* name = "float32";
-  static constexpr double arithmetic_rtol = 1e-5;
-  static constexpr double storage_rtol = 0.0;
-};
-template <> struct TypeInfo<double> {
-  static constexpr DType dtype = DType::Float64;
-  static constexpr const char* name = "float64";
-  static constexpr double arithmetic_rtol = 1e-12;
-  static constexpr double storage_rtol = 0.0;
-};
-template <> struct TypeInfo<bf16> {
-  static constexpr DType dtype = DType::BFloat16;
-  static constexpr const char* name = "bfloat16";
-  static constexpr double arithmetic_rtol = 1e-5;  // activations are carried in float
-  static constexpr double storage_rtol = 1.0 / 256;  // rounded once, to nearest: half an ulp of 8 bits
-};
-
-double to_double(float v) { return v; }
-double to_double(double v) { return v; }
-double to_double(bf16 v) { return sk::bf16_to_float(v); }
-
-template <typename T> T from_double(double v) { return static_cast<T>(v); }
-template <> bf16 from_double<bf16>(double v) { return sk::float_to_bf16(static_cast<float>(v)); }
-
-template <typename T> bool same_bits(const T& a, const T& b) { return std::memcmp(&a, &b, sizeof(T)) == 0; }
 
 // |got - want| allowed for a forward output `want` whose computation summed
 // terms of total size `magnitude`, through stages at most `k` inputs wide.
@@ -153,59 +35,7 @@ template <typename T> double forward_tolerance(double want, double magnitude, in
   return arithmetic + TypeInfo<T>::storage_rtol * std::abs(want);
 }
 
-// NaN must meet NaN, an infinity the same infinity, a finite value be within tol.
-bool matches(double got, double want, double tol) {
-  if (std::isnan(want)) return std::isnan(got);
-  if (std::isinf(want)) return got == want;
-  return std::abs(got - want) <= tol;
-}
-
-struct Rng {
-  explicit Rng(uint64_t seed) : gen(seed) {}
-  double uniform(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(gen); }
-  int64_t integer(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(gen); }
-  std::mt19937_64 gen;
-};
-
-// n values uniform in [lo, hi), rounded to T.
-template <typename T> std::vector<T> random_values(Rng& rng, int64_t n, double lo, double hi) {
-  std::vector<T> v(static_cast<size_t>(n));
-  for (T& e : v) e = from_double<T>(rng.uniform(lo, hi));
-  return v;
-}
-
-template <typename T> const T* data_or_null(const std::vector<T>& v) { return v.empty() ? nullptr : v.data(); }
-
-// ---- ISA variants ----------------------------------------------------------------
-
-std::vector<std::string> supported_isas() {
-  std::vector<std::string> names;
-  for (sk::Isa isa : {sk::Isa::Baseline, sk::Isa::Avx2, sk::Isa::Avx512})
-    if (static_cast<int>(isa) <= static_cast<int>(sk::detect_isa())) names.emplace_back(sk::isa_name(isa));
-  return names;
-}
-
-// Forces one kernel variant for its lifetime, then restores the detected one.
-struct ScopedIsa {
-  explicit ScopedIsa(const std::string& name) { sk::set_isa_override(name); }
-  ~ScopedIsa() { sk::set_isa_override(""); }
-  ScopedIsa(const ScopedIsa&) = delete;
-  ScopedIsa& operator=(const ScopedIsa&) = delete;
-};
-
 // ---- MLP specs -----------------------------------------------------------------------
-
-const char* activation_name(Activation a) {
-  static const char* const names[] = {"None",   "ReLU",    "LeakyReLU", "ReLU6", "Sigmoid",
-                                      "Tanh",   "GeluErf", "GeluTanh",  "SiLU",  "Hardswish"};
-  return names[static_cast<int>(a)];
-}
-
-std::vector<Activation> all_activations() {
-  std::vector<Activation> all;
-  for (int64_t a = 0; a < sk::kNumActivations; ++a) all.push_back(static_cast<Activation>(a));
-  return all;
-}
 
 struct StageSpec {
   StageKind kind;
@@ -271,23 +101,6 @@ template <typename T> struct StageParams {
   std::vector<T> bn_weight, bn_bias, bn_mean, bn_var;
 };
 
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
-
-// A 64-byte aligned byte buffer, filled with 0xff (NaN in every float type) so
-// that reading a byte packing did not write shows up in the results.
-struct AlignedBytes {
-  explicit AlignedBytes(int64_t n) : size(n) {
-    const size_t bytes = static_cast<size_t>(sk::round_up(std::max<int64_t>(n, 1), sk::kSectionAlign));
-    data.reset(static_cast<uint8_t*>(std::aligned_alloc(static_cast<size_t>(sk::kSectionAlign), bytes)));
-    if (!data) throw std::bad_alloc();
-    std::memset(data.get(), 0xff, bytes);
-  }
-  int64_t size;
-  std::unique_ptr<uint8_t, FreeDeleter> data;
-};
-
 template <typename T> struct Model {
   MlpSpec spec;
   sk::MlpDesc desc;
@@ -350,30 +163,6 @@ template <typename T> Model<T> make_model(const MlpSpec& spec, Rng& rng) {
 }
 
 // ---- the double-precision reference ------------------------------------------------------
-
-// `float_kernel`: the float/bfloat16 kernels follow eager's vectorized float GELU,
-// which gives NaN at +inf (float64 keeps inf).
-double activation_reference(Activation act, double x, double alpha, bool float_kernel) {
-  constexpr double kPi = 3.14159265358979323846;
-  switch (act) {
-    case Activation::None: return x;
-    case Activation::ReLU: return std::isnan(x) ? x : std::max(x, 0.0);
-    case Activation::LeakyReLU: return std::isnan(x) || x >= 0.0 ? x : alpha * x;
-    case Activation::ReLU6: return std::isnan(x) ? x : std::clamp(x, 0.0, 6.0);
-    case Activation::Sigmoid: return 1.0 / (1.0 + std::exp(-x));
-    case Activation::Tanh: return std::tanh(x);
-    case Activation::GeluErf:
-      if (float_kernel && std::isinf(x)) return kNaN;
-      return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
-    case Activation::GeluTanh: return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / kPi) * (x + 0.044715 * x * x * x)));
-    case Activation::SiLU: return x / (1.0 + std::exp(-x));
-    case Activation::Hardswish: return std::isnan(x) ? x : x * std::clamp(x + 3.0, 0.0, 6.0) / 6.0;
-  }
-  return kNaN;
-}
-
-// No activation grows a difference of its input by more than this (Hardswish: 1.5).
-constexpr double kActivationGain = 1.5;
 
 // Forward outputs, row-major [rows][out_features], with for each output the
 // total size of the (finite) terms that went into it: rounding errors of the
@@ -450,9 +239,7 @@ template <typename T> Reference reference_forward(const Model<T>& m, const T* x,
 // ---- running and checking the forward -------------------------------------------------------
 
 // Output rows are written ld_y apart into a buffer one row longer than needed
-// and prefilled with this value: nothing outside [rows) x [out_features) may change.
-template <typename T> T sentinel() { return from_double<T>(-12345.0); }
-
+// and prefilled with sentinel<T>(): nothing outside [rows) x [out_features) may change.
 template <typename T> struct ForwardRun {
   int64_t rows = 0, cols = 0, ld_y = 0;
   std::vector<T> y;
@@ -468,11 +255,6 @@ template <typename T> ForwardRun<T> run_forward(const Model<T>& m, const std::ve
   sk::mlp_forward_rows<T>(m.desc, m.packed.data.get(), x.data(), ld_x, run.y.data(), run.ld_y, rows);
   return run;
 }
-
-struct Mismatches {
-  int64_t count = 0;
-  std::string first;
-};
 
 // Counts outputs y[r * ld_y + j] (r < ref.rows, j < ref.cols) outside the
 // reference's tolerance; describes the first.
@@ -1060,20 +842,4 @@ TEST(forward_concurrent_threads) {
 
 }  // namespace
 
-int main() {
-  for (const check::TestCase& test : check::tests()) {
-    const int64_t failed_before = check::counters().failed;
-    try {
-      test.fn();
-    } catch (const std::exception& e) {
-      check::record(false, __FILE__, __LINE__, test.name, std::string("uncaught exception: ") + e.what());
-    } catch (...) {
-      check::record(false, __FILE__, __LINE__, test.name, "uncaught non-standard exception");
-    }
-    sk::set_isa_override("");
-    std::printf("%s %s\n", check::counters().failed == failed_before ? "[  OK  ]" : "[FAILED]", test.name);
-  }
-  const check::Counters& c = check::counters();
-  std::printf("%lld passed, %lld failed\n", static_cast<long long>(c.passed), static_cast<long long>(c.failed));
-  return c.failed == 0 ? 0 : 1;
-}
+int main() { return check::run_all(); }
