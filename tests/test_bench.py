@@ -34,3 +34,29 @@ def test_json_csv_and_compare(tmp_path, capsys):
 def test_bfloat16_and_batch_override(capsys):
     assert main(["--case", "small_b1", "--dtype", "bfloat16", "--batch", "3", *TINY]) == 0
     assert "bfloat16" in capsys.readouterr().out
+
+
+def test_conv_case_flops_match_torch_flop_counter():
+    """layer_flops (what the harness counts for a module-list case) follows the
+    shapes through convolutions, pooling and Flatten: it agrees with
+    torch.utils.flop_counter on every conv case, and on the MLP ones."""
+    import torch
+    from torch import nn
+
+    from seqfuse.bench.cases import CASES, layer_flops
+    from seqfuse.bench.harness import model_flops
+
+    names = ["cnn_b1_32", "cnn_b16_64", "vgg_b8", "depthwise", "small_b256", "bn_b128"]
+    for name in names:
+        case = CASES[name].with_batch(2)  # the count is linear in the batch; keep the forwards cheap
+        modules = [m.eval() for m in case.build()]
+        expected = model_flops(nn.Sequential(*modules), torch.zeros(case.input_shape))
+        assert layer_flops(modules, case.input_shape) == expected > 0, name
+
+
+def test_conv_case_reports_gflops():
+    from seqfuse.bench import run
+
+    [r] = run(["cnn_b1_32"], quick=True, repeats=2, target_ms=0.3)
+    assert r["numerics_ok"] and r["flops"] == 2 * 32 * 32 * 9 * (3 * 32 + 32 * 64 + 64 * 64)
+    assert all(g > 0 for g in r["gflops"].values())

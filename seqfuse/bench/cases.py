@@ -18,15 +18,17 @@ Its fused peer is ``seqfuse.fuse(model)``; the example zoo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
 
-__all__ = ["Case", "CASES", "register", "get_case", "select_cases", "mlp", "randomize_batchnorm", "linear_flops",
+__all__ = ["Case", "CASES", "register", "get_case", "select_cases", "mlp", "randomize_batchnorm", "layer_flops",
            "model_case", "parse_shape"]
 
 
@@ -151,7 +153,7 @@ def mlp(widths: Sequence[int], activation: Type[nn.Module] = nn.ReLU) -> List[nn
 
 def randomize_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
     """Gives a BatchNorm non-trivial running statistics and affine parameters,
-    so that folding it into the preceding Linear is actually exercised."""
+    so that folding it into the preceding Linear or Conv is actually exercised."""
     with torch.no_grad():
         n = bn.num_features
         bn.running_mean.copy_(0.2 * torch.randn(n))
@@ -162,19 +164,40 @@ def randomize_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
     return bn
 
 
-def linear_flops(modules: Sequence[nn.Module], input_shape: Sequence[int]) -> int:
-    """Floating-point operations of one forward: ``2 * in * out`` per Linear
-    per row (rows = product of all but the last input dimension); elementwise
-    work (bias, BatchNorm, activations) is not counted.
+def layer_flops(modules: Sequence[nn.Module], input_shape: Sequence[int]) -> int:
+    """Floating-point operations of one forward: two per multiply-add of every
+    Linear (``2 * in * out`` per row; rows = product of all but the last
+    dimension of its input) and every Conv1d/2d/3d (``2 * N * OH * OW * Cout *
+    Cin/groups * KH * KW`` for a Conv2d); elementwise work (bias, BatchNorm,
+    activations) and pooling are not counted. The shape each layer produces is
+    taken from one forward of a copy of the chain on zeros, so convolutions,
+    pooling and Flatten in between are followed. (Not on the meta device: its
+    first use imports torch._dynamo, over a second.)
 
-    >>> linear_flops(mlp([64, 256, 10]), (2, 64))
+    >>> layer_flops(mlp([64, 256, 10]), (2, 64))
     75776
+    >>> layer_flops([nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 2 * 2, 10)],
+    ...             (1, 3, 4, 4))
+    7552
     """
-    rows = 1
-    for d in input_shape[:-1]:
-        rows *= int(d)
-    per_row = sum(2 * m.in_features * m.out_features for m in modules if isinstance(m, nn.Linear))
-    return rows * per_row
+    chain = nn.Sequential(*copy.deepcopy(list(modules)))  # hooks and BatchNorm statistics stay off the originals
+    flops = 0
+
+    def count(layer: nn.Module, inputs, out: torch.Tensor) -> None:
+        nonlocal flops
+        if isinstance(layer, nn.Linear):
+            flops += 2 * out.numel() * layer.in_features
+        else:  # out.numel() = N * Cout * OH * OW
+            flops += 2 * out.numel() * (layer.in_channels // layer.groups) * math.prod(layer.kernel_size)
+
+    for layer in chain.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            layer.register_forward_hook(count)
+    dtype = next((p.dtype for p in chain.parameters() if p.is_floating_point()), torch.float32)
+    with torch.no_grad():
+        chain(torch.zeros(tuple(input_shape), dtype=dtype))
+    return flops
+
 
 
 def _bn_block(width: int) -> List[nn.Module]:
@@ -197,6 +220,62 @@ register(
         lambda: _bn_block(512) + _bn_block(512),
         (128, 512),
         "(Linear 512->512, BatchNorm1d (random stats), ReLU) x2; 128 rows",
+    )
+)
+
+
+# --- convolution chains --------------------------------------------------------
+
+
+def _conv_block(cin: int, cout: int, kernel_size: int = 3, activation: Optional[Type[nn.Module]] = nn.ReLU,
+                groups: int = 1, bias: bool = True) -> List[nn.Module]:
+    """Conv2d (stride 1, "same" padding), BatchNorm2d (random stats) and ``activation`` (none if ``None``)."""
+    block = [nn.Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, groups=groups, bias=bias),
+             randomize_batchnorm(nn.BatchNorm2d(cout))]
+    return block + ([activation()] if activation is not None else [])
+
+
+def _conv_stack(cfg: Sequence[Union[int, str]], in_channels: int = 3) -> List[nn.Module]:
+    """VGG-style features: a 3x3 :func:`_conv_block` to ``v`` channels per int
+    ``v`` in ``cfg``, a MaxPool2d(2) per ``"M"``."""
+    modules: List[nn.Module] = []
+    for v in cfg:
+        if v == "M":
+            modules.append(nn.MaxPool2d(2))
+        else:
+            modules += _conv_block(in_channels, int(v))
+            in_channels = int(v)
+    return modules
+
+
+def _inverted_residual_body(channels: int = 32, expand: int = 6) -> List[nn.Module]:
+    """MobileNet-v2 inverted residual without the skip: 1x1 expand, 3x3 depthwise, 1x1 linear projection."""
+    hidden = channels * expand
+    return (_conv_block(channels, hidden, 1, nn.ReLU6, bias=False)
+            + _conv_block(hidden, hidden, 3, nn.ReLU6, groups=hidden, bias=False)
+            + _conv_block(hidden, channels, 1, None, bias=False))
+
+
+_CNN = [32, 64, 64]
+_CNN_TEXT = "(Conv2d 3x3, BatchNorm2d (random stats), ReLU) x3, channels 3->32->64->64"
+_VGG = [16, "M", 32, "M", 64, 64, "M"]
+
+register(Case("cnn_b1_32", lambda: _conv_stack(_CNN), (1, 3, 32, 32), _CNN_TEXT + "; one 32x32 image"))
+register(Case("cnn_b16_64", lambda: _conv_stack(_CNN), (16, 3, 64, 64), _CNN_TEXT + "; 16 64x64 images"))
+register(
+    Case(
+        "vgg_b8",
+        lambda: _conv_stack(_VGG) + [nn.Flatten(), nn.Linear(64 * 4 * 4, 10)],
+        (8, 3, 32, 32),
+        "VGG-style: Conv3x3/BN2d/ReLU 3->16, MaxPool, ->32, MaxPool, ->64, ->64, MaxPool, Linear 1024->10",
+    )
+)
+register(
+    Case(
+        "depthwise",
+        _inverted_residual_body,
+        (8, 32, 56, 56),
+        "MobileNet-v2 inverted residual body: Conv1x1 32->192, depthwise Conv3x3, Conv1x1 ->32; BN2d, ReLU6",
     )
 )
 

@@ -15,7 +15,7 @@ from torch import nn
 import seqfuse
 
 from . import memory, timing
-from .cases import Case, linear_flops, select_cases
+from .cases import Case, layer_flops, select_cases
 from .peers import build_peer, parse_peers, peer_context
 
 __all__ = ["run", "run_case", "parse_dtype", "environment", "model_flops", "Progress", "TOLERANCES"]
@@ -173,7 +173,7 @@ def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch
     if isinstance(modules, nn.Module):
         flops, flops_counted = model_flops(modules, x), "flop_counter"
     else:
-        flops, flops_counted = linear_flops(modules, case.input_shape), "linear"
+        flops, flops_counted = layer_flops(modules, case.input_shape), "layers"
     result: Dict[str, object] = {
         "case": case.name,
         "description": case.description,
@@ -293,7 +293,7 @@ def run(cases: Optional[Iterable[Union[str, Case]]] = None, peers: Union[str, Se
 
     Each dict has ``case``, ``description``, ``input_shape``, ``dtype``,
     ``threads``, ``peers``, ``flops`` (per call: 2*in*out per Linear per row
-    for a module list; for a model case what ``torch.utils.flop_counter``
+    and 2*N*OH*OW*Cout*Cin/groups*KH*KW per convolution for a module list; for a model case what ``torch.utils.flop_counter``
     counts, see ``flops_counted``), and per peer (dicts keyed by
     peer name): ``time_us`` (median per-call time), ``min_us``, ``spread``
     (interquartile range / median), ``gflops``, ``inner`` (calls per timed

@@ -124,7 +124,7 @@ def footer(results: Sequence[dict]) -> str:
     lines = [
         f"µs: median per-call time over {'/'.join(map(str, rounds))} interleaved rounds; "
         "ratio: eager µs / peer µs (> 1 means faster than eager).",
-        "GFLOP/s: 2*in*out per Linear per row / fused time; "
+        "GFLOP/s: Linear and convolution multiply-adds x 2 / fused time; "
         "IQR%: largest interquartile range / median of the samples among the peers.",
     ]
     if any(r.get("flops_counted") == "flop_counter" for r in results):
