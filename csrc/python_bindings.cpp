@@ -264,8 +264,8 @@ class FusedMlpCall final : public FusedCall {
   bool has_linear_;
 };
 
-// A fused conv segment: 4-D (N, C, H, W) input; anything else (an unbatched
-// 3-D input, which Conv2d accepts) runs eagerly.
+// A fused conv segment: 4-D (N, C, H, W) input with N > 0; anything else (an
+// unbatched 3-D input, which Conv2d accepts) runs eagerly.
 class FusedConvCall final : public FusedCall {
  public:
   FusedConvCall(at::Tensor packed, std::vector<at::Tensor> weights, std::vector<int64_t> spec,
@@ -282,8 +282,10 @@ class FusedConvCall final : public FusedCall {
     for (const auto& st : desc_.stages) has_conv_ = has_conv_ || st.kind == kernels::ConvStageKind::Conv;
   }
 
+  // An empty batch runs eagerly too: there is nothing to compute, and eager's
+  // output strides for it are each op's own choice.
   std::optional<Shape> prepare(at::Tensor& x) const override {
-    if (x.dim() != 4) return std::nullopt;
+    if (x.dim() != 4 || x.size(0) == 0) return std::nullopt;
     const int64_t h = x.size(2), w = x.size(3);
     int64_t macs = 0;
     if (x.size(1) == desc_.in_channels) {

@@ -316,12 +316,35 @@ def _conv_forward_fake(input, packed, weights, spec, fparams, engine=ENGINE_FUSE
     shape = conv_output_shape(spec, input.shape)
     if len(shape) == 2:
         return input.new_empty(shape)
-    channels_last = any(
-        t.dim() == 4 and torch._prims_common.suggest_memory_format(t) == torch.channels_last
-        for t in [input, *weights]
-    )
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if _conv_output_channels_last(spec, input, weights) else torch.contiguous_format
     return input.new_empty(shape).contiguous(memory_format=fmt)
+
+
+def _conv_output_channels_last(spec, input, weights) -> bool:
+    """The Python twin of output_channels_last in csrc/cpu/conv_cpu.cpp:
+    eager's output memory format, followed stage by stage."""
+    from torch._prims_common import suggest_memory_format
+
+    cl = suggest_memory_format(input) == torch.channels_last
+    shape, conv_index = tuple(input.shape), 0
+    for i, st in enumerate(_conv_stages(spec)):
+        kind, activation, flags = st[0], st[2], st[3]
+        if kind in (ConvStageKind.FLATTEN, ConvStageKind.LINEAR):
+            break
+        shape_in_c = shape[1]
+        if kind == ConvStageKind.CONV:
+            w = weights[conv_index] if conv_index < len(weights) else None
+            conv_index += 1
+            cl = cl or (w is not None and w.dim() == 4 and suggest_memory_format(w) == torch.channels_last)
+        shape = conv_output_shape(spec[:2] + [i + 1] + list(spec[3:_CONV_SPEC_HEADER + _CONV_SPEC_PER_STAGE * (i + 1)]),
+                                  tuple(input.shape))
+        depthwise = kind == ConvStageKind.CONV and st[14] == shape_in_c == st[1]
+        if depthwise and input.dtype == torch.float64 and shape[2] * shape[3] == 1:
+            cl = False  # ATen's float64 depthwise kernel returns a 1x1 map contiguous
+        elementwise = kind in (ConvStageKind.SCALE_SHIFT, ConvStageKind.POINTWISE) or flags & HAS_BATCHNORM or activation
+        if elementwise and (shape[1] == 1 or shape[2] * shape[3] == 1):
+            cl = False
+    return cl
 
 
 def cpu_capability() -> str:

@@ -342,6 +342,7 @@ def _build_conv_stages(entries, in_channels: int) -> Tuple[List[ConvStage], List
                 last.modules.append(m)
                 roles.append(f"stage {len(stages) - 1}: folded into the epilogue (eval)")
             else:
+                channels = m.num_features  # after the Flatten, the first width the run states
                 add(ConvStage(ConvStageKind.SCALE_SHIFT, channels, flags=flags, eps=m.eps, modules=[m]),
                     "per-channel scale/shift (eval)")
         elif c.role == POOL:
@@ -466,10 +467,8 @@ def plan_segments(keys: Sequence[str], modules: Sequence[Optional[nn.Module]]) -
                 flush()  # a Conv2d, BatchNorm2d or pool needs the (N, C, H, W) input
             mode = "conv"
         elif c.role in (LINEAR, BATCHNORM):
-            # Linear / BatchNorm1d on 4-D activations, or BatchNorm1d straight
-            # after the Flatten (its width is known only at run time): eager's
-            # semantics, in a new run.
-            if mode == "conv" or (mode == "tail" and width is None and c.role == BATCHNORM):
+            # Linear / BatchNorm1d on 4-D activations: eager's semantics, in a new run.
+            if mode == "conv":
                 flush()
             mode = mode or "mlp"
         # An in-place activation whose input is the run's input (nothing but

@@ -76,14 +76,32 @@ template <typename F> void parallel_range(int64_t n, int64_t work, const F& f) {
     f(0, n);
 }
 
-// The output memory format eager gives: channels_last when the input or any
-// convolution weight of the run is channels_last (ATen's oneDNN rule),
-// contiguous otherwise.
-bool wants_channels_last(const at::Tensor& input, at::TensorList weights) {
-  if (input.suggest_memory_format() == at::MemoryFormat::ChannelsLast) return true;
-  for (const at::Tensor& w : weights)
-    if (w.dim() == 4 && w.suggest_memory_format() == at::MemoryFormat::ChannelsLast) return true;
-  return false;
+// The output memory format eager gives, found by following the layout of
+// eager's intermediate tensors stage by stage: a convolution's output is
+// channels_last when its input or its weight is (ATen's oneDNN rule); pools
+// keep their input's layout; an elementwise op (BatchNorm, activation) on a
+// channels_last tensor that is also contiguous (one channel, or a 1x1 map)
+// produces a contiguous one. Tested against eager on random chains.
+bool output_channels_last(const ConvDesc& d, const ConvGeometry& g, const at::Tensor& input, at::TensorList weights) {
+  bool cl = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  size_t conv_index = 0;
+  for (size_t i = 0; i < d.stages.size(); ++i) {
+    const ConvStage& st = d.stages[i];
+    const kernels::StageShape& s = g.stages[i];
+    if (st.kind == ConvStageKind::Flatten || st.kind == ConvStageKind::Linear) break;
+    if (st.kind == ConvStageKind::Conv) {
+      const bool weight_cl = conv_index < weights.size() && weights[conv_index].dim() == 4 &&
+                             weights[conv_index].suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+      ++conv_index;
+      cl = cl || weight_cl;
+      // ATen's float64 depthwise kernel returns a 1x1 map contiguous.
+      if (d.dtype == kernels::DType::Float64 && st.depthwise && s.out_h * s.out_w == 1) cl = false;
+    }
+    const bool elementwise = st.kind == ConvStageKind::ScaleShift || st.kind == ConvStageKind::Pointwise ||
+                             (st.flags & kernels::kHasBatchNorm) || st.activation != kernels::Activation::None;
+    if (elementwise && (s.out_c == 1 || s.out_h * s.out_w == 1)) cl = false;
+  }
+  return cl;
 }
 
 struct RunContext {
@@ -184,7 +202,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
   }
   const kernels::StageShape& last = g.stages.back();
   const bool flat = d.flatten_stage >= 0;
-  const bool channels_last = !flat && wants_channels_last(input, weights);
+  const bool channels_last = !flat && output_channels_last(d, g, input, weights);
   at::Tensor y = flat ? at::empty({N, last.out_c}, input.options())
                       : at::empty({N, last.out_c, last.out_h, last.out_w},
                                   input.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast

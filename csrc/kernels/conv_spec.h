@@ -173,6 +173,11 @@ inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const dou
     if (!in_range(st.divisor, 0, kMaxWidth) || !in_range(st.options, 0, kCeilMode | kCountIncludePad))
       fail(where + "pool options out of range");
     const bool after_flatten = d.flatten_stage >= 0;
+    // After the Flatten the width is known only once a Linear or a
+    // BatchNorm1d (checked against the flattened width at run time) sets it.
+    if (after_flatten && !width_known && st.kind != ConvStageKind::Linear && st.kind != ConvStageKind::ScaleShift)
+      fail(where + "stage between Flatten and the first Linear or BatchNorm");
+    const bool sets_width = after_flatten && !width_known;
     switch (st.kind) {
       case ConvStageKind::Conv:
         if (after_flatten) fail(where + "Conv after Flatten");
@@ -193,9 +198,11 @@ inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const dou
         if (after_flatten) fail(where + "pooling after Flatten");
         [[fallthrough]];
       default:
-        if (st.kind != ConvStageKind::Flatten && st.out_channels != channels) fail(where + "changes channels");
+        if (st.kind != ConvStageKind::Flatten && st.out_channels != channels && !sets_width)
+          fail(where + "changes channels");
         break;
     }
+    if (after_flatten) width_known = true;
     const bool windowed =
         st.kind == ConvStageKind::Conv || st.kind == ConvStageKind::MaxPool || st.kind == ConvStageKind::AvgPool;
     const bool pool = st.kind == ConvStageKind::MaxPool || st.kind == ConvStageKind::AvgPool;
@@ -206,10 +213,6 @@ inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const dou
       fail(where + "dilated average pool");
     if (!pool && st.options) fail(where + "pool options on a stage that is not a pool");
     if (st.kind == ConvStageKind::Flatten && st.activation != Activation::None) fail(where + "activation on Flatten");
-    // After the Flatten the width is known only once a Linear sets it.
-    if (after_flatten && !width_known && st.kind != ConvStageKind::Linear)
-      fail(where + "stage between Flatten and the first Linear");
-    if (st.kind == ConvStageKind::Linear) width_known = true;
     st.depthwise = st.kind == ConvStageKind::Conv && st.groups == st.in_channels && st.groups == st.out_channels;
     const int64_t padded = round_up(st.out_channels, kPanelWidth);
     if (st.has_weights()) {
@@ -272,6 +275,11 @@ inline ConvGeometry resolve_conv_geometry(const ConvDesc& d, int64_t in_h, int64
         if (c != st.in_channels)
           fail(i, "flattened width " + std::to_string(c) + " differs from in_features " +
                       std::to_string(st.in_channels));
+        break;
+      case ConvStageKind::ScaleShift:
+        if (c != st.out_channels)  // a BatchNorm1d straight after the Flatten
+          fail(i, "flattened width " + std::to_string(c) + " differs from num_features " +
+                      std::to_string(st.out_channels));
         break;
       default: break;
     }
