@@ -212,22 +212,11 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
   dispatch_mlp_dtype(d.dtype, [&]<typename T>() {
     using A = kernels::acc_t<T>;
     const auto acc_opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
-    // NHWC input in A: the input itself when it already is, else one converting pass.
-    at::Tensor x_nhwc = input;
-    if (!std::is_same_v<T, A> || !input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-      x_nhwc = at::empty({N * H * W * C}, acc_opts);
-      const T* xp = reinterpret_cast<const T*>(input.const_data_ptr());
-      A* dst = x_nhwc.mutable_data_ptr<A>();
-      const int64_t strides[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
-      parallel_range(N, N * H * W * C * 64, [&](int64_t b, int64_t e) {
-        kernels::load_nhwc<T, A>(xp, strides, C, H, W, b, e, dst);
-      });
-    }
-    // The last stage writes into y when y's layout is compact NHWC in A.
-    const bool direct_out = std::is_same_v<T, A> && (flat || channels_last);
-    at::Tensor staging = direct_out ? y : at::empty({N * last.out_elems()}, acc_opts);
-    A* out = reinterpret_cast<A*>(staging.mutable_data_ptr());
-
+    const T* xp = reinterpret_cast<const T*>(input.const_data_ptr());
+    T* yp = reinterpret_cast<T*>(y.mutable_data_ptr());
+    const int64_t x_strides[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
+    const int64_t oh = flat ? 1 : last.out_h, ow = flat ? 1 : last.out_w;
+    const int64_t y_strides[4] = {y.stride(0), y.stride(1), flat ? 1 : y.stride(2), flat ? 1 : y.stride(3)};
     const RunContext ctx{d, g, packed.const_data_ptr<uint8_t>(), N, weights};
     // ATen's convolution needs activations in the storage type: bfloat16 runs
     // (whose activations stay in float between stages) use the fused kernels.
@@ -235,32 +224,49 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
     const size_t n_stages = d.stages.size();
     const size_t spatial_stop = flat ? static_cast<size_t>(d.flatten_stage) + 1 : n_stages;
     const int64_t threads = at::get_num_threads();
-    // One image per task carries every stage in the core's cache: chosen when
-    // the images split evenly enough over the threads.
+    // One image per task carries every stage, and the layout conversions at
+    // both ends, in the core's cache: chosen when the images split evenly
+    // enough over the threads.
     const bool per_image = run_engine == 0 && (threads == 1 || N % threads == 0 || N >= 4 * threads ||
                                            N * g.macs_per_image < kParallelMinMacs);
-    at::Tensor cur;
-    if (per_image) {
-      const bool whole = spatial_stop == n_stages;
-      at::Tensor mid = whole ? staging : at::empty({N * g.stages[spatial_stop - 1].out_elems()}, acc_opts);
-      A* mp = whole ? out : mid.mutable_data_ptr<A>();
-      const A* in = x_nhwc.const_data_ptr<A>();
-      const int64_t in_elems = g.stages[0].in_elems(), mid_elems = g.stages[spatial_stop - 1].out_elems();
+    if (per_image && spatial_stop == n_stages) {
       parallel_range(N, N * g.macs_per_image, [&](int64_t b, int64_t e) {
-        kernels::conv_forward_images<A>(d, g, ctx.packed, in + b * in_elems, mp + b * mid_elems, e - b,
-                                        spatial_stop);
+        kernels::conv_forward_images<T, A, T>(d, g, ctx.packed, xp + b * x_strides[0], x_strides,
+                                              yp + b * y_strides[0], y_strides, e - b, spatial_stop);
+      });
+      return;
+    }
+    // The last stage writes into y when y's layout is compact NHWC in A.
+    const bool direct_out = std::is_same_v<T, A> && (flat || channels_last);
+    at::Tensor staging = direct_out ? y : at::empty({N * last.out_elems()}, acc_opts);
+    A* out = reinterpret_cast<A*>(staging.mutable_data_ptr());
+    at::Tensor cur;
+    if (per_image) {  // the spatial stages per image, then the head over the batch
+      const int64_t mid_elems = g.stages[spatial_stop - 1].out_elems();
+      at::Tensor mid = at::empty({N * mid_elems}, acc_opts);
+      A* mp = mid.mutable_data_ptr<A>();
+      const int64_t mid_strides[4] = {mid_elems, 1, 1, 1};
+      parallel_range(N, N * g.macs_per_image, [&](int64_t b, int64_t e) {
+        kernels::conv_forward_images<T, A, A>(d, g, ctx.packed, xp + b * x_strides[0], x_strides,
+                                              mp + b * mid_elems, mid_strides, e - b, spatial_stop);
       });
       cur = run_stages_batched<A>(ctx, spatial_stop, n_stages, mid, out, staging, run_engine);
     } else {
+      // NHWC input in A: the input itself when it already is, else one converting pass.
+      at::Tensor x_nhwc = input;
+      if (!std::is_same_v<T, A> || !input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+        x_nhwc = at::empty({N * H * W * C}, acc_opts);
+        A* dst = x_nhwc.mutable_data_ptr<A>();
+        parallel_range(N, N * H * W * C * 64, [&](int64_t b, int64_t e) {
+          kernels::load_nhwc<T, A>(xp, x_strides, C, H, W, b, e, dst);
+        });
+      }
       cur = run_stages_batched<A>(ctx, 0, n_stages, x_nhwc, out, staging, run_engine);
     }
     if (direct_out && cur.const_data_ptr() == y.const_data_ptr()) return;
     const A* src = cur.const_data_ptr<A>();
-    T* yp = reinterpret_cast<T*>(y.mutable_data_ptr());
-    const int64_t oh = flat ? 1 : last.out_h, ow = flat ? 1 : last.out_w;
-    const int64_t strides[4] = {y.stride(0), y.stride(1), flat ? 1 : y.stride(2), flat ? 1 : y.stride(3)};
     parallel_range(N, N * last.out_elems() * 64, [&](int64_t b, int64_t e) {
-      kernels::store_nhwc<A, T>(src, last.out_c, oh, ow, strides, b, e, yp);
+      kernels::store_nhwc<A, T>(src, last.out_c, oh, ow, y_strides, b, e, yp);
     });
   });
   return y;

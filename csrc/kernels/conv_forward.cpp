@@ -29,6 +29,21 @@ SEQFUSE_DECLARE_ISA(avx512)
 #endif
 #undef SEQFUSE_DECLARE_ISA
 
+#define SEQFUSE_DECLARE_LAYOUT(ns, T)                                                                             \
+  namespace ns {                                                                                                  \
+  void conv_load_nhwc(const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t<T>*);          \
+  void conv_store_nhwc(const acc_t<T>*, int64_t, int64_t, int64_t, const int64_t*, int64_t, int64_t, T*);         \
+  }
+#define SEQFUSE_DECLARE_LAYOUTS(ns) \
+  SEQFUSE_DECLARE_LAYOUT(ns, float) SEQFUSE_DECLARE_LAYOUT(ns, double) SEQFUSE_DECLARE_LAYOUT(ns, bf16)
+SEQFUSE_DECLARE_LAYOUTS(baseline)
+#ifdef SEQFUSE_HAVE_X86_VARIANTS
+SEQFUSE_DECLARE_LAYOUTS(avx2)
+SEQFUSE_DECLARE_LAYOUTS(avx512)
+#endif
+#undef SEQFUSE_DECLARE_LAYOUTS
+#undef SEQFUSE_DECLARE_LAYOUT
+
 namespace {
 
 template <typename A> struct ConvKernels {
@@ -49,6 +64,20 @@ template <typename A> ConvKernels<A> kernels_for(Isa isa) {
   (void)isa;
   SEQFUSE_TABLE(baseline)
 #undef SEQFUSE_TABLE
+}
+
+template <typename T> struct LayoutKernels {
+  void (*load)(const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t<T>*);
+  void (*store)(const acc_t<T>*, int64_t, int64_t, int64_t, const int64_t*, int64_t, int64_t, T*);
+};
+
+template <typename T> LayoutKernels<T> layout_kernels_for(Isa isa) {
+#ifdef SEQFUSE_HAVE_X86_VARIANTS
+  if (isa == Isa::Avx512) return {avx512::conv_load_nhwc, avx512::conv_store_nhwc};
+  if (isa == Isa::Avx2) return {avx2::conv_load_nhwc, avx2::conv_store_nhwc};
+#endif
+  (void)isa;
+  return {baseline::conv_load_nhwc, baseline::conv_store_nhwc};
 }
 
 // Scratch for the patch tile of stage i (the same for every ISA).
@@ -73,61 +102,68 @@ void conv_stage_epilogue(const ConvDesc& d, const ConvGeometry& g, size_t i, con
   kernels_for<A>(active_isa()).epilogue(d, g, i, packed, io, p0, p1);
 }
 
-template <typename A>
-void conv_forward_images(const ConvDesc& d, const ConvGeometry& g, const uint8_t* packed, const A* in, A* out,
-                         int64_t n_images, size_t stop) {
+namespace {
+// Element strides of compact NHWC (N, C, H, W).
+bool is_compact_nhwc(const int64_t* s, int64_t C, int64_t H, int64_t W) {
+  return (s[1] == 1 || C == 1) && (s[3] == C || W == 1) && (s[2] == W * C || H == 1) && s[0] == H * W * C;
+}
+}  // namespace
+
+template <typename TI, typename A, typename TO>
+void conv_forward_images(const ConvDesc& d, const ConvGeometry& g, const uint8_t* packed, const TI* in,
+                         const int64_t* in_strides, TO* out, const int64_t* out_strides, int64_t n_images,
+                         size_t stop) {
   const ConvKernels<A> k = kernels_for<A>(active_isa());
   int64_t scratch = 0;
   for (size_t i = 0; i < stop; ++i) scratch = std::max(scratch, scratch_elems(d, i));
   const int64_t image = g.max_image_elems;
   A* ws = thread_workspace<A>(static_cast<size_t>(2 * image + scratch));
   A* buffers[2] = {ws, ws + image};
-  const int64_t in_elems = g.stages[0].in_elems(), out_elems = g.stages[stop - 1].out_elems();
+  const StageShape& first = g.stages[0];
+  const StageShape& last = g.stages[stop - 1];
+  // After a Flatten the output is (N, F) rows: no transposition on the way out.
+  const int64_t out_h = last.out_h, out_w = last.out_w;
+  const bool in_direct = std::is_same_v<TI, A> && is_compact_nhwc(in_strides, first.in_c, first.in_h, first.in_w);
+  const bool out_direct = std::is_same_v<TO, A> && is_compact_nhwc(out_strides, last.out_c, out_h, out_w);
   for (int64_t n = 0; n < n_images; ++n) {
-    const A* cur = in + n * in_elems;
+    const A* cur;
+    if (in_direct) {
+      cur = reinterpret_cast<const A*>(in) + n * in_strides[0];
+    } else {  // stage 0 writes buffers[0], so its input may sit in buffers[1]
+      load_nhwc<TI, A>(in + n * in_strides[0], in_strides, first.in_c, first.in_h, first.in_w, 0, 1, buffers[1]);
+      cur = buffers[1];
+    }
     for (size_t i = 0; i < stop; ++i) {
-      A* next = i + 1 == stop ? out + n * out_elems : buffers[i % 2];
+      A* next = i + 1 == stop && out_direct ? reinterpret_cast<A*>(out) + n * out_strides[0] : buffers[i % 2];
       k.stage(d, g, i, packed, cur, next, 0, g.stages[i].out_pixels(), ws + 2 * image);
       cur = next;
     }
+    if (!out_direct) store_nhwc<A, TO>(cur, last.out_c, out_h, out_w, out_strides, 0, 1, out + n * out_strides[0]);
   }
 }
 
 template <typename T, typename A>
 void load_nhwc(const T* x, const int64_t* s, int64_t C, int64_t H, int64_t W, int64_t n0, int64_t n1, A* out) {
-  for (int64_t n = n0; n < n1; ++n)
-    for (int64_t h = 0; h < H; ++h) {
-      A* row = out + ((n * H + h) * W) * C;
-      const T* src = x + n * s[0] + h * s[2];
-      // Channel-outer: reads follow W (contiguous in NCHW), writes stay in one row.
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t w = 0; w < W; ++w) row[w * C + c] = convert<A>(src[c * s[1] + w * s[3]]);
-    }
+  layout_kernels_for<T>(active_isa()).load(x, s, C, H, W, n0, n1, out);
 }
 
 template <typename A, typename T>
 void store_nhwc(const A* y, int64_t C, int64_t H, int64_t W, const int64_t* s, int64_t n0, int64_t n1, T* out) {
-  for (int64_t n = n0; n < n1; ++n)
-    for (int64_t h = 0; h < H; ++h) {
-      const A* row = y + ((n * H + h) * W) * C;
-      T* dst = out + n * s[0] + h * s[2];
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t w = 0; w < W; ++w) dst[c * s[1] + w * s[3]] = convert<T>(row[w * C + c]);
-    }
+  layout_kernels_for<T>(active_isa()).store(y, C, H, W, s, n0, n1, out);
 }
 
 #define SEQFUSE_INSTANTIATE_ACC(A)                                                                               \
   template void conv_stage_forward<A>(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const A*, A*, \
                                       int64_t, int64_t);                                                          \
   template void conv_stage_epilogue<A>(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, A*, int64_t, \
-                                       int64_t);                                                                  \
-  template void conv_forward_images<A>(const ConvDesc&, const ConvGeometry&, const uint8_t*, const A*, A*,       \
-                                       int64_t, size_t);
+                                       int64_t);
 SEQFUSE_INSTANTIATE_ACC(float)
 SEQFUSE_INSTANTIATE_ACC(double)
 #undef SEQFUSE_INSTANTIATE_ACC
 
 #define SEQFUSE_INSTANTIATE_IO(T)                                                                               \
+  template void conv_forward_images<T, acc_t<T>, T>(const ConvDesc&, const ConvGeometry&, const uint8_t*,        \
+                                                    const T*, const int64_t*, T*, const int64_t*, int64_t, size_t); \
   template void load_nhwc<T, acc_t<T>>(const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t,   \
                                        acc_t<T>*);                                                              \
   template void store_nhwc<acc_t<T>, T>(const acc_t<T>*, int64_t, int64_t, int64_t, const int64_t*, int64_t,    \
@@ -136,5 +172,9 @@ SEQFUSE_INSTANTIATE_IO(float)
 SEQFUSE_INSTANTIATE_IO(double)
 SEQFUSE_INSTANTIATE_IO(bf16)
 #undef SEQFUSE_INSTANTIATE_IO
+// bfloat16 runs with a Linear head hand the flattened rows over in float.
+template void conv_forward_images<bf16, float, float>(const ConvDesc&, const ConvGeometry&, const uint8_t*,
+                                                      const bf16*, const int64_t*, float*, const int64_t*, int64_t,
+                                                      size_t);
 
 }  // namespace seqfuse::kernels

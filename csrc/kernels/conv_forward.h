@@ -39,11 +39,15 @@ void conv_stage_epilogue(const ConvDesc& d, const ConvGeometry& g, size_t i, con
                          int64_t p0, int64_t p1);
 
 // Stages [0, stop) for `n_images` images, one image at a time, the activations
-// carried between stages in two per-thread buffers that stay in the core's
-// cache. in: stage 0's input images; out: stage stop-1's output images.
-template <typename A>
-void conv_forward_images(const ConvDesc& d, const ConvGeometry& g, const uint8_t* packed, const A* in, A* out,
-                         int64_t n_images, size_t stop);
+// carried between stages in per-thread buffers that stay in the core's cache.
+// in: stage 0's input images, (N, C, H, W) element strides `in_strides` in any
+// memory format; out: stage stop-1's output images, strides `out_strides`
+// (after a Flatten, (N, F) as (N, F, 1, 1)). Layout conversion happens per
+// image while it is cache-hot; compact NHWC in A is read and written in place.
+template <typename TI, typename A, typename TO>
+void conv_forward_images(const ConvDesc& d, const ConvGeometry& g, const uint8_t* packed, const TI* in,
+                         const int64_t* in_strides, TO* out, const int64_t* out_strides, int64_t n_images,
+                         size_t stop);
 
 // ---- layout conversions (conv_forward.cpp) -----------------------------------
 

@@ -269,3 +269,67 @@ void conv_epilogue_f64(const ConvDesc& d, const ConvGeometry& g, size_t i, const
                        int64_t p0, int64_t p1) {
   conv_epilogue<double>(d, g, i, pk, io, p0, p1);
 }
+
+// Layout conversions at a run's boundaries, (N, C, H, W) with any element
+// strides <-> compact NHWC in the accumulate type. They walk 8 channels at a
+// time: NCHW channel rows are H*W elements apart, often a multiple of 4 KiB,
+// so they share an L1 set, and more concurrent rows than the cache's ways
+// would evict each other. Unit-stride rows get their own loop so the compiler
+// vectorizes it (gathers/scatters within a cache-resident row).
+namespace conv_detail {
+constexpr int64_t kChannelBlock = 8;
+
+template <typename T, typename A>
+void load_nhwc(const T* x, const int64_t* s, int64_t C, int64_t H, int64_t W, int64_t n0, int64_t n1, A* out) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t h = 0; h < H; ++h) {
+      A* __restrict row = out + ((n * H + h) * W) * C;
+      const T* __restrict src = x + n * s[0] + h * s[2];
+      for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+        const int64_t cn = C - c0 < kChannelBlock ? C - c0 : kChannelBlock;
+        for (int64_t c = 0; c < cn; ++c) {
+          const T* __restrict in = src + (c0 + c) * s[1];
+          A* __restrict dst = row + c0 + c;
+          if (s[3] == 1)
+            for (int64_t w = 0; w < W; ++w) dst[w * C] = convert<A>(in[w]);
+          else
+            for (int64_t w = 0; w < W; ++w) dst[w * C] = convert<A>(in[w * s[3]]);
+        }
+      }
+    }
+}
+
+template <typename A, typename T>
+void store_nhwc(const A* y, int64_t C, int64_t H, int64_t W, const int64_t* s, int64_t n0, int64_t n1, T* out) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t h = 0; h < H; ++h) {
+      const A* __restrict row = y + ((n * H + h) * W) * C;
+      T* __restrict dst = out + n * s[0] + h * s[2];
+      for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+        const int64_t cn = C - c0 < kChannelBlock ? C - c0 : kChannelBlock;
+        for (int64_t c = 0; c < cn; ++c) {
+          const A* __restrict src = row + c0 + c;
+          T* __restrict o = dst + (c0 + c) * s[1];
+          if (s[3] == 1)
+            for (int64_t w = 0; w < W; ++w) o[w] = convert<T>(src[w * C]);
+          else
+            for (int64_t w = 0; w < W; ++w) o[w * s[3]] = convert<T>(src[w * C]);
+        }
+      }
+    }
+}
+}  // namespace conv_detail
+
+#define SEQFUSE_LAYOUT_ENTRY(T)                                                                                  \
+  void conv_load_nhwc(const T* x, const int64_t* s, int64_t C, int64_t H, int64_t W, int64_t n0, int64_t n1,     \
+                      acc_t<T>* out) {                                                                           \
+    conv_detail::load_nhwc<T, acc_t<T>>(x, s, C, H, W, n0, n1, out);                                             \
+  }                                                                                                              \
+  void conv_store_nhwc(const acc_t<T>* y, int64_t C, int64_t H, int64_t W, const int64_t* s, int64_t n0,         \
+                       int64_t n1, T* out) {                                                                     \
+    conv_detail::store_nhwc<acc_t<T>, T>(y, C, H, W, s, n0, n1, out);                                            \
+  }
+SEQFUSE_LAYOUT_ENTRY(float)
+SEQFUSE_LAYOUT_ENTRY(double)
+SEQFUSE_LAYOUT_ENTRY(bf16)
+#undef SEQFUSE_LAYOUT_ENTRY

@@ -526,7 +526,11 @@ void check_images(const ConvModel<A>& m, const sk::ConvGeometry& g, const std::v
   const Nhwc& want = ref[stop - 1];
   constexpr int64_t kGuard = 17;
   std::vector<A> out(want.size() + kGuard, sentinel<A>());
-  sk::conv_forward_images<A>(m.desc, g, m.packed.data.get(), x.data(), out.data(), want.n, stop);
+  const sk::StageShape& first = g.stages.front();
+  const int64_t in_strides[4] = {first.in_elems(), 1, first.in_w * first.in_c, first.in_c};  // compact NHWC
+  const int64_t out_strides[4] = {want.h * want.w * want.c, 1, want.w * want.c, want.c};
+  sk::conv_forward_images<A, A, A>(m.desc, g, m.packed.data.get(), x.data(), in_strides, out.data(), out_strides,
+                                   want.n, stop);
   std::ostringstream where;
   where << label << " conv_forward_images stop=" << stop;
   const Mismatches bad = compare_nhwc(want, terms, out.data());
@@ -548,13 +552,12 @@ void check_bf16_run(const ConvModel<bf16>& m, const sk::ConvGeometry& g, const s
       for (int64_t xx = 0; xx < W; ++xx)
         for (int64_t c = 0; c < C; ++c) x_nchw[((i * C + c) * H + y) * W + xx] = x_nhwc[((i * H + y) * W + xx) * C + c];
   const int64_t in_strides[4] = {C * H * W, H * W, W, 1};
-  std::vector<float> a(x_nhwc.size()), b(want.size());
-  sk::load_nhwc<bf16, float>(x_nchw.data(), in_strides, C, H, W, 0, n, a.data());
-  sk::conv_forward_images<float>(m.desc, g, m.packed.data.get(), a.data(), b.data(), n, m.desc.stages.size());
   const int64_t oc = want.c, oh = want.h, ow = want.w;
   const int64_t out_strides[4] = {oc * oh * ow, oh * ow, ow, 1};
   std::vector<bf16> y(want.size());
-  sk::store_nhwc<float, bf16>(b.data(), oc, oh, ow, out_strides, 0, n, y.data());
+  // The layout conversions happen per image inside the run.
+  sk::conv_forward_images<bf16, float, bf16>(m.desc, g, m.packed.data.get(), x_nchw.data(), in_strides, y.data(),
+                                             out_strides, n, m.desc.stages.size());
   const Mismatches bad = compare<bf16>(want, terms, [&](size_t i) {
     const int64_t k = static_cast<int64_t>(i), c = k % oc, xx = k / oc % ow, yy = k / oc / ow % oh, img = k / oc / ow / oh;
     return to_double(y[((img * oc + c) * oh + yy) * ow + xx]);
