@@ -21,11 +21,11 @@ namespace seqfuse::kernels {
   void conv_epilogue_f64(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, double*, int64_t,          \
                          int64_t);                                                                                \
   }
-SEQFUSE_DECLARE_ISA(baseline)
+SEQFUSE_DECLARE_ISA(baseline::conv)
 #if defined(__x86_64__) || defined(_M_X64)
 #define SEQFUSE_HAVE_X86_VARIANTS 1
-SEQFUSE_DECLARE_ISA(avx2)
-SEQFUSE_DECLARE_ISA(avx512)
+SEQFUSE_DECLARE_ISA(avx2::conv)
+SEQFUSE_DECLARE_ISA(avx512::conv)
 #endif
 #undef SEQFUSE_DECLARE_ISA
 
@@ -36,10 +36,10 @@ SEQFUSE_DECLARE_ISA(avx512)
   }
 #define SEQFUSE_DECLARE_LAYOUTS(ns) \
   SEQFUSE_DECLARE_LAYOUT(ns, float) SEQFUSE_DECLARE_LAYOUT(ns, double) SEQFUSE_DECLARE_LAYOUT(ns, bf16)
-SEQFUSE_DECLARE_LAYOUTS(baseline)
+SEQFUSE_DECLARE_LAYOUTS(baseline::conv)
 #ifdef SEQFUSE_HAVE_X86_VARIANTS
-SEQFUSE_DECLARE_LAYOUTS(avx2)
-SEQFUSE_DECLARE_LAYOUTS(avx512)
+SEQFUSE_DECLARE_LAYOUTS(avx2::conv)
+SEQFUSE_DECLARE_LAYOUTS(avx512::conv)
 #endif
 #undef SEQFUSE_DECLARE_LAYOUTS
 #undef SEQFUSE_DECLARE_LAYOUT
@@ -58,11 +58,11 @@ template <typename A> ConvKernels<A> kernels_for(Isa isa) {
   else                                                                     \
     return {ns::conv_stage_f64, ns::conv_epilogue_f64};
 #ifdef SEQFUSE_HAVE_X86_VARIANTS
-  if (isa == Isa::Avx512) { SEQFUSE_TABLE(avx512) }
-  if (isa == Isa::Avx2) { SEQFUSE_TABLE(avx2) }
+  if (isa == Isa::Avx512) { SEQFUSE_TABLE(avx512::conv) }
+  if (isa == Isa::Avx2) { SEQFUSE_TABLE(avx2::conv) }
 #endif
   (void)isa;
-  SEQFUSE_TABLE(baseline)
+  SEQFUSE_TABLE(baseline::conv)
 #undef SEQFUSE_TABLE
 }
 
@@ -73,18 +73,18 @@ template <typename T> struct LayoutKernels {
 
 template <typename T> LayoutKernels<T> layout_kernels_for(Isa isa) {
 #ifdef SEQFUSE_HAVE_X86_VARIANTS
-  if (isa == Isa::Avx512) return {avx512::conv_load_nhwc, avx512::conv_store_nhwc};
-  if (isa == Isa::Avx2) return {avx2::conv_load_nhwc, avx2::conv_store_nhwc};
+  if (isa == Isa::Avx512) return {avx512::conv::conv_load_nhwc, avx512::conv::conv_store_nhwc};
+  if (isa == Isa::Avx2) return {avx2::conv::conv_load_nhwc, avx2::conv::conv_store_nhwc};
 #endif
   (void)isa;
-  return {baseline::conv_load_nhwc, baseline::conv_store_nhwc};
+  return {baseline::conv::conv_load_nhwc, baseline::conv::conv_store_nhwc};
 }
 
 // Scratch for the patch tile of stage i (the same for every ISA).
 int64_t scratch_elems(const ConvDesc& d, size_t i) {
   const ConvStage& st = d.stages[i];
   if (!st.has_weights() || st.depthwise) return 0;
-  return std::max<int64_t>(baseline::conv_im2col_budget(), kPanelWidth * st.reduction());
+  return std::max<int64_t>(baseline::conv::conv_im2col_budget(), kPanelWidth * st.reduction());
 }
 
 }  // namespace

@@ -1,6 +1,9 @@
 // The fused conv stages compiled for AVX-512 (32 zmm registers; 24 for accumulators:
 // 12x2 micro-tiles measured 1.35x faster than 8x2 on 3x3 convolutions).
 // Standard headers come first so that only our own code is built for the target.
+// The conv stages get a namespace of their own: the shared GEMM templates
+// (kernel_impl.h) are instantiated here under a different register budget
+// than in the MLP translation unit, and must not be merged with those.
 #include "conv_forward.h"
 #include "vec.h"
 
@@ -10,9 +13,9 @@
 #endif
 
 #ifdef SEQFUSE_ISA_ENABLED
-namespace seqfuse::kernels::avx512 {
+namespace seqfuse::kernels::avx512::conv {
 #define SEQFUSE_VECTOR_BYTES 64
 #define SEQFUSE_ACC_REGISTERS 24
 #include "conv_forward_impl.h"
-}  // namespace seqfuse::kernels::avx512
+}  // namespace seqfuse::kernels::avx512::conv
 #endif
