@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <stdexcept>
+#include <vector>
 
 #include "kernels/bf16.h"
 #include "kernels/conv_spec.h"
@@ -51,5 +52,39 @@ template <typename Fn> decltype(auto) dispatch_mlp_dtype(kernels::DType d, Fn&& 
   }
   return fn.template operator()<float>();
 }
+
+// Reads a packing op's `tensors` list in order, checking each tensor's
+// device, dtype and shape against what the spec says the stage needs, and
+// keeps contiguous copies alive until packing is done.
+class PackInputs {
+ public:
+  PackInputs(const char* op, at::TensorList tensors, at::ScalarType dtype)
+      : op_(op), tensors_(tensors), dtype_(dtype) {}
+
+  template <typename T> const T* take(int64_t stage, const char* what, std::vector<int64_t> shape) {
+    TORCH_CHECK_VALUE(next_ < tensors_.size(), op_, ": stage ", stage, " needs a ", what,
+                      " tensor but the list ended after ", tensors_.size());
+    const at::Tensor& t = tensors_[next_++];
+    TORCH_CHECK_VALUE(t.device().is_cpu(), op_, ": stage ", stage, " ", what, " is on ", t.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype_, op_, ": stage ", stage, " ", what, " has dtype ", t.scalar_type(),
+                     " but the spec says ", dtype_);
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), op_, ": stage ", stage, " ", what, " has shape ",
+                      t.sizes(), ", expected ", at::IntArrayRef(shape));
+    keep_.push_back(t.contiguous());
+    return static_cast<const T*>(keep_.back().const_data_ptr());
+  }
+
+  // Every tensor must have been used.
+  void finish() const {
+    TORCH_CHECK_VALUE(next_ == tensors_.size(), op_, ": got ", tensors_.size(), " tensors, the spec uses ", next_);
+  }
+
+ private:
+  const char* op_;
+  at::TensorList tensors_;
+  at::ScalarType dtype_;
+  size_t next_ = 0;
+  std::vector<at::Tensor> keep_;
+};
 
 }  // namespace seqfuse

@@ -258,6 +258,22 @@ class Segment:
         return out
 
 
+def _fold_batchnorm(last, weighted_kinds, bn, flags: int) -> bool:
+    """Folds an eval BatchNorm into the stage before it when that stage is a
+    Linear/Conv2d with nothing after its product yet; False otherwise."""
+    if (
+        last is None
+        or last.kind not in weighted_kinds
+        or last.flags & HAS_BATCHNORM
+        or last.activation != Activation.NONE
+    ):
+        return False
+    last.flags |= flags
+    last.eps = bn.eps
+    last.modules.append(bn)
+    return True
+
+
 def _build_stages(entries) -> Tuple[List[MlpStage], List[str]]:
     stages: List[MlpStage] = []
     roles: List[str] = []
@@ -269,15 +285,7 @@ def _build_stages(entries) -> Tuple[List[MlpStage], List[str]]:
             roles.append(f"stage {len(stages) - 1}: matmul")
         elif c.role == BATCHNORM:
             flags = HAS_BATCHNORM | (BATCHNORM_AFFINE if m.affine else 0)
-            if (
-                last is not None
-                and last.kind == StageKind.LINEAR
-                and not last.flags & HAS_BATCHNORM
-                and last.activation == Activation.NONE
-            ):
-                last.flags |= flags
-                last.eps = m.eps
-                last.modules.append(m)
+            if _fold_batchnorm(last, (StageKind.LINEAR,), m, flags):
                 roles.append(f"stage {len(stages) - 1}: folded into the epilogue (eval)")
             else:
                 stages.append(MlpStage(StageKind.SCALE_SHIFT, m.num_features, flags=flags, eps=m.eps, modules=[m]))
@@ -331,15 +339,7 @@ def _build_conv_stages(entries, in_channels: int) -> Tuple[List[ConvStage], List
             add(ConvStage(ConvStageKind.LINEAR, channels, flags=flags, param=m.in_features, modules=[m]), "matmul")
         elif c.role in (BATCHNORM, BATCHNORM2D):
             flags = HAS_BATCHNORM | (BATCHNORM_AFFINE if m.affine else 0)
-            if (
-                last is not None
-                and last.kind in (ConvStageKind.CONV, ConvStageKind.LINEAR)
-                and not last.flags & HAS_BATCHNORM
-                and last.activation == Activation.NONE
-            ):
-                last.flags |= flags
-                last.eps = m.eps
-                last.modules.append(m)
+            if _fold_batchnorm(last, (ConvStageKind.CONV, ConvStageKind.LINEAR), m, flags):
                 roles.append(f"stage {len(stages) - 1}: folded into the epilogue (eval)")
             else:
                 channels = m.num_features  # after the Flatten, the first width the run states

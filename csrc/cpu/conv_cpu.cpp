@@ -27,43 +27,29 @@ at::Tensor conv_pack_cpu(at::TensorList tensors, at::IntArrayRef spec, at::Array
   const at::ScalarType dtype = scalar_type_of(d.dtype);
   at::Tensor packed = at::zeros({d.packed_bytes}, at::TensorOptions().dtype(at::kByte));
   uint8_t* base = packed.data_ptr<uint8_t>();
-  size_t next = 0;
-  std::vector<at::Tensor> keep;
-  auto take = [&](int64_t stage, const char* what, std::vector<int64_t> shape) -> const void* {
-    TORCH_CHECK_VALUE(next < tensors.size(), "seqfuse::conv_pack: stage ", stage, " needs a ", what,
-                      " tensor but the list ended after ", tensors.size());
-    const at::Tensor& t = tensors[next++];
-    TORCH_CHECK_VALUE(t.device().is_cpu(), "seqfuse::conv_pack: stage ", stage, " ", what, " is on ", t.device());
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "seqfuse::conv_pack: stage ", stage, " ", what, " has dtype ",
-                     t.scalar_type(), " but the spec says ", dtype);
-    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), "seqfuse::conv_pack: stage ", stage, " ", what,
-                      " has shape ", t.sizes(), ", expected ", at::IntArrayRef(shape));
-    keep.push_back(t.contiguous());
-    return keep.back().const_data_ptr();
-  };
+  PackInputs inputs("seqfuse::conv_pack", tensors, dtype);
   dispatch_mlp_dtype(d.dtype, [&]<typename T>() {
     for (size_t i = 0; i < d.stages.size(); ++i) {
       const ConvStage& s = d.stages[i];
       const int64_t si = static_cast<int64_t>(i), n = s.out_channels;
       const T *weight = nullptr, *bias = nullptr, *gamma = nullptr, *beta = nullptr, *mean = nullptr, *var = nullptr;
       if (s.kind == ConvStageKind::Conv)
-        weight = static_cast<const T*>(take(si, "weight", {n, s.in_channels / s.groups, s.kernel_h, s.kernel_w}));
+        weight = inputs.take<T>(si, "weight", {n, s.in_channels / s.groups, s.kernel_h, s.kernel_w});
       else if (s.kind == ConvStageKind::Linear)
-        weight = static_cast<const T*>(take(si, "weight", {n, s.in_channels}));
-      if (weight && (s.flags & kernels::kHasBias)) bias = static_cast<const T*>(take(si, "bias", {n}));
+        weight = inputs.take<T>(si, "weight", {n, s.in_channels});
+      if (weight && (s.flags & kernels::kHasBias)) bias = inputs.take<T>(si, "bias", {n});
       if (s.flags & kernels::kHasBatchNorm) {
         if (s.flags & kernels::kBatchNormAffine) {
-          gamma = static_cast<const T*>(take(si, "batchnorm weight", {n}));
-          beta = static_cast<const T*>(take(si, "batchnorm bias", {n}));
+          gamma = inputs.take<T>(si, "batchnorm weight", {n});
+          beta = inputs.take<T>(si, "batchnorm bias", {n});
         }
-        mean = static_cast<const T*>(take(si, "running_mean", {n}));
-        var = static_cast<const T*>(take(si, "running_var", {n}));
+        mean = inputs.take<T>(si, "running_mean", {n});
+        var = inputs.take<T>(si, "running_var", {n});
       }
       kernels::pack_conv_stage<T>(s, weight, bias, gamma, beta, mean, var, base);
     }
   });
-  TORCH_CHECK_VALUE(next == tensors.size(), "seqfuse::conv_pack: got ", tensors.size(), " tensors, the spec uses ",
-                    next);
+  inputs.finish();
   return packed;
 }
 

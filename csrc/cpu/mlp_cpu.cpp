@@ -28,20 +28,7 @@ at::Tensor mlp_pack_cpu(at::TensorList tensors, at::IntArrayRef spec, at::ArrayR
   // buffer is a deterministic function of the parameters).
   at::Tensor packed = at::zeros({d.packed_bytes}, at::TensorOptions().dtype(at::kByte));
   uint8_t* base = packed.data_ptr<uint8_t>();
-  size_t next = 0;
-  std::vector<at::Tensor> keep;  // contiguous copies alive until packing is done
-  auto take = [&](int64_t stage, const char* what, std::vector<int64_t> shape) -> const void* {
-    TORCH_CHECK_VALUE(next < tensors.size(), "seqfuse::mlp_pack: stage ", stage, " needs a ", what,
-                      " tensor but the list ended after ", tensors.size());
-    const at::Tensor& t = tensors[next++];
-    TORCH_CHECK_VALUE(t.device().is_cpu(), "seqfuse::mlp_pack: stage ", stage, " ", what, " is on ", t.device());
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "seqfuse::mlp_pack: stage ", stage, " ", what, " has dtype ",
-                     t.scalar_type(), " but the spec says ", dtype);
-    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), "seqfuse::mlp_pack: stage ", stage, " ", what,
-                      " has shape ", t.sizes(), ", expected ", at::IntArrayRef(shape));
-    keep.push_back(t.contiguous());
-    return keep.back().const_data_ptr();
-  };
+  PackInputs inputs("seqfuse::mlp_pack", tensors, dtype);
   dispatch_mlp_dtype(d.dtype, [&]<typename T>() {
     using A = kernels::acc_t<T>;
     for (size_t i = 0; i < d.stages.size(); ++i) {
@@ -51,27 +38,26 @@ at::Tensor mlp_pack_cpu(at::TensorList tensors, at::IntArrayRef spec, at::ArrayR
       const T *bias = nullptr, *gamma = nullptr, *beta = nullptr, *mean = nullptr, *var = nullptr;
       if (s.kind == StageKind::Pointwise) continue;
       if (s.kind == StageKind::Linear) {
-        weight = static_cast<const T*>(take(si, "weight", {n, s.in_features}));
-        if (s.flags & kernels::kHasBias) bias = static_cast<const T*>(take(si, "bias", {n}));
+        weight = inputs.take<T>(si, "weight", {n, s.in_features});
+        if (s.flags & kernels::kHasBias) bias = inputs.take<T>(si, "bias", {n});
       } else {
         TORCH_CHECK_VALUE(s.flags & kernels::kHasBatchNorm, "seqfuse::mlp_pack: ScaleShift stage ", si,
                           " without BatchNorm flag");
       }
       if (s.flags & kernels::kHasBatchNorm) {
         if (s.flags & kernels::kBatchNormAffine) {
-          gamma = static_cast<const T*>(take(si, "batchnorm weight", {n}));
-          beta = static_cast<const T*>(take(si, "batchnorm bias", {n}));
+          gamma = inputs.take<T>(si, "batchnorm weight", {n});
+          beta = inputs.take<T>(si, "batchnorm bias", {n});
         }
-        mean = static_cast<const T*>(take(si, "running_mean", {n}));
-        var = static_cast<const T*>(take(si, "running_var", {n}));
+        mean = inputs.take<T>(si, "running_mean", {n});
+        var = inputs.take<T>(si, "running_var", {n});
       }
       if (weight) kernels::pack_linear_weight(weight, n, s.in_features, reinterpret_cast<T*>(base + s.weight_offset));
       kernels::fold_scale_shift(n, bias, gamma, beta, mean, var, s.eps, reinterpret_cast<A*>(base + s.scale_offset),
                                 reinterpret_cast<A*>(base + s.shift_offset));
     }
   });
-  TORCH_CHECK_VALUE(next == tensors.size(), "seqfuse::mlp_pack: got ", tensors.size(), " tensors, the spec uses ",
-                    next);
+  inputs.finish();
   return packed;
 }
 
