@@ -18,4 +18,11 @@ x = torch.randn(8, 16)
 with torch.inference_mode():
     torch.testing.assert_close(m(x), nn.Sequential(*m)(x))
 assert m.explain().fused_segments, str(m.explain())
+cnn = seqfuse.FusedSequential(
+    nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 3)
+).eval()
+img = torch.randn(2, 3, 8, 8)
+with torch.inference_mode():
+    torch.testing.assert_close(cnn(img), nn.Sequential(*cnn)(img))
+assert [s.op for s in cnn.explain().fused_segments] == ["conv"], str(cnn.explain())
 print(f"seqfuse {seqfuse.__version__} wheel OK (torch {torch.__version__}, {seqfuse.ops.cpu_capability()})")
