@@ -34,7 +34,7 @@ TORCH_LIBRARY(seqfuse, m) {
   // through every stage when the batch splits evenly over the threads);
   // engine 1: each Conv by ATen's convolution on `weights` (the Conv weights
   // in stage order), its epilogue and every other stage by the fused kernels
-  // (bfloat16 always runs engine 0: its activations stay in float).
+  // (for bfloat16, the activations are rounded to bfloat16 around it).
   m.def(
       "conv_forward(Tensor input, Tensor packed, Tensor[] weights, int[] spec, float[] fparams, int engine=0) -> Tensor");
 }

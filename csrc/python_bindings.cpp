@@ -295,11 +295,8 @@ class FusedConvCall final : public FusedCall {
         macs = 0;  // the op reports the bad shape
       }
     }
-    // The ATen engine has no bfloat16 path here (activations stay in float).
-    return Shape{macs, x.size(0), {h, w}, has_conv_ && dtype_is_tunable()};
+    return Shape{macs, x.size(0), {h, w}, has_conv_};
   }
-
-  bool dtype_is_tunable() const { return desc_.dtype != kernels::DType::BFloat16; }
 
   kernels::ConvDesc desc_;
   bool has_conv_ = false;

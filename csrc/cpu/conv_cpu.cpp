@@ -113,9 +113,13 @@ at::Tensor aten_conv_stage(const RunContext& ctx, size_t i, const A* in, size_t 
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
   const at::Tensor x = at::from_blob(const_cast<A*>(in), {ctx.images, s.in_c, s.in_h, s.in_w},
                                      {s.in_h * s.in_w * s.in_c, 1, s.in_w * s.in_c, s.in_c}, opts);
-  at::Tensor y = at::convolution(x, w, std::nullopt, {st.stride_h, st.stride_w}, {st.pad_top, st.pad_left},
+  // In the weight's dtype: for bfloat16 runs the activations are rounded to
+  // bfloat16 around the convolution (as eager's are) so oneDNN's bfloat16
+  // kernels run it; the epilogue continues in float.
+  const at::Tensor xw = x.scalar_type() == w.scalar_type() ? x : x.to(w.scalar_type());
+  at::Tensor y = at::convolution(xw, w, std::nullopt, {st.stride_h, st.stride_w}, {st.pad_top, st.pad_left},
                                  {st.dilation_h, st.dilation_w}, false, {0, 0}, st.groups)
-                     .contiguous(at::MemoryFormat::ChannelsLast);
+                     .to(opts.dtype(), /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::ChannelsLast);
   A* yp = y.mutable_data_ptr<A>();
   const int64_t pixels = ctx.images * s.out_pixels();
   parallel_range(pixels, pixels * s.out_c, [&](int64_t b, int64_t e) {
@@ -204,9 +208,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
     const int64_t oh = flat ? 1 : last.out_h, ow = flat ? 1 : last.out_w;
     const int64_t y_strides[4] = {y.stride(0), y.stride(1), flat ? 1 : y.stride(2), flat ? 1 : y.stride(3)};
     const RunContext ctx{d, g, packed.const_data_ptr<uint8_t>(), N, weights};
-    // ATen's convolution needs activations in the storage type: bfloat16 runs
-    // (whose activations stay in float between stages) use the fused kernels.
-    const int run_engine = std::is_same_v<T, A> ? static_cast<int>(engine) : 0;
+    const int run_engine = static_cast<int>(engine);
     const size_t n_stages = d.stages.size();
     const size_t spatial_stop = flat ? static_cast<size_t>(d.flatten_stage) + 1 : n_stages;
     const int64_t threads = at::get_num_threads();
