@@ -98,40 +98,53 @@ struct RunContext {
   at::TensorList weights;  // the Conv weights in stage order (ATen engine)
 };
 
-// Engine 1's Conv stage: ATen's convolution (oneDNN) on the raw weight, then
-// the folded bias/BatchNorm and activation by the fused epilogue kernel.
-// Returns an undefined tensor when ATen cannot express the stage (asymmetric
-// 'same' padding): the fused kernel then runs it.
-template <typename A>
-at::Tensor aten_conv_stage(const RunContext& ctx, size_t i, const A* in, size_t weight_index) {
+// Whether engine 1 runs stage i through ATen (a Conv2d ATen can express:
+// asymmetric 'same' padding cannot be).
+bool aten_runs_stage(const ConvStage& st, int engine) {
+  return engine == 1 && st.kind == ConvStageKind::Conv && st.pad_top == st.pad_bottom &&
+         st.pad_left == st.pad_right;
+}
+
+// Engine 1's Conv stage: ATen's convolution (oneDNN) on the raw weight in the
+// weight's dtype, then the folded bias/BatchNorm and activation by the fused
+// epilogue kernel. `cur` holds the stage's input, compact NHWC, in T or A.
+// The result is compact NHWC in A, or in T when `keep_storage_type` (the next
+// stage is another ATen convolution: bfloat16 activations then pass between
+// them without conversions, rounded to bfloat16 as eager's are).
+template <typename T, typename A>
+at::Tensor aten_conv_stage(const RunContext& ctx, size_t i, const at::Tensor& cur, size_t weight_index,
+                           bool keep_storage_type) {
   const ConvStage& st = ctx.d.stages[i];
   const kernels::StageShape& s = ctx.g.stages[i];
-  if (st.pad_top != st.pad_bottom || st.pad_left != st.pad_right) return {};
   TORCH_CHECK_VALUE(weight_index < ctx.weights.size(), "seqfuse::conv_forward: engine 1 needs the weight of stage ",
                     i);
   const at::Tensor& w = ctx.weights[weight_index];
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
-  const at::Tensor x = at::from_blob(const_cast<A*>(in), {ctx.images, s.in_c, s.in_h, s.in_w},
-                                     {s.in_h * s.in_w * s.in_c, 1, s.in_w * s.in_c, s.in_c}, opts);
-  // In the weight's dtype: for bfloat16 runs the activations are rounded to
-  // bfloat16 around the convolution (as eager's are) so oneDNN's bfloat16
-  // kernels run it; the epilogue continues in float.
-  const at::Tensor xw = x.scalar_type() == w.scalar_type() ? x : x.to(w.scalar_type());
-  at::Tensor y = at::convolution(xw, w, std::nullopt, {st.stride_h, st.stride_w}, {st.pad_top, st.pad_left},
-                                 {st.dilation_h, st.dilation_w}, false, {0, 0}, st.groups)
-                     .to(opts.dtype(), /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::ChannelsLast);
-  A* yp = y.mutable_data_ptr<A>();
+  const at::Tensor x = cur.as_strided({ctx.images, s.in_c, s.in_h, s.in_w},
+                                      {s.in_h * s.in_w * s.in_c, 1, s.in_w * s.in_c, s.in_c});
+  at::Tensor y = at::convolution(x.to(w.scalar_type()), w, std::nullopt, {st.stride_h, st.stride_w},
+                                 {st.pad_top, st.pad_left}, {st.dilation_h, st.dilation_w}, false, {0, 0}, st.groups)
+                     .contiguous(at::MemoryFormat::ChannelsLast);
+  const T* yp = reinterpret_cast<const T*>(y.const_data_ptr());
+  at::Tensor out = y;
+  if (!std::is_same_v<T, A> && !keep_storage_type)
+    out = at::empty_like(y, y.options().dtype(c10::CppTypeToScalarType<A>::value), at::MemoryFormat::ChannelsLast);
   const int64_t pixels = ctx.images * s.out_pixels();
   parallel_range(pixels, pixels * s.out_c, [&](int64_t b, int64_t e) {
-    kernels::conv_stage_epilogue<A>(ctx.d, ctx.g, i, ctx.packed, yp, b, e);
+    if (out.scalar_type() == y.scalar_type())
+      kernels::conv_stage_epilogue<T, T>(ctx.d, ctx.g, i, ctx.packed, yp, reinterpret_cast<T*>(out.data_ptr()), b,
+                                         e);
+    else
+      kernels::conv_stage_epilogue<T, A>(ctx.d, ctx.g, i, ctx.packed, yp, reinterpret_cast<A*>(out.data_ptr()), b,
+                                         e);
   });
-  return y;
+  return out;
 }
 
 // Stages [first, stop) over the whole batch, stage by stage, each split over
-// output pixels. Returns the tensor holding the last stage's output (or
-// `final_out`'s storage when given).
-template <typename A>
+// output pixels. Returns the tensor holding the last stage's output, compact
+// NHWC: `final_holder` when the last stage wrote into `final_out`, else a new
+// tensor in A, or in T when the last stage ran on ATen.
+template <typename T, typename A>
 at::Tensor run_stages_batched(const RunContext& ctx, size_t first, size_t stop, at::Tensor cur, A* final_out,
                               const at::Tensor& final_holder, int engine) {
   size_t weight_index = 0;
@@ -140,16 +153,14 @@ at::Tensor run_stages_batched(const RunContext& ctx, size_t first, size_t stop, 
   for (size_t i = first; i < stop; ++i) {
     const ConvStage& st = ctx.d.stages[i];
     const kernels::StageShape& s = ctx.g.stages[i];
-    const A* in = cur.const_data_ptr<A>();
-    if (engine == 1 && st.kind == ConvStageKind::Conv) {
-      at::Tensor y = aten_conv_stage<A>(ctx, i, in, weight_index++);
-      if (y.defined()) {
-        cur = y;
-        continue;
-      }
-    } else if (st.kind == ConvStageKind::Conv) {
-      ++weight_index;
+    if (aten_runs_stage(st, engine)) {
+      // Stay in T into the next ATen convolution, and out of the run's last
+      // stage (the caller's copy into the output converts what it must).
+      const bool keep = i + 1 == stop || aten_runs_stage(ctx.d.stages[i + 1], engine);
+      cur = aten_conv_stage<T, A>(ctx, i, cur, weight_index++, keep);
+      continue;
     }
+    if (st.kind == ConvStageKind::Conv) ++weight_index;
     at::Tensor out;
     A* op = nullptr;
     if (i + 1 == stop && final_out) {
@@ -158,6 +169,7 @@ at::Tensor run_stages_batched(const RunContext& ctx, size_t first, size_t stop, 
       out = at::empty({ctx.images * s.out_elems()}, opts);
       op = out.mutable_data_ptr<A>();
     }
+    const A* in = cur.const_data_ptr<A>();
     const int64_t pixels = ctx.images * s.out_pixels();
     const int64_t work = ctx.g.macs_per_image * ctx.images;  // whole-run size: a stage of it is worth splitting
     parallel_range(pixels, work, [&](int64_t b, int64_t e) {
@@ -238,7 +250,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
         kernels::conv_forward_images<T, A, A>(d, g, ctx.packed, xp + b * x_strides[0], x_strides,
                                               mp + b * mid_elems, mid_strides, e - b, spatial_stop);
       });
-      cur = run_stages_batched<A>(ctx, spatial_stop, n_stages, mid, out, staging, run_engine);
+      cur = run_stages_batched<T, A>(ctx, spatial_stop, n_stages, mid, out, staging, run_engine);
     } else {
       // NHWC input in A: the input itself when it already is, else one converting pass.
       at::Tensor x_nhwc = input;
@@ -249,9 +261,13 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
           kernels::load_nhwc<T, A>(xp, x_strides, C, H, W, b, e, dst);
         });
       }
-      cur = run_stages_batched<A>(ctx, 0, n_stages, x_nhwc, out, staging, run_engine);
+      cur = run_stages_batched<T, A>(ctx, 0, n_stages, x_nhwc, out, staging, run_engine);
     }
     if (direct_out && cur.const_data_ptr() == y.const_data_ptr()) return;
+    if (cur.scalar_type() != acc_opts.dtype()) {  // a last ATen convolution's output, in T (spatial, NHWC)
+      y.copy_(cur.as_strided(y.sizes(), {last.out_elems(), 1, ow * last.out_c, last.out_c}));
+      return;
+    }
     const A* src = cur.const_data_ptr<A>();
     parallel_range(N, N * last.out_elems() * 64, [&](int64_t b, int64_t e) {
       kernels::store_nhwc<A, T>(src, last.out_c, oh, ow, y_strides, b, e, yp);

@@ -17,9 +17,14 @@ namespace seqfuse::kernels {
                       int64_t, float*);                                                                           \
   void conv_stage_f64(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const double*, double*,       \
                       int64_t, int64_t, double*);                                                                 \
-  void conv_epilogue_f32(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, float*, int64_t, int64_t); \
-  void conv_epilogue_f64(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, double*, int64_t,          \
-                         int64_t);                                                                                \
+  void conv_epilogue_io(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const float*, float*,        \
+                        int64_t, int64_t);                                                                        \
+  void conv_epilogue_io(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const double*, double*,      \
+                        int64_t, int64_t);                                                                        \
+  void conv_epilogue_io(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const bf16*, bf16*, int64_t, \
+                        int64_t);                                                                                 \
+  void conv_epilogue_io(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const bf16*, float*,         \
+                        int64_t, int64_t);                                                                        \
   }
 SEQFUSE_DECLARE_ISA(baseline::conv)
 #if defined(__x86_64__) || defined(_M_X64)
@@ -48,15 +53,14 @@ namespace {
 
 template <typename A> struct ConvKernels {
   void (*stage)(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const A*, A*, int64_t, int64_t, A*);
-  void (*epilogue)(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, A*, int64_t, int64_t);
 };
 
 template <typename A> ConvKernels<A> kernels_for(Isa isa) {
 #define SEQFUSE_TABLE(ns)                                                  \
   if constexpr (std::is_same_v<A, float>)                                  \
-    return {ns::conv_stage_f32, ns::conv_epilogue_f32};                    \
+    return {ns::conv_stage_f32};                                           \
   else                                                                     \
-    return {ns::conv_stage_f64, ns::conv_epilogue_f64};
+    return {ns::conv_stage_f64};
 #ifdef SEQFUSE_HAVE_X86_VARIANTS
   if (isa == Isa::Avx512) { SEQFUSE_TABLE(avx512::conv) }
   if (isa == Isa::Avx2) { SEQFUSE_TABLE(avx2::conv) }
@@ -96,10 +100,16 @@ void conv_stage_forward(const ConvDesc& d, const ConvGeometry& g, size_t i, cons
   kernels_for<A>(active_isa()).stage(d, g, i, packed, in, out, p0, p1, scratch);
 }
 
-template <typename A>
-void conv_stage_epilogue(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* packed, A* io,
-                         int64_t p0, int64_t p1) {
-  kernels_for<A>(active_isa()).epilogue(d, g, i, packed, io, p0, p1);
+template <typename TI, typename TO>
+void conv_stage_epilogue(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* packed, const TI* in,
+                         TO* out, int64_t p0, int64_t p1) {
+  switch (active_isa()) {
+#ifdef SEQFUSE_HAVE_X86_VARIANTS
+    case Isa::Avx512: return avx512::conv::conv_epilogue_io(d, g, i, packed, in, out, p0, p1);
+    case Isa::Avx2: return avx2::conv::conv_epilogue_io(d, g, i, packed, in, out, p0, p1);
+#endif
+    default: return baseline::conv::conv_epilogue_io(d, g, i, packed, in, out, p0, p1);
+  }
 }
 
 namespace {
@@ -155,11 +165,15 @@ void store_nhwc(const A* y, int64_t C, int64_t H, int64_t W, const int64_t* s, i
 #define SEQFUSE_INSTANTIATE_ACC(A)                                                                               \
   template void conv_stage_forward<A>(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const A*, A*, \
                                       int64_t, int64_t);                                                          \
-  template void conv_stage_epilogue<A>(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, A*, int64_t, \
-                                       int64_t);
+  template void conv_stage_epilogue<A, A>(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const A*, \
+                                          A*, int64_t, int64_t);
 SEQFUSE_INSTANTIATE_ACC(float)
 SEQFUSE_INSTANTIATE_ACC(double)
 #undef SEQFUSE_INSTANTIATE_ACC
+template void conv_stage_epilogue<bf16, bf16>(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*,
+                                              const bf16*, bf16*, int64_t, int64_t);
+template void conv_stage_epilogue<bf16, float>(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*,
+                                               const bf16*, float*, int64_t, int64_t);
 
 #define SEQFUSE_INSTANTIATE_IO(T)                                                                               \
   template void conv_forward_images<T, acc_t<T>, T>(const ConvDesc&, const ConvGeometry&, const uint8_t*,        \

@@ -32,11 +32,13 @@ template <typename A>
 void conv_stage_forward(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* packed, const A* in,
                         A* out, int64_t p0, int64_t p1);
 
-// Applies a Conv stage's epilogue (folded bias/BatchNorm, activation) in place
-// to pixels [p0, p1) of a convolution computed elsewhere.
-template <typename A>
-void conv_stage_epilogue(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* packed, A* io,
-                         int64_t p0, int64_t p1);
+// Applies a Conv stage's epilogue (folded bias/BatchNorm, activation) to
+// pixels [p0, p1) of a convolution computed elsewhere, compact NHWC: TI -> TO,
+// (float, float), (double, double), (bf16, bf16) or (bf16, float); in == out
+// is allowed when TI == TO.
+template <typename TI, typename TO>
+void conv_stage_epilogue(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* packed, const TI* in,
+                         TO* out, int64_t p0, int64_t p1);
 
 // Stages [0, stop) for `n_images` images, one image at a time, the activations
 // carried between stages in per-thread buffers that stay in the core's cache.

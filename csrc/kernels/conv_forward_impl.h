@@ -239,16 +239,18 @@ void conv_stage(const ConvDesc& d, const ConvGeometry& geom, size_t i, const uin
   }
 }
 
-// The epilogue of a Conv stage whose convolution ran elsewhere (ATen): in
-// place over pixels [p0, p1), act(x * scale + shift).
-template <typename A>
-void conv_epilogue(const ConvDesc& d, const ConvGeometry& geom, size_t i, const uint8_t* packed, A* io, int64_t p0,
-                   int64_t p1) {
+// The epilogue of a Conv stage whose convolution ran elsewhere (ATen) over
+// pixels [p0, p1): out = act(in * scale + shift), read as TI and written as TO
+// (bfloat16 in, bfloat16 or float out, for bfloat16 runs); in place allowed.
+template <typename TI, typename TO>
+void conv_epilogue(const ConvDesc& d, const ConvGeometry& geom, size_t i, const uint8_t* packed, const TI* in,
+                   TO* out, int64_t p0, int64_t p1) {
+  using A = acc_t<TI>;
   const ConvStage& st = d.stages[i];
   const int64_t C = geom.stages[i].out_c;
-  elementwise_rows<A, A, A>(C, reinterpret_cast<const A*>(packed + st.scale_offset),
-                            reinterpret_cast<const A*>(packed + st.shift_offset), st.activation, st.alpha,
-                            io + p0 * C, C, p1 - p0, io + p0 * C, C);
+  elementwise_rows<A, TI, TO>(C, reinterpret_cast<const A*>(packed + st.scale_offset),
+                              reinterpret_cast<const A*>(packed + st.shift_offset), st.activation, st.alpha,
+                              in + p0 * C, C, p1 - p0, out + p0 * C, C);
 }
 
 int64_t conv_im2col_budget() { return conv_detail::im2col_budget<float>(); }
@@ -261,14 +263,16 @@ void conv_stage_f64(const ConvDesc& d, const ConvGeometry& g, size_t i, const ui
                     double* out, int64_t p0, int64_t p1, double* scratch) {
   conv_stage<double>(d, g, i, pk, in, out, p0, p1, scratch);
 }
-void conv_epilogue_f32(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* pk, float* io, int64_t p0,
-                       int64_t p1) {
-  conv_epilogue<float>(d, g, i, pk, io, p0, p1);
-}
-void conv_epilogue_f64(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* pk, double* io,
-                       int64_t p0, int64_t p1) {
-  conv_epilogue<double>(d, g, i, pk, io, p0, p1);
-}
+#define SEQFUSE_EPILOGUE_ENTRY(TI, TO)                                                                         \
+  void conv_epilogue_io(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* pk, const TI* in,      \
+                        TO* out, int64_t p0, int64_t p1) {                                                       \
+    conv_epilogue<TI, TO>(d, g, i, pk, in, out, p0, p1);                                                         \
+  }
+SEQFUSE_EPILOGUE_ENTRY(float, float)
+SEQFUSE_EPILOGUE_ENTRY(double, double)
+SEQFUSE_EPILOGUE_ENTRY(bf16, bf16)
+SEQFUSE_EPILOGUE_ENTRY(bf16, float)
+#undef SEQFUSE_EPILOGUE_ENTRY
 
 // Layout conversions at a run's boundaries, (N, C, H, W) with any element
 // strides <-> compact NHWC in the accumulate type. They walk 8 channels at a

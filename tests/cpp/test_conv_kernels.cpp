@@ -1391,7 +1391,7 @@ template <typename A> void check_conv_epilogue() {
       const std::vector<A> conv = random_values<A>(rng, pixels * C, -4, 4);
       const int64_t p0 = rng.integer(0, pixels), p1 = rng.integer(p0, pixels);
       std::vector<A> io = conv;
-      sk::conv_stage_epilogue<A>(m.desc, g, s, m.packed.data.get(), io.data(), p0, p1);
+      sk::conv_stage_epilogue<A, A>(m.desc, g, s, m.packed.data.get(), io.data(), io.data(), p0, p1);
       Nhwc ref(1, Shape{1, pixels, C});  // pixels as one row
       for (int64_t p = 0; p < pixels; ++p)
         for (int64_t c = 0; c < C; ++c) {
