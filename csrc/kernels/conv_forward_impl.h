@@ -38,8 +38,9 @@ struct PixelCursor {
   }
 };
 
-// Scratch elements the conv stage needs for its patch tile.
-template <typename A> constexpr int64_t im2col_budget() { return 16384; }
+// Values in one patch tile (64 KiB of float): a tile of output pixels whose
+// patches are gathered once and then multiplied by every weight panel.
+constexpr int64_t kIm2colBudget = 16384;
 
 // rows x K patch matrix of output pixels [p0, p0 + rows), group g.
 template <typename A>
@@ -75,7 +76,7 @@ void conv_gemm(const ConvStage& st, const StageShape& g, const uint8_t* packed, 
   const A* scale = reinterpret_cast<const A*>(packed + st.scale_offset);
   const A* shift = reinterpret_cast<const A*>(packed + st.shift_offset);
   const bool relu = st.activation == Activation::ReLU;
-  int64_t tile = im2col_budget<A>() / K / MR * MR;
+  int64_t tile = kIm2colBudget / K / MR * MR;
   if (tile < MR) tile = MR;
   for (int64_t t0 = p0; t0 < p1; t0 += tile) {
     const int64_t rows = p1 - t0 < tile ? p1 - t0 : tile;
@@ -208,7 +209,8 @@ template <typename A> void flatten_nchw(const StageShape& g, const A* in, A* out
 
 // One stage over output pixels [p0, p1) (images for GlobalAvgPool and
 // Flatten, whose output is one pixel per image). `scratch` holds
-// conv_scratch_elems() values. in and out never alias.
+// max(kIm2colBudget, 16 * reduction) values (scratch_elems in conv_forward.cpp).
+// in and out never alias.
 template <typename A>
 void conv_stage(const ConvDesc& d, const ConvGeometry& geom, size_t i, const uint8_t* packed, const A* in, A* out,
                 int64_t p0, int64_t p1, A* scratch) {
@@ -253,7 +255,7 @@ void conv_epilogue(const ConvDesc& d, const ConvGeometry& geom, size_t i, const 
                               in + p0 * C, C, p1 - p0, out + p0 * C, C);
 }
 
-int64_t conv_im2col_budget() { return conv_detail::im2col_budget<float>(); }
+int64_t conv_im2col_budget() { return conv_detail::kIm2colBudget; }
 
 void conv_stage_f32(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* pk, const float* in,
                     float* out, int64_t p0, int64_t p1, float* scratch) {
