@@ -67,7 +67,8 @@ std::atomic<int>& engine_override() {
 // dtype, stages), so re-planning after a parameter update never measures again.
 class EngineChoices {
  public:
-  using Key = std::tuple<std::vector<int64_t>, int, int>;  // (shape key, bucket, threads)
+  // (op, shape key, bucket, threads): the op tells an MLP spec from a conv one.
+  using Key = std::tuple<int, std::vector<int64_t>, int, int>;
   // -1 when not measured yet.
   int get(const Key& key) const {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -78,14 +79,16 @@ class EngineChoices {
     std::lock_guard<std::mutex> lock(mutex_);
     choices_[key] = engine;
   }
-  // (shape key, bucket, threads, engine) for every key starting with `prefix`.
-  std::vector<std::tuple<std::vector<int64_t>, int, int, int>> with_prefix(const std::vector<int64_t>& prefix) const {
+  // (shape key, bucket, threads, engine) for every key of `op` starting with `prefix`.
+  std::vector<std::tuple<std::vector<int64_t>, int, int, int>> with_prefix(int op,
+                                                                           const std::vector<int64_t>& prefix) const {
     std::lock_guard<std::mutex> lock(mutex_);
     std::vector<std::tuple<std::vector<int64_t>, int, int, int>> out;
     for (const auto& [key, engine] : choices_) {
-      const auto& shape = std::get<0>(key);
-      if (shape.size() >= prefix.size() && std::equal(prefix.begin(), prefix.end(), shape.begin()))
-        out.emplace_back(shape, std::get<1>(key), std::get<2>(key), engine);
+      const auto& shape = std::get<1>(key);
+      if (std::get<0>(key) == op && shape.size() >= prefix.size() &&
+          std::equal(prefix.begin(), prefix.end(), shape.begin()))
+        out.emplace_back(shape, std::get<2>(key), std::get<3>(key), engine);
     }
     return out;
   }
@@ -149,16 +152,17 @@ class FusedCall {
   // threads, engine, extra shape key: (H, W) for conv runs, () for MLP runs).
   std::vector<std::tuple<int64_t, int64_t, int, int, std::vector<int64_t>>> measured_engines() const {
     std::vector<std::tuple<int64_t, int64_t, int, int, std::vector<int64_t>>> out;
-    for (const auto& [key, b, threads, engine] : EngineChoices::global().with_prefix(spec_))
+    for (const auto& [key, b, threads, engine] : EngineChoices::global().with_prefix(op_kind_, spec_))
       out.emplace_back(int64_t{1} << (b - 1), (int64_t{1} << b) - 1, threads, engine,
                        std::vector<int64_t>(key.begin() + static_cast<int64_t>(spec_.size()), key.end()));
     return out;
   }
 
  protected:
-  FusedCall(const char* op_name, at::Tensor packed, std::vector<at::Tensor> weights, std::vector<int64_t> spec,
+  FusedCall(int op_kind, const char* op_name, at::Tensor packed, std::vector<at::Tensor> weights, std::vector<int64_t> spec,
             std::vector<double> fparams, at::ScalarType dtype)
-      : op_(c10::Dispatcher::singleton()
+      : op_kind_(op_kind),
+        op_(c10::Dispatcher::singleton()
                 .findSchemaOrThrow(op_name, "")
                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::TensorList, at::IntArrayRef,
                                   at::ArrayRef<double>, int64_t)>()),
@@ -183,7 +187,7 @@ class FusedCall {
   int measured_engine(int64_t batch, const std::vector<int64_t>& extra) const {
     std::vector<int64_t> key_shape = spec_;
     key_shape.insert(key_shape.end(), extra.begin(), extra.end());
-    return EngineChoices::global().get({std::move(key_shape), bucket(batch), at::get_num_threads()});
+    return EngineChoices::global().get({op_kind_, std::move(key_shape), bucket(batch), at::get_num_threads()});
   }
 
  private:
@@ -195,7 +199,7 @@ class FusedCall {
     if (known >= 0) return known;
     std::vector<int64_t> key_shape = spec_;
     key_shape.insert(key_shape.end(), shape.extra.begin(), shape.extra.end());
-    const EngineChoices::Key key{std::move(key_shape), bucket(shape.batch), at::get_num_threads()};
+    const EngineChoices::Key key{op_kind_, std::move(key_shape), bucket(shape.batch), at::get_num_threads()};
     // Measure: alternate the engines after one warm-up each; median of 3, or
     // one timing each for calls long enough (> 20 ms) to be stable.
     using clock = std::chrono::steady_clock;
@@ -215,6 +219,7 @@ class FusedCall {
     return best;
   }
 
+  int op_kind_;  // 0: seqfuse::mlp_forward, 1: seqfuse::conv_forward
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, at::TensorList, at::IntArrayRef,
                                       at::ArrayRef<double>, int64_t)>
       op_;
@@ -244,7 +249,7 @@ class FusedMlpCall final : public FusedCall {
   FusedMlpCall(const kernels::MlpDesc& d, at::Tensor packed, std::vector<at::Tensor> weights,
                std::vector<int64_t> spec, std::vector<double> fparams,
                std::optional<std::pair<int64_t, int64_t>> flatten, bool needs_2d)
-      : FusedCall("seqfuse::mlp_forward", std::move(packed), std::move(weights), std::move(spec), std::move(fparams),
+      : FusedCall(0, "seqfuse::mlp_forward", std::move(packed), std::move(weights), std::move(spec), std::move(fparams),
                   scalar_type_of(d.dtype)),
         flatten_(flatten), needs_2d_(needs_2d), in_features_(d.in_features), macs_per_row_(d.macs_per_row),
         has_linear_(d.has_linear) {}
@@ -276,7 +281,7 @@ class FusedConvCall final : public FusedCall {
  private:
   FusedConvCall(kernels::ConvDesc d, at::Tensor packed, std::vector<at::Tensor> weights, std::vector<int64_t> spec,
                 std::vector<double> fparams)
-      : FusedCall("seqfuse::conv_forward", std::move(packed), std::move(weights), std::move(spec),
+      : FusedCall(1, "seqfuse::conv_forward", std::move(packed), std::move(weights), std::move(spec),
                   std::move(fparams), scalar_type_of(d.dtype)),
         desc_(std::move(d)) {
     for (const auto& st : desc_.stages) has_conv_ = has_conv_ || st.kind == kernels::ConvStageKind::Conv;
