@@ -74,6 +74,26 @@ class PackInputs {
     return static_cast<const T*>(keep_.back().const_data_ptr());
   }
 
+  // The per-channel epilogue inputs of a stage, in the order every packing op
+  // lists them: [bias] (stages with a weight), [bn_weight, bn_bias]?,
+  // [running_mean, running_var] (presence per the stage's flags).
+  template <typename T> struct Epilogue {
+    const T *bias = nullptr, *gamma = nullptr, *beta = nullptr, *mean = nullptr, *var = nullptr;
+  };
+  template <typename T> Epilogue<T> take_epilogue(int64_t stage, int64_t flags, int64_t channels, bool has_weight) {
+    Epilogue<T> e;
+    if (has_weight && (flags & kernels::kHasBias)) e.bias = take<T>(stage, "bias", {channels});
+    if (flags & kernels::kHasBatchNorm) {
+      if (flags & kernels::kBatchNormAffine) {
+        e.gamma = take<T>(stage, "batchnorm weight", {channels});
+        e.beta = take<T>(stage, "batchnorm bias", {channels});
+      }
+      e.mean = take<T>(stage, "running_mean", {channels});
+      e.var = take<T>(stage, "running_var", {channels});
+    }
+    return e;
+  }
+
   // Every tensor must have been used.
   void finish() const {
     TORCH_CHECK_VALUE(next_ == tensors_.size(), op_, ": got ", tensors_.size(), " tensors, the spec uses ", next_);

@@ -32,21 +32,13 @@ at::Tensor conv_pack_cpu(at::TensorList tensors, at::IntArrayRef spec, at::Array
     for (size_t i = 0; i < d.stages.size(); ++i) {
       const ConvStage& s = d.stages[i];
       const int64_t si = static_cast<int64_t>(i), n = s.out_channels;
-      const T *weight = nullptr, *bias = nullptr, *gamma = nullptr, *beta = nullptr, *mean = nullptr, *var = nullptr;
+      const T* weight = nullptr;
       if (s.kind == ConvStageKind::Conv)
         weight = inputs.take<T>(si, "weight", {n, s.in_channels / s.groups, s.kernel_h, s.kernel_w});
       else if (s.kind == ConvStageKind::Linear)
         weight = inputs.take<T>(si, "weight", {n, s.in_channels});
-      if (weight && (s.flags & kernels::kHasBias)) bias = inputs.take<T>(si, "bias", {n});
-      if (s.flags & kernels::kHasBatchNorm) {
-        if (s.flags & kernels::kBatchNormAffine) {
-          gamma = inputs.take<T>(si, "batchnorm weight", {n});
-          beta = inputs.take<T>(si, "batchnorm bias", {n});
-        }
-        mean = inputs.take<T>(si, "running_mean", {n});
-        var = inputs.take<T>(si, "running_var", {n});
-      }
-      kernels::pack_conv_stage<T>(s, weight, bias, gamma, beta, mean, var, base);
+      const auto e = inputs.take_epilogue<T>(si, s.flags, n, weight != nullptr);
+      kernels::pack_conv_stage<T>(s, weight, e.bias, e.gamma, e.beta, e.mean, e.var, base);
     }
   });
   inputs.finish();

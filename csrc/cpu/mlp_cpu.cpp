@@ -34,26 +34,17 @@ at::Tensor mlp_pack_cpu(at::TensorList tensors, at::IntArrayRef spec, at::ArrayR
     for (size_t i = 0; i < d.stages.size(); ++i) {
       const StageDesc& s = d.stages[i];
       const int64_t si = static_cast<int64_t>(i), n = s.out_features;
-      const T* weight = nullptr;
-      const T *bias = nullptr, *gamma = nullptr, *beta = nullptr, *mean = nullptr, *var = nullptr;
       if (s.kind == StageKind::Pointwise) continue;
-      if (s.kind == StageKind::Linear) {
+      const T* weight = nullptr;
+      if (s.kind == StageKind::Linear)
         weight = inputs.take<T>(si, "weight", {n, s.in_features});
-        if (s.flags & kernels::kHasBias) bias = inputs.take<T>(si, "bias", {n});
-      } else {
+      else
         TORCH_CHECK_VALUE(s.flags & kernels::kHasBatchNorm, "seqfuse::mlp_pack: ScaleShift stage ", si,
                           " without BatchNorm flag");
-      }
-      if (s.flags & kernels::kHasBatchNorm) {
-        if (s.flags & kernels::kBatchNormAffine) {
-          gamma = inputs.take<T>(si, "batchnorm weight", {n});
-          beta = inputs.take<T>(si, "batchnorm bias", {n});
-        }
-        mean = inputs.take<T>(si, "running_mean", {n});
-        var = inputs.take<T>(si, "running_var", {n});
-      }
+      const auto e = inputs.take_epilogue<T>(si, s.flags, n, weight != nullptr);
       if (weight) kernels::pack_linear_weight(weight, n, s.in_features, reinterpret_cast<T*>(base + s.weight_offset));
-      kernels::fold_scale_shift(n, bias, gamma, beta, mean, var, s.eps, reinterpret_cast<A*>(base + s.scale_offset),
+      kernels::fold_scale_shift(n, e.bias, e.gamma, e.beta, e.mean, e.var, s.eps,
+                                reinterpret_cast<A*>(base + s.scale_offset),
                                 reinterpret_cast<A*>(base + s.shift_offset));
     }
   });
