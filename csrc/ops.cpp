@@ -37,4 +37,33 @@ TORCH_LIBRARY(seqfuse, m) {
   // (for bfloat16, the activations are rounded to bfloat16 around it).
   m.def(
       "conv_forward(Tensor input, Tensor packed, Tensor[] weights, int[] spec, float[] fparams, int engine=0) -> Tensor");
+
+  // Training. A run's forward with the parameters as they are (nothing folded
+  // or packed), returning the output and what the backward needs (`saved`;
+  // layout in cpu/train_cpu.cpp). The spec is the run's mlp / conv spec; a
+  // BatchNorm stage flagged kBatchStats normalizes with the batch's
+  // statistics, otherwise with its running statistics from `running`.
+  //   params:  per stage, Linear/Conv weight, [bias], [bn_weight, bn_bias]
+  //   running: per BatchNorm without kBatchStats, running_mean, running_var
+  // The autograd formula (autograd.cpp) calls the matching *_backward op,
+  // which returns the gradient of the input and of each parameter for which
+  // grad_mask ([input, params...]) is set, and empty tensors for the others.
+  // The backward ops have no derivative: double backward raises.
+  m.def(
+      "mlp_train_forward(Tensor input, Tensor[] params, Tensor[] running, int[] spec, float[] fparams) "
+      "-> (Tensor, Tensor[])");
+  m.def(
+      "mlp_backward(Tensor grad_output, Tensor input, Tensor output, Tensor[] saved, Tensor[] params, int[] spec, "
+      "float[] fparams, bool[] grad_mask) -> (Tensor, Tensor[])");
+  m.def(
+      "conv_train_forward(Tensor input, Tensor[] params, Tensor[] running, int[] spec, float[] fparams) "
+      "-> (Tensor, Tensor[])");
+  m.def(
+      "conv_backward(Tensor grad_output, Tensor input, Tensor output, Tensor[] saved, Tensor[] params, int[] spec, "
+      "float[] fparams, bool[] grad_mask) -> (Tensor, Tensor[])");
+  // Eager's running-statistics update after a training forward, per BatchNorm
+  // with kBatchStats and kRunningStats: `buffers` running_mean, running_var,
+  // num_batches_tracked; `stats` its saved statistics from the forward;
+  // momentum < 0 is momentum=None (the cumulative average).
+  m.def("update_running_stats(Tensor(a!)[] buffers, Tensor[] stats, float[] momentum) -> ()");
 }

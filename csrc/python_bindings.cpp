@@ -323,8 +323,8 @@ class FusedConvCall final : public FusedCall {
 class PlanGuard {
  public:
   PlanGuard(py::dict modules, py::list children, std::vector<at::Tensor> fused_tensors,
-            std::vector<at::Tensor> all_parameters, py::list global_hook_dicts)
-      : modules_(modules) {
+            std::vector<at::Tensor> all_parameters, py::list global_hook_dicts, bool batch_stats)
+      : modules_(modules), batch_stats_(batch_stats) {
     for (auto v : modules) module_values_.push_back(py::reinterpret_borrow<py::object>(v.second));
     for (py::handle child : children) children_.push_back(snapshot_child(child));
     for (const at::Tensor& t : fused_tensors) tensors_.push_back(snapshot_tensor(t));
@@ -354,15 +354,21 @@ class PlanGuard {
     return py::none();
   }
 
-  // 0: stale, re-plan. 1: valid, fused segments may run. 2: valid, but the
-  // call needs autograd (reverse or forward mode) through fused modules, a
-  // torch.func transform is active, or autocast is on: they must run eagerly.
+  // 0: stale, re-plan. 1: valid, fused segments run the inference ops.
+  // 2: valid, but fused modules must run eagerly (a forward-mode tangent, a
+  // torch.func transform, autocast). 3: valid, fused segments run the
+  // training ops: the call needs autograd (grad mode on and a parameter or
+  // the input requires grad) or a BatchNorm uses batch statistics. The
+  // training ops read the parameters as they are, so edits to parameter
+  // values (optimizer steps) re-plan only for the inference ops' packing.
   int check(py::handle input) const {
     if (!same_sequence(modules_, module_values_)) return 0;
     for (const Child& c : children_)
       if (!c.unchanged()) return 0;
+    bool values_changed = false;
     for (const WatchedTensor& w : tensors_) {
-      if (!w.unchanged()) return 0;
+      if (w.tensor.requires_grad() != w.requires_grad) return 0;
+      values_changed = values_changed || !w.unchanged();
       if (w.tensor._fw_grad(/*level=*/0).defined()) return 2;  // forward-mode tangent on a parameter
     }
     for (const auto& [t, rg] : grad_tensors_)
@@ -372,11 +378,12 @@ class PlanGuard {
     // Under autocast eager computes in the autocast dtype: run eagerly.
     if (at::autocast::is_autocast_enabled(at::kCPU) || at::autocast::is_autocast_enabled(at::kCUDA)) return 2;
     if (needs_eager_context(input)) return 2;
+    if (batch_stats_) return 3;
     if (at::GradMode::is_enabled()) {
-      if (any_requires_grad_) return 2;
-      if (THPVariable_Check(input.ptr()) && THPVariable_Unpack(input.ptr()).requires_grad()) return 2;
+      if (any_requires_grad_) return 3;
+      if (THPVariable_Check(input.ptr()) && THPVariable_Unpack(input.ptr()).requires_grad()) return 3;
     }
-    return 1;
+    return values_changed ? 0 : 1;
   }
 
  private:
@@ -461,6 +468,7 @@ class PlanGuard {
   std::vector<std::pair<at::Tensor, bool>> grad_tensors_;
   std::vector<std::pair<py::dict, Py_ssize_t>> global_hooks_;
   bool any_requires_grad_ = false;
+  bool batch_stats_;  // a fused segment has a BatchNorm using batch statistics
   std::shared_ptr<FusedCall> single_;
 };
 
@@ -489,7 +497,7 @@ PYBIND11_MODULE(_C, m) {
       "set_engine_override", [](int engine) { engine_override().store(engine); }, py::arg("engine"),
       "Force an engine for every fused MLP call (0 or 1), or -1 to choose by measurement.");
   py::class_<PlanGuard>(m, "PlanGuard")
-      .def(py::init<py::dict, py::list, std::vector<at::Tensor>, std::vector<at::Tensor>, py::list>())
+      .def(py::init<py::dict, py::list, std::vector<at::Tensor>, std::vector<at::Tensor>, py::list, bool>())
       .def("check", &PlanGuard::check, py::arg("input"))
       .def("set_single_fused", &PlanGuard::set_single_fused)
       .def("run", &PlanGuard::run, py::arg("input"));

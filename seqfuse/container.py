@@ -50,35 +50,83 @@ def _with_context(err: BaseException, key: str, m, x) -> BaseException:
     return type(err)(f"FusedSequential child '{key}' ({_describe(m)}) failed on input of shape {_shape_of(x)}: {err}")
 
 
-class _FusedRun:
-    """A fused segment bound to its packed parameters: one op call per forward."""
+# Plan-guard routes (PlanGuard.check in csrc/python_bindings.cpp).
+_STALE, _INFERENCE, _EAGER, _TRAIN = 0, 1, 2, 3
 
-    __slots__ = ("segment", "call")
+
+class _FusedRun:
+    """A fused segment bound to its packed parameters (one inference op call
+    per forward) and to its live parameters and buffers (one training op call
+    per forward)."""
+
+    __slots__ = ("segment", "call", "train_op", "train_params", "train_running", "update_stages", "update_buffers",
+                 "momentum", "train_unsupported")
 
     def __init__(self, segment: Segment):
         self.segment = segment
-        # Folded/packed weights are derived data: never autograd history, never
-        # inference tensors (the plan may be reused outside inference_mode).
-        with torch.inference_mode(False), torch.no_grad():
-            tensors = [t.detach() for t in segment.pack_tensors()]
-            pack = ops.conv_pack if segment.op == "conv" else ops.mlp_pack
-            packed = pack(tensors, segment.spec, segment.fparams)
-        weights = [w.detach() for w in segment.engine_weights()]  # views of the parameters, not copies
-        if segment.op == "conv":
-            self.call = _C.FusedConvCall(packed, weights, segment.spec, segment.fparams)
-        else:
-            self.call = _C.FusedMlpCall(
-                packed, weights, segment.spec, segment.fparams, segment.flatten, segment.needs_2d
-            )
+        self.call = None
+        if not segment.batch_stats:  # batch statistics cannot be folded: training op only
+            # Folded/packed weights are derived data: never autograd history, never
+            # inference tensors (the plan may be reused outside inference_mode).
+            with torch.inference_mode(False), torch.no_grad():
+                tensors = [t.detach() for t in segment.pack_tensors()]
+                pack = ops.conv_pack if segment.op == "conv" else ops.mlp_pack
+                packed = pack(tensors, segment.spec, segment.fparams)
+            weights = [w.detach() for w in segment.engine_weights()]  # views of the parameters, not copies
+            if segment.op == "conv":
+                self.call = _C.FusedConvCall(packed, weights, segment.spec, segment.fparams)
+            else:
+                self.call = _C.FusedMlpCall(
+                    packed, weights, segment.spec, segment.fparams, segment.flatten, segment.needs_2d
+                )
+        self.train_op = ops.conv_train_forward if segment.op == "conv" else ops.mlp_train_forward
+        self.train_params = segment.train_params()  # the Parameters themselves: gradients reach them
+        self.train_running = segment.train_running()
+        self.update_stages = segment.update_stages()
+        self.update_buffers = segment.update_buffers()
+        self.momentum = segment.momentum()
+        self.train_unsupported = segment.train_unsupported()
 
-    def __call__(self, x, fused_ok: bool):
-        if not fused_ok:
+    def __call__(self, x, route: int):
+        if route == _TRAIN:
+            return self.run_train(x)
+        if route != _INFERENCE or self.call is None:
             return self.run_eager(x)
         try:
             y = self.call(x)
         except Exception as err:
             return self.recover(x, err)
         return self.run_eager(x) if y is None else y
+
+    def run_train(self, x):
+        """One seqfuse::*_train_forward call (autograd records its fused
+        backward); inputs it does not serve run eagerly, as in inference."""
+        seg = self.segment
+        if (
+            self.train_unsupported
+            or type(x) is not torch.Tensor
+            or x.dtype != seg.dtype
+            or x.layout != torch.strided
+            or x.device.type != "cpu"
+            or x.numel() == 0
+        ):
+            return self.run_eager(x)
+        if seg.op == "conv":
+            if x.dim() != 4:
+                return self.run_eager(x)
+            args = x
+        else:
+            args = x.flatten(*seg.flatten) if seg.flatten is not None else x
+            if seg.needs_2d and args.dim() != 2:
+                return self.run_eager(x)
+        try:
+            y, saved = self.train_op(args, self.train_params, self.train_running, seg.spec, seg.fparams)
+        except Exception as err:
+            return self.recover(x, err)  # the op mutates nothing: eager can repeat the call
+        if self.update_stages:
+            ops.update_running_stats(
+                self.update_buffers, ops.saved_batch_stats(saved, self.update_stages), self.momentum)
+        return y
 
     def run_eager(self, x):
         """The segment's modules one by one; an error names the failing child
@@ -109,7 +157,7 @@ class _EagerRun:
     def __init__(self, segment: Segment):
         self.segment = segment
 
-    def __call__(self, x, fused_ok: bool):
+    def __call__(self, x, route: int):
         for m in self.segment.modules:
             x = m(x)
         return x
@@ -125,13 +173,14 @@ class Plan:
         self.runs = [self._bind(s) if s.fused else _EagerRun(s) for s in self.segments]
         self.segments = [r.segment for r in self.runs]
         fused_tensors = [t for s in self.segments if s.fused for t in s.watched_tensors()]
-        self.guard = _C.PlanGuard(
-            container._modules, modules, fused_tensors, list(container.parameters()), global_hook_dicts()
-        )
         if len(self.runs) == 1:
             self.run = self.runs[0]
-            if self.segments[0].fused:
-                self.guard.set_single_fused(self.runs[0].call)
+        batch_stats = any(s.fused and s.batch_stats for s in self.segments)
+        self.guard = _C.PlanGuard(
+            container._modules, modules, fused_tensors, list(container.parameters()), global_hook_dicts(), batch_stats
+        )
+        if len(self.runs) == 1 and self.segments[0].fused and self.runs[0].call is not None:
+            self.guard.set_single_fused(self.runs[0].call)
 
     @staticmethod
     def _bind(segment: Segment):
@@ -151,15 +200,15 @@ class Plan:
                 Segment(segment.start, segment.stop, segment.keys, segment.modules, False, [reason] * len(segment.keys))
             )
 
-    def run(self, x, fused_ok: bool):
+    def run(self, x, route: int):
         for r in self.runs:
-            x = r(x, fused_ok)
+            x = r(x, route)
         return x
 
 
 class FusedSequential(nn.Sequential):
     r"""A drop-in :class:`torch.nn.Sequential` that runs chains of Linear,
-    BatchNorm1d (eval) and activations, and chains of Conv2d, BatchNorm2d
+    BatchNorm1d and activations, and chains of Conv2d, BatchNorm2d
     (eval), activations and pooling (with a Flatten and Linear head), as
     single fused kernel calls.
 
@@ -173,9 +222,12 @@ class FusedSequential(nn.Sequential):
     whenever anything it depends on changes: children, training flags, module
     attributes, hooks, parameters or buffers (replaced, converted, or edited in
     place), ``requires_grad``. When autograd is needed (grad mode on and a
-    parameter or the input requires grad) fused segments run eagerly, since a
-    fused backward is not implemented yet; so they do under ``torch.autocast``,
-    which changes eager's compute dtype.
+    parameter or the input requires grad), or a BatchNorm normalizes with batch
+    statistics (training mode), a fused segment runs the training op instead:
+    the parameters as they are, BatchNorm with batch statistics and eager's
+    running-statistics update, and a fused backward registered with autograd.
+    Under ``torch.autocast``, which changes eager's compute dtype, fused
+    segments run eagerly.
 
     Example:
         >>> import torch
@@ -201,7 +253,7 @@ class FusedSequential(nn.Sequential):
                 return super().forward(input)
             plan = self._replan()
             route = plan.guard.check(input)
-        return plan.run(input, route == 1)
+        return plan.run(input, route)
 
     def _replan(self) -> Plan:
         plan = Plan(self)
@@ -218,19 +270,19 @@ class FusedSequential(nn.Sequential):
 
     def _forward_traceable(self, input):
         """The forward as torch.compile / export trace it: plan and pack inline
-        (the packing op becomes part of the graph), then one op per segment."""
+        (the packing op becomes part of the graph), then one op per segment;
+        the training op where the call needs autograd or batch statistics."""
         keys = list(self._modules.keys())
         modules = list(self._modules.values())
-        needs_eager = torch.is_autocast_enabled("cpu") or (
-            torch.is_grad_enabled()
-            and (
-                (isinstance(input, torch.Tensor) and input.requires_grad)
-                or any(p.requires_grad for p in self.parameters())
-            )
+        autocast = torch.is_autocast_enabled("cpu")
+        needs_grad = torch.is_grad_enabled() and (
+            (isinstance(input, torch.Tensor) and input.requires_grad)
+            or any(p.requires_grad for p in self.parameters())
         )
         x = input
         for seg in plan_segments(keys, modules):
-            if not seg.fused or needs_eager:
+            train = needs_grad or seg.batch_stats
+            if not seg.fused or autocast or (train and seg.train_unsupported()):
                 for m in seg.modules:
                     x = m(x)
                 continue
@@ -238,6 +290,9 @@ class FusedSequential(nn.Sequential):
                 if x.dim() != 4:  # unbatched input: eager
                     for m in seg.modules:
                         x = m(x)
+                    continue
+                if train:
+                    x = _train_traceable(ops.conv_train_forward, seg, x)
                     continue
                 packed = ops.conv_pack(seg.pack_tensors(), seg.spec, seg.fparams)
                 x = ops.conv_forward(x, packed, seg.engine_weights(), seg.spec, seg.fparams)
@@ -247,6 +302,9 @@ class FusedSequential(nn.Sequential):
             if seg.needs_2d and x.dim() != 2:  # BatchNorm1d over dim 1 of 3-D input: eager
                 for m in seg.modules[1 if seg.flatten is not None else 0 :]:
                     x = m(x)
+                continue
+            if train:
+                x = _train_traceable(ops.mlp_train_forward, seg, x)
                 continue
             packed = ops.mlp_pack(seg.pack_tensors(), seg.spec, seg.fparams)
             x = ops.mlp_forward(x, packed, seg.engine_weights(), seg.spec, seg.fparams)
@@ -271,7 +329,7 @@ class FusedSequential(nn.Sequential):
         measured = {}
         if plan is not None:  # engine choices measured by earlier calls, for the same segments
             for run in plan.runs:
-                if isinstance(run, _FusedRun):
+                if isinstance(run, _FusedRun) and run.call is not None:
                     measured[(run.segment.start, run.segment.stop, tuple(run.segment.spec))] = run.call.measured_engines()
         return Explanation(segments, measured)
 
@@ -290,6 +348,14 @@ class FusedSequential(nn.Sequential):
         state = dict(state)
         state.pop(_PLAN_ATTR, None)
         return state
+
+
+def _train_traceable(op, seg: Segment, x):
+    y, saved = op(x, seg.train_params(), seg.train_running(), seg.spec, seg.fparams)
+    stages = seg.update_stages()
+    if stages:
+        ops.update_running_stats(seg.update_buffers(), ops.saved_batch_stats(saved, stages), seg.momentum())
+    return y
 
 
 def _widths(s: Segment) -> str:
@@ -362,10 +428,15 @@ class Explanation:
                 "epilogue and keeps the faster."
             )
             lines.append(
-                "  note: when autograd is needed (grad mode on and a parameter or the input requires grad), "
-                "fused segments run eagerly: the fused backward is not implemented yet; "
-                "so they do under torch.autocast."
+                "  note: when autograd is needed (grad mode on and a parameter or the input requires grad) or a "
+                "BatchNorm uses batch statistics, a fused segment runs seqfuse::*_train_forward (ATen's GEMM / "
+                "convolution per product, fused bias/BatchNorm/activation kernels) and its fused backward; "
+                "under torch.autocast fused segments run eagerly."
             )
+            for s in self.fused_segments:
+                why = s.train_unsupported()
+                if why:
+                    lines.append(f"  note: [{s.start}:{s.stop}] trains eagerly: {why}")
         return "\n".join(lines)
 
     __repr__ = __str__

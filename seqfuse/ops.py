@@ -28,6 +28,9 @@ __all__ = [
     "encode_conv_spec",
     "conv_pack",
     "conv_forward",
+    "mlp_train_forward",
+    "conv_train_forward",
+    "update_running_stats",
     "set_engine_override",
     "ENGINE_FUSED",
     "ENGINE_GEMM_EPILOGUE",
@@ -45,6 +48,9 @@ SUPPORTED_DTYPES = tuple(_DTYPE_CODES)
 HAS_BIAS = 1
 HAS_BATCHNORM = 2
 BATCHNORM_AFFINE = 4
+# BatchNorm flags the training ops read (csrc/kernels/mlp_spec.h):
+BATCH_STATS = 8  # normalize with the batch's statistics (training, or no running statistics)
+RUNNING_STATS = 16  # running statistics given: used without BATCH_STATS, updated with it
 
 
 class StageKind(enum.IntEnum):
@@ -365,3 +371,163 @@ def set_cpu_capability(name: str) -> None:
     >>> set_cpu_capability("")
     """
     _C.set_cpu_capability(name)
+
+
+# ---- training ------------------------------------------------------------------
+
+
+def mlp_train_forward(
+    input: torch.Tensor,
+    params: List[torch.Tensor],
+    running: List[torch.Tensor],
+    spec: List[int],
+    fparams: List[float],
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Runs an MLP run with its parameters as they are (``params`` per stage:
+    Linear weight, [bias], [BatchNorm weight, bias]), differentiable through
+    ``seqfuse::mlp_backward``. BatchNorm stages flagged ``BATCH_STATS`` use the
+    batch's statistics, the others ``running`` (per such BatchNorm:
+    running_mean, running_var). Returns the output and the tensors the
+    backward reads; :func:`update_running_stats` applies a training-mode
+    BatchNorm's update from them.
+
+    >>> lin = torch.nn.Linear(4, 3)
+    >>> spec, fparams = encode_mlp_spec(torch.float32, 4, [MlpStage(StageKind.LINEAR, 3, Activation.RELU, flags=HAS_BIAS)])
+    >>> x = torch.randn(2, 4)
+    >>> y, _ = mlp_train_forward(x, [lin.weight, lin.bias], [], spec, fparams)
+    >>> y.sum().backward()
+    >>> torch.testing.assert_close(y, torch.relu(lin(x)))
+    """
+    return torch.ops.seqfuse.mlp_train_forward.default(input, params, running, spec, fparams)
+
+
+def conv_train_forward(
+    input: torch.Tensor,
+    params: List[torch.Tensor],
+    running: List[torch.Tensor],
+    spec: List[int],
+    fparams: List[float],
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """The conv-run counterpart of :func:`mlp_train_forward` (``params`` per
+    stage: Conv2d / Linear weight, [bias], [BatchNorm weight, bias])."""
+    return torch.ops.seqfuse.conv_train_forward.default(input, params, running, spec, fparams)
+
+
+def saved_batch_stats(saved: Sequence[torch.Tensor], stages: Sequence[int]) -> List[torch.Tensor]:
+    """The statistics a training forward saved for the given stages' BatchNorms."""
+    return [saved[3 * i + 2] for i in stages]
+
+
+def update_running_stats(buffers: List[torch.Tensor], stats: List[torch.Tensor], momentum: List[float]) -> None:
+    """Eager BatchNorm's running-statistics update, per BatchNorm: ``buffers``
+    running_mean, running_var, num_batches_tracked (updated in place),
+    ``stats`` the statistics its training forward saved, ``momentum``
+    (negative: momentum=None, the cumulative average)."""
+    torch.ops.seqfuse.update_running_stats.default(buffers, stats, momentum)
+
+
+# Activations whose derivative the backward reads from the stage output
+# (derivative_from_output in csrc/kernels/train_epilogue.h).
+_DERIVATIVE_FROM_OUTPUT = (Activation.NONE, Activation.RELU, Activation.SIGMOID, Activation.TANH)
+_POOLS = (ConvStageKind.MAX_POOL, ConvStageKind.AVG_POOL, ConvStageKind.GLOBAL_AVG_POOL)
+_MLP_KINDS = {StageKind.LINEAR: ConvStageKind.LINEAR, StageKind.SCALE_SHIFT: ConvStageKind.SCALE_SHIFT,
+              StageKind.POINTWISE: ConvStageKind.POINTWISE}
+
+
+def _train_stages(spec: Sequence[int], conv: bool):
+    """(kind, out_channels, activation, flags, window, param, options) of
+    each stage, MLP stages in conv-run terms (as csrc/cpu/train_cpu.cpp)."""
+    if conv:
+        for st in _conv_stages(spec):
+            yield ConvStageKind(int(st[0])), int(st[1]), int(st[2]), int(st[3]), [int(v) for v in st[4:14]], int(st[14]), int(st[15])
+        return
+    for i in range(int(spec[2])):
+        kind, out, act, flags = spec[_SPEC_HEADER + _SPEC_PER_STAGE * i : _SPEC_HEADER + _SPEC_PER_STAGE * (i + 1)]
+        yield _MLP_KINDS[StageKind(int(kind))], int(out), int(act), int(flags), [1, 1, 1, 1, 0, 0, 0, 0, 1, 1], 1, 0
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return t
+    return t.contiguous()
+
+
+def _train_forward_fake(conv: bool, input, params, running, spec, fparams):
+    """The Python twin of train_forward_impl's walk (csrc/cpu/train_cpu.cpp):
+    the same ATen ops on fake tensors give the same shapes and strides."""
+    aten = torch.ops.aten
+    x = input if conv else input.reshape(-1, int(spec[3]))
+    stages = list(_train_stages(spec, conv))
+    params = iter(params)
+    saved: List[torch.Tensor] = []
+    owned = epilogue = True
+    for i, (kind, out_c, act, flags, win, param, options) in enumerate(stages):
+        kh, kw, sh, sw, pt, pl, pb, pr, dh, dw = win
+        has_weight = kind in (ConvStageKind.CONV, ConvStageKind.LINEAR)
+        weight = next(params) if has_weight else None
+        has_bias = has_weight and bool(flags & HAS_BIAS)
+        if has_bias:
+            next(params)
+        bn = bool(flags & HAS_BATCHNORM)
+        if bn and flags & BATCHNORM_AFFINE:
+            next(params), next(params)
+        aux = None
+        ceil = bool(options & CEIL_MODE)
+        if kind == ConvStageKind.LINEAR:
+            z = aten.mm(x, weight.t())
+        elif kind == ConvStageKind.CONV:
+            symmetric = pt == pb and pl == pr
+            xp = x if symmetric else aten.constant_pad_nd(x, [pl, pr, pt, pb], 0)
+            z = aten.convolution(xp, weight, None, [sh, sw], [pt, pl] if symmetric else [0, 0], [dh, dw], False,
+                                 [0, 0], param)
+        elif kind == ConvStageKind.MAX_POOL:
+            z, aux = aten.max_pool2d_with_indices(x, [kh, kw], [sh, sw], [pt, pl], [dh, dw], ceil)
+        elif kind == ConvStageKind.AVG_POOL:
+            z = aten.avg_pool2d(x, [kh, kw], [sh, sw], [pt, pl], ceil, bool(options & COUNT_INCLUDE_PAD),
+                                param or None)
+        elif kind == ConvStageKind.GLOBAL_AVG_POOL:
+            z = aten.adaptive_avg_pool2d(x, [1, 1])
+        elif kind == ConvStageKind.FLATTEN:
+            z = x.flatten(1)
+        else:
+            z = x
+        owned = has_weight or kind in _POOLS
+        epilogue = bn or has_bias or act != Activation.NONE
+        a, zsave = z, None
+        if epilogue:
+            z = _dense(z)
+            if bn:
+                a = torch.empty_like(z)
+                zsave = z if owned else None
+                aux = input.new_empty((4 if flags & BATCH_STATS else 2, out_c))
+            elif act not in _DERIVATIVE_FROM_OUTPUT and owned:
+                zsave, a = z, torch.empty_like(z)
+            else:
+                a = z if owned else torch.empty_like(z)
+        last = i + 1 == len(stages)
+        empty = input.new_empty((0,))
+        saved += [empty if last or not (owned or epilogue) else a]
+        saved += [input.new_empty((0,)) if zsave is None else zsave]
+        saved += [input.new_empty((0,)) if aux is None else aux]
+        x = a
+    out = x if owned or epilogue else x.clone()
+    if not conv:
+        out = out.view(*input.shape[:-1], stages[-1][1])
+    return out, saved
+
+
+def _backward_fake(grad_output, input, output, saved, params, spec, fparams, grad_mask):
+    grad_input = torch.empty_like(input) if grad_mask[0] else input.new_empty((0,))
+    return grad_input, [torch.empty_like(p) if m else p.new_empty((0,)) for p, m in zip(params, grad_mask[1:])]
+
+
+for _conv in (False, True):
+    _name = "conv" if _conv else "mlp"
+    torch.library.register_fake(f"seqfuse::{_name}_train_forward")(
+        lambda *args, _conv=_conv: _train_forward_fake(_conv, *args))
+    torch.library.register_fake(f"seqfuse::{_name}_backward")(_backward_fake)
+
+
+@torch.library.register_fake("seqfuse::update_running_stats")
+def _update_running_stats_fake(buffers, stats, momentum):
+    return None

@@ -16,11 +16,13 @@ from torch.nn.modules import module as _module_mod
 from torch.nn.modules.utils import _pair
 
 from .ops import (
+    BATCH_STATS,
     BATCHNORM_AFFINE,
     CEIL_MODE,
     COUNT_INCLUDE_PAD,
     HAS_BATCHNORM,
     HAS_BIAS,
+    RUNNING_STATS,
     SUPPORTED_DTYPES,
     Activation,
     ConvStage,
@@ -98,20 +100,43 @@ def _tensor_home(m: nn.Module, names: Sequence[str]):
 
 def _classify_batchnorm(m, role: str) -> Classified:
     name = type(m).__name__
-    if m.training:
-        return Classified(None, f"{name} in training mode uses batch statistics (not fused yet)")
-    if m.running_mean is None or m.running_var is None:
-        return Classified(None, f"{name} without running statistics uses batch statistics (not fused)")
+    if (m.running_mean is None) != (m.running_var is None):
+        return Classified(None, f"{name} with only one of running_mean and running_var (not fused)")
+    if m.training and m.track_running_stats and m.running_mean is not None and (
+        m.num_batches_tracked is None or m.num_batches_tracked.dtype != torch.long
+        or m.num_batches_tracked.dim() != 0 or (m.momentum is not None and not isinstance(m.momentum, (int, float)))
+    ):
+        return Classified(None, f"{name} with a missing or unusual num_batches_tracked or momentum (not fused)")
     dtype, device, why = _tensor_home(m, ("weight", "bias", "running_mean", "running_var"))
     if why:
         return Classified(None, why)
+    if _batchnorm_flags(m) & BATCH_STATS and dtype == torch.bfloat16:
+        return Classified(None, f"{name} with batch statistics in bfloat16 (fused training runs float32 and float64)")
     n = m.num_features
     if (m.weight is None) != (m.bias is None) or (m.weight is None) == m.affine:
         return Classified(None, f"{name} with only one of weight and bias (not fused)")
-    shapes = [m.running_mean, m.running_var] + ([m.weight, m.bias] if m.affine else [])
+    shapes = ([m.running_mean, m.running_var] if m.running_mean is not None else []) + (
+        [m.weight, m.bias] if m.affine else [])
     if n < 1 or any(tuple(t.shape) != (n,) for t in shapes):
         return Classified(None, f"{name} tensors do not all have shape (num_features,)")
     return Classified(role, width=n, dtype=dtype, device=device)
+
+
+def _batchnorm_flags(m) -> int:
+    """The spec flags of a BatchNorm in its current mode, as eager's forward
+    decides: batch statistics in training or without running statistics;
+    running statistics updated in training when tracked."""
+    flags = HAS_BATCHNORM | (BATCHNORM_AFFINE if m.affine else 0)
+    has_running = m.running_mean is not None
+    if m.training or not has_running:
+        flags |= BATCH_STATS
+    if has_running and (not m.training or m.track_running_stats):
+        flags |= RUNNING_STATS
+    return flags
+
+
+def _batchnorm_role(flags: int) -> str:
+    return "batch statistics" if flags & BATCH_STATS else "eval"
 
 
 def _classify_conv(m: nn.Conv2d) -> Classified:
@@ -242,6 +267,63 @@ class Segment:
                     out.append(t)
         return out
 
+    @property
+    def batch_stats(self) -> bool:
+        """A BatchNorm here normalizes with batch statistics: only the
+        training op runs this segment (the inference op folds running ones)."""
+        return any(st.flags & BATCH_STATS for st in self.stages)
+
+    def train_params(self) -> List[torch.Tensor]:
+        """The parameters the training op takes, per stage: Linear/Conv2d
+        weight, [bias], [BatchNorm weight, bias]."""
+        out: List[torch.Tensor] = []
+        for stage in self.stages:
+            for m in stage.modules:
+                if type(m) in (nn.Linear, nn.Conv2d):
+                    out += [m.weight] + ([m.bias] if m.bias is not None else [])
+                elif m.affine:
+                    out += [m.weight, m.bias]
+        return out
+
+    def train_running(self) -> List[torch.Tensor]:
+        """Per BatchNorm normalizing with running statistics (eval mode):
+        running_mean, running_var, as the training op reads them."""
+        out: List[torch.Tensor] = []
+        for stage in self.stages:
+            if stage.flags & HAS_BATCHNORM and not stage.flags & BATCH_STATS:
+                bn = stage.modules[-1]
+                out += [bn.running_mean, bn.running_var]
+        return out
+
+    def update_stages(self) -> List[int]:
+        """The stages whose BatchNorm updates its running statistics."""
+        both = BATCH_STATS | RUNNING_STATS
+        return [i for i, st in enumerate(self.stages) if st.flags & both == both]
+
+    def update_buffers(self) -> List[torch.Tensor]:
+        """Per updating BatchNorm: running_mean, running_var, num_batches_tracked."""
+        out: List[torch.Tensor] = []
+        for i in self.update_stages():
+            bn = self.stages[i].modules[-1]
+            out += [bn.running_mean, bn.running_var, bn.num_batches_tracked]
+        return out
+
+    def momentum(self) -> List[float]:
+        """Per updating BatchNorm, its momentum (-1 for None: the cumulative average)."""
+        out = []
+        for i in self.update_stages():
+            bn = self.stages[i].modules[-1]
+            out.append(-1.0 if bn.momentum is None else float(bn.momentum))
+        return out
+
+    def train_unsupported(self) -> str:
+        """Why the training op cannot run this segment ('' when it can)."""
+        if self.dtype not in (torch.float32, torch.float64):
+            return f"fused training runs float32 and float64, not {str(self.dtype).replace('torch.', '')}"
+        if any(type(t) not in (torch.Tensor, nn.Parameter) for t in self.train_params() + self.update_buffers()):
+            return "a parameter or buffer is a tensor subclass"
+        return ""
+
     def pack_tensors(self) -> List[torch.Tensor]:
         """The tensors mlp_pack / conv_pack take, read from the modules now."""
         out: List[torch.Tensor] = []
@@ -284,12 +366,12 @@ def _build_stages(entries) -> Tuple[List[MlpStage], List[str]]:
             stages.append(MlpStage(StageKind.LINEAR, m.out_features, flags=flags, modules=[m]))
             roles.append(f"stage {len(stages) - 1}: matmul")
         elif c.role == BATCHNORM:
-            flags = HAS_BATCHNORM | (BATCHNORM_AFFINE if m.affine else 0)
+            flags = _batchnorm_flags(m)
             if _fold_batchnorm(last, (StageKind.LINEAR,), m, flags):
-                roles.append(f"stage {len(stages) - 1}: folded into the epilogue (eval)")
+                roles.append(f"stage {len(stages) - 1}: folded into the epilogue ({_batchnorm_role(flags)})")
             else:
                 stages.append(MlpStage(StageKind.SCALE_SHIFT, m.num_features, flags=flags, eps=m.eps, modules=[m]))
-                roles.append(f"stage {len(stages) - 1}: per-channel scale/shift (eval)")
+                roles.append(f"stage {len(stages) - 1}: per-channel scale/shift ({_batchnorm_role(flags)})")
         elif c.role == ACTIVATION:
             alpha = float(m.negative_slope) if c.activation == Activation.LEAKY_RELU else 0.0
             if last is None or last.activation != Activation.NONE:
@@ -338,13 +420,13 @@ def _build_conv_stages(entries, in_channels: int) -> Tuple[List[ConvStage], List
             channels = m.out_features
             add(ConvStage(ConvStageKind.LINEAR, channels, flags=flags, param=m.in_features, modules=[m]), "matmul")
         elif c.role in (BATCHNORM, BATCHNORM2D):
-            flags = HAS_BATCHNORM | (BATCHNORM_AFFINE if m.affine else 0)
+            flags = _batchnorm_flags(m)
             if _fold_batchnorm(last, (ConvStageKind.CONV, ConvStageKind.LINEAR), m, flags):
-                roles.append(f"stage {len(stages) - 1}: folded into the epilogue (eval)")
+                roles.append(f"stage {len(stages) - 1}: folded into the epilogue ({_batchnorm_role(flags)})")
             else:
                 channels = m.num_features  # after the Flatten, the first width the run states
                 add(ConvStage(ConvStageKind.SCALE_SHIFT, channels, flags=flags, eps=m.eps, modules=[m]),
-                    "per-channel scale/shift (eval)")
+                    f"per-channel scale/shift ({_batchnorm_role(flags)})")
         elif c.role == POOL:
             if t is nn.AdaptiveAvgPool2d:
                 add(ConvStage(ConvStageKind.GLOBAL_AVG_POOL, channels), "global average pool")
@@ -389,6 +471,14 @@ def _close_run(segments, run, keys, modules, mode=None):
         segments.append(Segment(start, stop, keys[start:stop], modules[start:stop], False, [reason] * len(run)))
         return
     entries = [(modules[i], c) for i, c in run]
+    first_width = next(c for _, c in run if c.width is not None)
+    global_pool = any(type(modules[i]) is nn.AdaptiveAvgPool2d for i, _ in run)
+    if mode in ("conv", "tail") and first_width.role not in (CONV, BATCHNORM2D) and not global_pool:
+        # Pools and activations, a Flatten, then a Linear: the Linear's
+        # in_features are the input channels only after a global pool.
+        reason = "no Conv2d, BatchNorm2d or global pool before the Flatten to fix the input channels (not fused)"
+        segments.append(Segment(start, stop, keys[start:stop], modules[start:stop], False, [reason] * len(run)))
+        return
     if mode in ("conv", "tail"):
         in_channels = widths[0]
         stages, roles = _build_conv_stages(entries, in_channels)

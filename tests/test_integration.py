@@ -111,8 +111,9 @@ def test_compile_fullgraph_inference_custom_module():
 
 def test_compile_fullgraph_training_step_matches_eager():
     """A compiled training step (forward + backward, BatchNorm in train mode,
-    parameters requiring grad) traces the eager fallback into the graph: no
-    seqfuse op appears, and loss, gradients and updated state equal eager's."""
+    parameters requiring grad) traces the training ops into the graph (with
+    the running-statistics update), and loss, gradients and updated state
+    equal eager's."""
     net, fused = make_pair(train=True)
     torch._dynamo.reset()
     rec = GraphRecorder("aot_eager")  # AOTAutograd: the backward is compiled too
@@ -133,7 +134,10 @@ def test_compile_fullgraph_training_step_matches_eager():
             close(q.grad, p.grad, msg=name)
         opt_ref.step()
         opt_fused.step()
-    assert not any("seqfuse" in t for t in rec.targets()), rec.targets()
+    targets = rec.targets()
+    assert any("seqfuse.mlp_train_forward" in t for t in targets), targets
+    assert any("seqfuse.update_running_stats" in t for t in targets), targets
+    assert not any("seqfuse.mlp_forward" in t or "seqfuse.mlp_pack" in t for t in targets), targets
     for (k, a), b in zip(net.state_dict().items(), fused.state_dict().values()):
         close(b, a, msg=k)  # parameters and BatchNorm running statistics
 

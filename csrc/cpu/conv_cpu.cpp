@@ -24,6 +24,9 @@ constexpr int64_t kParallelMinMacs = int64_t{1} << 18;
 
 at::Tensor conv_pack_cpu(at::TensorList tensors, at::IntArrayRef spec, at::ArrayRef<double> fparams) {
   const ConvDesc d = decode_conv_spec(spec, fparams);
+  for (const ConvStage& s : d.stages)
+    TORCH_CHECK_VALUE(!(s.flags & kernels::kBatchStats), "seqfuse::conv_pack: a BatchNorm using batch statistics ",
+                      "(training mode) runs only in seqfuse::conv_train_forward");
   const at::ScalarType dtype = scalar_type_of(d.dtype);
   at::Tensor packed = at::zeros({d.packed_bytes}, at::TensorOptions().dtype(at::kByte));
   uint8_t* base = packed.data_ptr<uint8_t>();

@@ -23,6 +23,9 @@ constexpr int64_t kParallelMinMacs = int64_t{1} << 20;
 
 at::Tensor mlp_pack_cpu(at::TensorList tensors, at::IntArrayRef spec, at::ArrayRef<double> fparams) {
   const MlpDesc d = decode_mlp_spec(spec, fparams);
+  for (const StageDesc& s : d.stages)
+    TORCH_CHECK_VALUE(!(s.flags & kernels::kBatchStats), "seqfuse::mlp_pack: a BatchNorm using batch statistics ",
+                      "(training mode) runs only in seqfuse::mlp_train_forward");
   const at::ScalarType dtype = scalar_type_of(d.dtype);
   // Zeroed: alignment gaps between sections must not carry stale bytes (the
   // buffer is a deterministic function of the parameters).

@@ -163,7 +163,7 @@ inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const dou
     st.eps = fparams[kFParamsPerStage * i + 1];
     st.weight_offset = st.scale_offset = st.shift_offset = -1;
     st.in_channels = st.kind == ConvStageKind::Linear ? s[14] : channels;
-    if (st.flags & ~(kHasBias | kHasBatchNorm | kBatchNormAffine)) fail(where + "unknown flags");
+    if (*stage_flags_error(st.flags)) fail(where + stage_flags_error(st.flags));
     if (!in_range(st.in_channels, 1, kMaxWidth) || !in_range(st.out_channels, 1, kMaxWidth))
       fail(where + "channels out of range");
     for (int64_t v : {st.kernel_h, st.kernel_w, st.stride_h, st.stride_w, st.dilation_h, st.dilation_w})

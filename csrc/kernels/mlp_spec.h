@@ -56,6 +56,19 @@ constexpr int64_t kNumActivations = 10;
 constexpr int64_t kHasBias = 1;       // Linear bias
 constexpr int64_t kHasBatchNorm = 2;  // an eval BatchNorm folded into scale/shift
 constexpr int64_t kBatchNormAffine = 4;
+// Training-op flags of a BatchNorm (only the seqfuse::*_train_forward ops accept
+// kBatchStats; the inference ops read the running statistics regardless):
+constexpr int64_t kBatchStats = 8;     // normalize with the batch's statistics (training, or no running stats)
+constexpr int64_t kRunningStats = 16;  // running statistics are given: read without kBatchStats, updated with it
+constexpr int64_t kKnownStageFlags = kHasBias | kHasBatchNorm | kBatchNormAffine | kBatchStats | kRunningStats;
+
+// Checks the flag combinations both spec decoders accept; "" when valid.
+inline const char* stage_flags_error(int64_t flags) {
+  if (flags & ~kKnownStageFlags) return "unknown stage flags";
+  if ((flags & (kBatchNormAffine | kBatchStats | kRunningStats)) && !(flags & kHasBatchNorm))
+    return "BatchNorm flags without a BatchNorm";
+  return "";
+}
 
 struct StageDesc {
   StageKind kind;
@@ -130,7 +143,7 @@ inline MlpDesc decode_mlp_spec(const int64_t* spec, size_t spec_len, const doubl
     st.weight_offset = st.scale_offset = st.shift_offset = -1;
     if (st.kind != StageKind::Linear && st.out_features != width) fail("elementwise stage changes width");
     if (st.out_features < 1 || st.out_features > kMaxWidth) fail("out_features out of range");
-    if (st.flags & ~(kHasBias | kHasBatchNorm | kBatchNormAffine)) fail("unknown stage flags");
+    if (*stage_flags_error(st.flags)) fail(stage_flags_error(st.flags));
     const int64_t padded = round_up(st.out_features, kPanelWidth);
     if (st.kind == StageKind::Linear) {
       st.weight_offset = section(panel_count(st.out_features) * kPanelWidth * width * esize);

@@ -46,6 +46,8 @@ class Case:
         build_model: for a whole-model case instead of ``build_modules``:
             returns a fresh ``nn.Module``; eager runs it as is, the fused peer
             is ``seqfuse.fuse(model)``.
+        train: time a training step (training mode, ``zero_grad`` + forward +
+            ``sum().backward()``) instead of an inference forward.
 
     >>> c = Case("x", lambda: mlp([4, 2]), (3, 4), "Linear 4->2")
     >>> c.with_batch(7).input_shape
@@ -59,6 +61,7 @@ class Case:
     input_shape: Tuple[int, ...]
     description: str = ""
     build_model: Optional[Callable[[], nn.Module]] = None
+    train: bool = False
 
     def __post_init__(self):
         if (self.build_modules is None) == (self.build_model is None):
@@ -262,6 +265,20 @@ _VGG = [16, "M", 32, "M", 64, 64, "M"]
 
 register(Case("cnn_b1_32", lambda: _conv_stack(_CNN), (1, 3, 32, 32), _CNN_TEXT + "; one 32x32 image"))
 register(Case("cnn_b16_64", lambda: _conv_stack(_CNN), (16, 3, 64, 64), _CNN_TEXT + "; 16 64x64 images"))
+
+# Training steps (zero_grad + forward + sum().backward(), training mode).
+register(Case("train_mlp_small_b32", lambda: mlp([64, 128, 128, 10]), (32, 64),
+              "training step: Linear 64->128->128->10, ReLU; 32 rows", train=True))
+register(Case("train_mlp_bn_b64",
+              lambda: [nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 256), nn.BatchNorm1d(256),
+                       nn.ReLU(), nn.Linear(256, 10)], (64, 256),
+              "training step: (Linear 256->256, BatchNorm1d, ReLU) x2, Linear 256->10; 64 rows", train=True))
+register(Case("train_mlp_wide_b512", lambda: mlp([1024, 1024, 1024]), (512, 1024),
+              "training step: Linear 1024->1024->1024, ReLU; 512 rows", train=True))
+register(Case("train_cnn_b8_32",
+              lambda: [nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                       nn.BatchNorm2d(32), nn.ReLU()], (8, 3, 32, 32),
+              "training step: (Conv 3x3 3->16->32, BatchNorm2d, ReLU); 8 32x32 images", train=True))
 register(
     Case(
         "vgg_b8",

@@ -5,6 +5,7 @@ per case. :func:`run` is the entry point of both the CLI and the tests.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
@@ -16,7 +17,7 @@ import seqfuse
 
 from . import memory, timing
 from .cases import Case, layer_flops, select_cases
-from .peers import build_peer, parse_peers, peer_context
+from .peers import TRAINING_PEERS, build_peer, build_training_step, parse_peers, peer_context
 
 __all__ = ["run", "run_case", "parse_dtype", "environment", "model_flops", "Progress", "TOLERANCES"]
 
@@ -165,18 +166,23 @@ def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch
         torch.manual_seed(seed)
         built = case.build()
         if isinstance(built, nn.Module):  # a whole-model case
-            modules = built.eval().to(dtype)
+            modules = built.train(case.train).to(dtype)
         else:
-            modules = [m.eval().to(dtype) for m in built]
+            modules = [m.train(case.train).to(dtype) for m in built]
         x = torch.randn(case.input_shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
 
     if isinstance(modules, nn.Module):
         flops, flops_counted = model_flops(modules, x), "flop_counter"
     else:
         flops, flops_counted = layer_flops(modules, case.input_shape), "layers"
+    if case.train:  # forward + the backward's two products per layer
+        flops, flops_counted = 3 * flops, flops_counted + " x3 (training step)"
+        dropped = [p for p in parse_peers(peers) if p not in TRAINING_PEERS]
+        peers = [p for p in parse_peers(peers) if p in TRAINING_PEERS]
     result: Dict[str, object] = {
         "case": case.name,
         "description": case.description,
+        "train": case.train,
         "input_shape": list(case.input_shape),
         "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
@@ -201,15 +207,18 @@ def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch
         say("(" + ",".join(peers) + ")", major=True)
         for p in peers:
             try:
-                fns[p] = build_peer(p, modules)
+                fns[p] = build_training_step(p, modules) if case.train else build_peer(p, modules)
             except Exception as e:  # a peer that cannot be built is reported, not fatal
                 if p == "eager":
                     raise
                 result["errors"][p] = f"build failed: {type(e).__name__}: {e}"
+        if case.train:
+            for p in dropped:
+                result["errors"][p] = "not timed: training cases time eager and fused only"
         if "fused" in fns:
-            result["fused_plan"] = _fused_plan(fns["fused"])
+            result["fused_plan"] = _fused_plan(fns["fused"].model if case.train else fns["fused"])
 
-        with torch.inference_mode():
+        with contextlib.nullcontext() if case.train else torch.inference_mode():
             # Warm-up first (compilation, weight packing), then the numerics check.
             for p in list(fns):
                 say(f"{p} warm-up")
@@ -256,7 +265,8 @@ def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch
         result["steady_rss_mib"] = {}
         for p in fns:
             say(f"{p} memory (subprocess)")
-            m = memory.peak_rss(modules, case.input_shape, dtype, p, threads=torch.get_num_threads())
+            m = memory.peak_rss(modules, case.input_shape, dtype, p, threads=torch.get_num_threads(),
+                                train=case.train)
             if "error" in m:
                 result["errors"][f"{p}_memory"] = m["error"]
                 result["peak_rss_mib"][p] = None

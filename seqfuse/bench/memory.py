@@ -19,6 +19,7 @@ calls, and reports
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -36,7 +37,8 @@ _CHILD = "from seqfuse.bench.memory import _child_main; raise SystemExit(_child_
 
 
 def peak_rss(modules: List[nn.Module], input_shape: Sequence[int], dtype: torch.dtype, peer: str,
-             threads: Optional[int] = None, calls: int = 5, timeout: float = 600.0) -> Dict[str, object]:
+             threads: Optional[int] = None, calls: int = 5, timeout: float = 600.0,
+             train: bool = False) -> Dict[str, object]:
     """Runs ``peer`` over ``modules`` in a fresh subprocess and returns
     ``{"peak_rss_mib": float, "steady_rss_mib": float | None, "method": str}``
     (or ``{"error": str}`` when the child fails)."""
@@ -48,6 +50,8 @@ def peak_rss(modules: List[nn.Module], input_shape: Sequence[int], dtype: torch.
                "--dtype", str(dtype).replace("torch.", ""), "--calls", str(calls)]
         if threads:
             cmd += ["--threads", str(threads)]
+        if train:
+            cmd += ["--train"]
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -91,7 +95,7 @@ def _maxrss_kib() -> int:
 def _child_main(argv: Optional[List[str]] = None) -> int:
     import gc
 
-    from .peers import build_peer, peer_context
+    from .peers import build_peer, build_training_step, peer_context
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--modules", required=True)
@@ -100,6 +104,7 @@ def _child_main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--train", action="store_true", help="time training steps (zero_grad + forward + backward)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -107,7 +112,7 @@ def _child_main(argv: Optional[List[str]] = None) -> int:
     modules = torch.load(a.modules, weights_only=False)
     shape = [int(d) for d in a.shape.split(",")]
     with peer_context([a.peer]):
-        model = build_peer(a.peer, modules)
+        model = build_training_step(a.peer, modules) if a.train else build_peer(a.peer, modules)
         x = torch.randn(shape).to(dtype)
         gc.collect()
         resettable = _reset_peak() and _status_kib("VmRSS") is not None
@@ -115,7 +120,7 @@ def _child_main(argv: Optional[List[str]] = None) -> int:
             base = _status_kib("VmRSS")
         else:
             base = _maxrss_kib()
-        with torch.inference_mode():
+        with contextlib.nullcontext() if a.train else torch.inference_mode():
             model(x)
             if resettable:
                 first_peak = _status_kib("VmHWM")

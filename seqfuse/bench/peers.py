@@ -27,7 +27,7 @@ from torch import nn
 
 import seqfuse
 
-__all__ = ["PEERS", "DEFAULT_PEERS", "parse_peers", "build_peer", "peer_context"]
+__all__ = ["PEERS", "DEFAULT_PEERS", "TRAINING_PEERS", "parse_peers", "build_peer", "build_training_step", "peer_context"]
 
 DEFAULT_PEERS = ("eager", "fused")
 
@@ -100,6 +100,41 @@ def build_peer(name: str, modules: Modules) -> Callable:
     """The callable for peer ``name`` over ``modules`` (a list, or one model;
     already in eval mode and the wanted dtype)."""
     return PEERS[name](modules)
+
+
+#: Peers a training case times (a training step through TorchScript or
+#: torch.compile would measure a different program: their own autograd).
+TRAINING_PEERS = ("eager", "fused")
+
+
+class TrainingStep:
+    """One training step of a peer, as the training cases time it:
+    ``zero_grad`` (set to None) + forward + ``sum().backward()``. Returns the
+    detached output. ``model`` is the module it trains (training mode)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model.train()
+        self.params = list(model.parameters())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for p in self.params:
+            p.grad = None
+        y = self.model(x)
+        y.sum().backward()
+        return y.detach()
+
+
+def build_training_step(name: str, modules: Modules) -> TrainingStep:
+    """A :class:`TrainingStep` of peer ``name`` (``eager`` or ``fused``) over
+    a copy of ``modules``."""
+    if name not in TRAINING_PEERS:
+        raise ValueError(f"training cases time {' and '.join(TRAINING_PEERS)} only, not {name!r}")
+    copied = copy.deepcopy(modules)
+    if isinstance(copied, nn.Module):
+        model = copied if name == "eager" else seqfuse.fuse(copied)
+    else:
+        model = nn.Sequential(*copied) if name == "eager" else seqfuse.FusedSequential(*copied)
+    return TrainingStep(model)
 
 
 def peer_context(peers: Sequence[str]):

@@ -925,7 +925,8 @@ TEST(conv_decode_rejects_malformed_specs) {
       set("activation -1", 0, kAct, -1),
       set("activation 10", 2, kAct, sk::kNumActivations),
       set("Conv out_channels 0", 0, kOut, 0),
-      set("unknown flag bit", 0, kFlags, 8),
+      set("unknown flag bit", 0, kFlags, 32),
+      set("batch-statistics flag without a BatchNorm", 0, kFlags, 8),
       set("groups 0", 0, kParam, 0),
       set("groups -3", 0, kParam, -3),
       set("groups not dividing in_channels", 0, kParam, 4),  // 6 in, 12 out

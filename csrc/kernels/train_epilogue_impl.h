@@ -1,0 +1,235 @@
+// The training-path epilogue kernels (train_epilogue.h), written once and
+// compiled per ISA: included inside `namespace seqfuse::kernels::<isa>` by
+// train_epilogue_<isa>.cpp after its target pragma (see kernel_impl.h).
+//
+// Loops are plain per-element code over contiguous runs with the activation
+// and the layout fixed at compile time, so the compiler vectorizes them for
+// the ISA; forward activations reuse the inference kernels' vector code.
+
+#include "kernel_impl.h"
+
+namespace train_detail {
+
+using seqfuse::kernels::Activation;
+using seqfuse::kernels::ActSource;
+using seqfuse::kernels::ChannelLayout;
+
+template <Activation A> using ActTag = std::integral_constant<Activation, A>;
+
+// Calls fn(ActTag<act>{}) with the activation as a compile-time constant.
+template <typename Fn> inline void with_activation(Activation act, Fn&& fn) {
+  switch (act) {
+    case Activation::None: return fn(ActTag<Activation::None>{});
+    case Activation::ReLU: return fn(ActTag<Activation::ReLU>{});
+    case Activation::LeakyReLU: return fn(ActTag<Activation::LeakyReLU>{});
+    case Activation::ReLU6: return fn(ActTag<Activation::ReLU6>{});
+    case Activation::Sigmoid: return fn(ActTag<Activation::Sigmoid>{});
+    case Activation::Tanh: return fn(ActTag<Activation::Tanh>{});
+    case Activation::GeluErf: return fn(ActTag<Activation::GeluErf>{});
+    case Activation::GeluTanh: return fn(ActTag<Activation::GeluTanh>{});
+    case Activation::SiLU: return fn(ActTag<Activation::SiLU>{});
+    case Activation::Hardswish: return fn(ActTag<Activation::Hardswish>{});
+  }
+}
+
+inline float exp_of(float x) { return __builtin_expf(x); }
+inline double exp_of(double x) { return __builtin_exp(x); }
+inline float tanh_of(float x) { return __builtin_tanhf(x); }
+inline double tanh_of(double x) { return __builtin_tanh(x); }
+inline float erf_of(float x) { return __builtin_erff(x); }
+inline double erf_of(double x) { return __builtin_erf(x); }
+
+// g * act'(v), v being the output (derivative_from_output) or the
+// pre-activation. The formulas, and their behaviour at the kinks and for
+// NaN, are eager's (ATen's *_backward kernels).
+template <Activation A, typename T> inline T activation_grad(T g, T v, T alpha) {
+  if constexpr (A == Activation::None) {
+    return g;
+  } else if constexpr (A == Activation::ReLU) {
+    return v > T(0) ? g : T(0);
+  } else if constexpr (A == Activation::LeakyReLU) {
+    return v > T(0) ? g : g * alpha;
+  } else if constexpr (A == Activation::ReLU6) {
+    return (v <= T(0) || v >= T(6)) ? T(0) : g;
+  } else if constexpr (A == Activation::Sigmoid) {
+    return g * (T(1) - v) * v;
+  } else if constexpr (A == Activation::Tanh) {
+    return g * (T(1) - v * v);
+  } else if constexpr (A == Activation::GeluErf) {
+    const T k_alpha = T(0.70710678118654752440);
+    const T k_beta = T(1.12837916709551257390 * 0.70710678118654752440 * 0.5);
+    const T cdf = T(0.5) * (T(1) + erf_of(v * k_alpha));
+    const T pdf = k_beta * exp_of(T(-0.5) * v * v);
+    return g * (cdf + v * pdf);
+  } else if constexpr (A == Activation::GeluTanh) {
+    const T k_beta = T(1.41421356237309504880 * 1.12837916709551257390 * 0.5);
+    const T k_kappa = T(0.044715);
+    const T v2 = v * v;
+    const T inner = k_beta * (v + k_kappa * v2 * v);
+    const T t = tanh_of(inner);
+    const T left_derivative = T(0.5) * (T(1) + t);
+    const T right_derivative = T(0.5) * v * (T(1) - t * t) * k_beta * (T(1) + T(3) * k_kappa * v2);
+    return g * (left_derivative + right_derivative);
+  } else if constexpr (A == Activation::SiLU) {
+    const T s = T(1) / (T(1) + exp_of(-v));
+    return g * s * (T(1) + v * (T(1) - s));
+  } else {  // Hardswish
+    return v < T(-3) ? T(0) : v <= T(3) ? g * (v / T(3) + T(0.5)) : g;
+  }
+}
+
+// Calls body(lane, offset, n, c) for each contiguous run of the outer range:
+// with inner == 1 a run is one row of all channels (lane is true: element k
+// belongs to channel k), otherwise one channel's inner values (lane false:
+// every element belongs to channel c).
+template <typename Body> inline void for_each_run(const ChannelLayout& l, int64_t o0, int64_t o1, Body&& body) {
+  if (l.inner == 1) {
+    for (int64_t o = o0; o < o1; ++o) body(std::true_type{}, o * l.channels, l.channels, int64_t{0});
+  } else {
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t c = 0; c < l.channels; ++c) body(std::false_type{}, (o * l.channels + c) * l.inner, l.inner, c);
+  }
+}
+
+// The per-channel value for element k of a run starting at channel c.
+template <bool kLane, typename T> inline T channel_value(const T* p, int64_t c, int64_t k) {
+  return kLane ? p[c + k] : p[c];
+}
+
+}  // namespace train_detail
+
+template <typename T>
+void channel_moments(const ChannelLayout& l, const T* z, const T* ref, double* sum, double* sumsq, int64_t o0,
+                     int64_t o1) {
+  using namespace train_detail;
+  for_each_run(l, o0, o1, [&](auto lane, int64_t off, int64_t n, int64_t c) {
+    constexpr bool L = decltype(lane)::value;
+    const T* p = z + off;
+    if constexpr (L) {
+      for (int64_t k = 0; k < n; ++k) {
+        const double d = static_cast<double>(p[k]) - static_cast<double>(ref[k]);
+        sum[k] += d;
+        sumsq[k] += d * d;
+      }
+    } else {
+      const double r = static_cast<double>(ref[c]);
+      double s = 0, q = 0;
+      for (int64_t k = 0; k < n; ++k) {
+        const double d = static_cast<double>(p[k]) - r;
+        s += d;
+        q += d * d;
+      }
+      sum[c] += s;
+      sumsq[c] += q;
+    }
+  });
+}
+
+template <typename T>
+void epilogue_forward(const ChannelLayout& l, const T* z, const T* scale, const T* shift, Activation act,
+                      double alpha, T* pre, T* out, int64_t o0, int64_t o1) {
+  using namespace train_detail;
+  for_each_run(l, o0, o1, [&](auto lane, int64_t off, int64_t n, int64_t c) {
+    constexpr bool L = decltype(lane)::value;
+    const T* zin = z + off;
+    T* y = out + off;
+    if (scale) {
+      for (int64_t k = 0; k < n; ++k)
+        y[k] = zin[k] * channel_value<L>(scale, c, k) + (shift ? channel_value<L>(shift, c, k) : T(0));
+    } else if (shift) {
+      for (int64_t k = 0; k < n; ++k) y[k] = zin[k] + channel_value<L>(shift, c, k);
+    } else if (y != zin) {
+      for (int64_t k = 0; k < n; ++k) y[k] = zin[k];
+    }
+    if (pre && pre + off != y)
+      for (int64_t k = 0; k < n; ++k) pre[off + k] = y[k];
+    activate_row(y, n, act, alpha);
+  });
+}
+
+template <typename T>
+void epilogue_backward_reduce(const ChannelLayout& l, const T* g, Activation act, double alpha_d, ActSource source,
+                              const T* src, const T* z, const T* scale, const T* shift, const T* center, T* dy,
+                              double* sum_dy, double* sum_dy_xc, int64_t o0, int64_t o1) {
+  using namespace train_detail;
+  const T alpha = static_cast<T>(alpha_d);
+  with_activation(act, [&](auto tag) {
+    constexpr Activation A = decltype(tag)::value;
+    for_each_run(l, o0, o1, [&](auto lane, int64_t off, int64_t n, int64_t c) {
+      constexpr bool L = decltype(lane)::value;
+      const T* gp = g + off;
+      T* d = dy + off;
+      // The activation's argument for element k.
+      auto arg = [&](int64_t k) -> T {
+        if (source != ActSource::Recompute) return src[off + k];
+        return z[off + k] * channel_value<L>(scale, c, k) + channel_value<L>(shift, c, k);
+      };
+      if constexpr (A == Activation::None) {
+        if (d != gp)
+          for (int64_t k = 0; k < n; ++k) d[k] = gp[k];
+      } else {
+        for (int64_t k = 0; k < n; ++k) d[k] = activation_grad<A>(gp[k], arg(k), alpha);
+      }
+      if constexpr (L) {
+        if (sum_dy)
+          for (int64_t k = 0; k < n; ++k) sum_dy[k] += static_cast<double>(d[k]);
+        if (center)
+          for (int64_t k = 0; k < n; ++k)
+            sum_dy_xc[k] += static_cast<double>(d[k]) * (static_cast<double>(z[off + k]) - static_cast<double>(center[k]));
+      } else {
+        if (sum_dy) {
+          double s = 0;
+          for (int64_t k = 0; k < n; ++k) s += static_cast<double>(d[k]);
+          sum_dy[c] += s;
+        }
+        if (center) {
+          const double m = static_cast<double>(center[c]);
+          double s = 0;
+          for (int64_t k = 0; k < n; ++k) s += static_cast<double>(d[k]) * (static_cast<double>(z[off + k]) - m);
+          sum_dy_xc[c] += s;
+        }
+      }
+    });
+  });
+}
+
+template <typename T>
+void batchnorm_backward_apply(const ChannelLayout& l, const T* dy, const T* z, const T* center, const T* k_mean,
+                              const T* k_xc, const T* k_dy, T* dz, double* sum_dz, int64_t o0, int64_t o1) {
+  using namespace train_detail;
+  for_each_run(l, o0, o1, [&](auto lane, int64_t off, int64_t n, int64_t c) {
+    constexpr bool L = decltype(lane)::value;
+    const T* d = dy + off;
+    const T* zp = z + off;
+    T* out = dz + off;
+    if (k_mean) {
+      for (int64_t k = 0; k < n; ++k)
+        out[k] = (d[k] - channel_value<L>(k_mean, c, k) -
+                  (zp[k] - channel_value<L>(center, c, k)) * channel_value<L>(k_xc, c, k)) *
+                 channel_value<L>(k_dy, c, k);
+    } else {
+      for (int64_t k = 0; k < n; ++k) out[k] = d[k] * channel_value<L>(k_dy, c, k);
+    }
+    if (!sum_dz) return;
+    if constexpr (L) {
+      for (int64_t k = 0; k < n; ++k) sum_dz[k] += static_cast<double>(out[k]);
+    } else {
+      double s = 0;
+      for (int64_t k = 0; k < n; ++k) s += static_cast<double>(out[k]);
+      sum_dz[c] += s;
+    }
+  });
+}
+
+#define SEQFUSE_INSTANTIATE_TRAIN(T)                                                                               \
+  template void channel_moments<T>(const ChannelLayout&, const T*, const T*, double*, double*, int64_t, int64_t);  \
+  template void epilogue_forward<T>(const ChannelLayout&, const T*, const T*, const T*, Activation, double, T*, T*, \
+                                    int64_t, int64_t);                                                              \
+  template void epilogue_backward_reduce<T>(const ChannelLayout&, const T*, Activation, double, ActSource,         \
+                                            const T*, const T*, const T*, const T*, const T*, T*, double*,         \
+                                            double*, int64_t, int64_t);                                             \
+  template void batchnorm_backward_apply<T>(const ChannelLayout&, const T*, const T*, const T*, const T*,          \
+                                            const T*, const T*, T*, double*, int64_t, int64_t);
+SEQFUSE_INSTANTIATE_TRAIN(float)
+SEQFUSE_INSTANTIATE_TRAIN(double)
+#undef SEQFUSE_INSTANTIATE_TRAIN
