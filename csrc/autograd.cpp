@@ -72,6 +72,8 @@ class TrainRunFunction : public torch::autograd::Function<TrainRunFunction> {
     ctx->saved_data["n_saved"] = static_cast<int64_t>(saved.size());
     ctx->saved_data["n_running"] = static_cast<int64_t>(running.size());
     ctx->mark_non_differentiable(saved);
+    // The saved outputs never get gradients: no zero-filled stand-ins for them.
+    ctx->set_materialize_grads(false);
     variable_list out{output};
     out.insert(out.end(), saved.begin(), saved.end());
     return out;

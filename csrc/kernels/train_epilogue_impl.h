@@ -96,6 +96,24 @@ template <bool kLane, typename T> inline T channel_value(const T* p, int64_t c, 
   return kLane ? p[c + k] : p[c];
 }
 
+// sum_{k < n} term(k) in double with eight interleaved accumulators: a
+// plain `s += x` loop is one dependency chain the compiler may not reorder
+// (no -ffast-math), while eight independent ones vectorize. The order is
+// fixed, so results are deterministic.
+template <typename F> inline double sum_run(int64_t n, F&& term) {
+  double acc[8] = {};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += term(k + j);
+  double s = 0;
+  for (; k < n; ++k) s += term(k);
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  return s;
+}
+
+// Runs longer than this are processed in pieces of it (stack buffers).
+constexpr int64_t kPiece = 512;
+
 }  // namespace train_detail
 
 template <typename T>
@@ -113,14 +131,11 @@ void channel_moments(const ChannelLayout& l, const T* z, const T* ref, double* s
       }
     } else {
       const double r = static_cast<double>(ref[c]);
-      double s = 0, q = 0;
-      for (int64_t k = 0; k < n; ++k) {
+      sum[c] += sum_run(n, [&](int64_t k) { return static_cast<double>(p[k]) - r; });
+      sumsq[c] += sum_run(n, [&](int64_t k) {
         const double d = static_cast<double>(p[k]) - r;
-        s += d;
-        q += d * d;
-      }
-      sum[c] += s;
-      sumsq[c] += q;
+        return d * d;
+      });
     }
   });
 }
@@ -155,38 +170,44 @@ void epilogue_backward_reduce(const ChannelLayout& l, const T* g, Activation act
   const T alpha = static_cast<T>(alpha_d);
   with_activation(act, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
-    for_each_run(l, o0, o1, [&](auto lane, int64_t off, int64_t n, int64_t c) {
+    for_each_run(l, o0, o1, [&](auto lane, int64_t off, int64_t n_run, int64_t c_run) {
       constexpr bool L = decltype(lane)::value;
-      const T* gp = g + off;
-      T* d = dy + off;
-      // The activation's argument for element k.
-      auto arg = [&](int64_t k) -> T {
-        if (source != ActSource::Recompute) return src[off + k];
-        return z[off + k] * channel_value<L>(scale, c, k) + channel_value<L>(shift, c, k);
-      };
-      if constexpr (A == Activation::None) {
-        if (d != gp)
-          for (int64_t k = 0; k < n; ++k) d[k] = gp[k];
-      } else {
-        for (int64_t k = 0; k < n; ++k) d[k] = activation_grad<A>(gp[k], arg(k), alpha);
-      }
-      if constexpr (L) {
-        if (sum_dy)
-          for (int64_t k = 0; k < n; ++k) sum_dy[k] += static_cast<double>(d[k]);
-        if (center)
+      for (int64_t k0 = 0; k0 < n_run; k0 += kPiece) {
+        const int64_t n = n_run - k0 < kPiece ? n_run - k0 : kPiece;
+        const int64_t at = off + k0;
+        const int64_t c = L ? c_run + k0 : c_run;  // the channel of element 0 of the piece
+        const T* gp = g + at;
+        T* d = dy + at;
+        const T* zp = z + at;
+        // The activation's argument, recomputed as the forward computed it when not saved.
+        alignas(64) T recomputed[kPiece];
+        const T* v = src + at;
+        if (A != Activation::None && source == ActSource::Recompute) {
           for (int64_t k = 0; k < n; ++k)
-            sum_dy_xc[k] += static_cast<double>(d[k]) * (static_cast<double>(z[off + k]) - static_cast<double>(center[k]));
-      } else {
-        if (sum_dy) {
-          double s = 0;
-          for (int64_t k = 0; k < n; ++k) s += static_cast<double>(d[k]);
-          sum_dy[c] += s;
+            recomputed[k] = zp[k] * channel_value<L>(scale, c, k) + channel_value<L>(shift, c, k);
+          v = recomputed;
         }
-        if (center) {
-          const double m = static_cast<double>(center[c]);
-          double s = 0;
-          for (int64_t k = 0; k < n; ++k) s += static_cast<double>(d[k]) * (static_cast<double>(z[off + k]) - m);
-          sum_dy_xc[c] += s;
+        if constexpr (A == Activation::None) {
+          if (d != gp)
+            for (int64_t k = 0; k < n; ++k) d[k] = gp[k];
+        } else {
+          for (int64_t k = 0; k < n; ++k) d[k] = activation_grad<A>(gp[k], v[k], alpha);
+        }
+        if constexpr (L) {
+          if (sum_dy)
+            for (int64_t k = 0; k < n; ++k) sum_dy[c + k] += static_cast<double>(d[k]);
+          if (center)
+            for (int64_t k = 0; k < n; ++k)
+              sum_dy_xc[c + k] +=
+                  static_cast<double>(d[k]) * (static_cast<double>(zp[k]) - static_cast<double>(center[c + k]));
+        } else {
+          if (sum_dy) sum_dy[c] += sum_run(n, [&](int64_t k) { return static_cast<double>(d[k]); });
+          if (center) {
+            const double m = static_cast<double>(center[c]);
+            sum_dy_xc[c] += sum_run(n, [&](int64_t k) {
+              return static_cast<double>(d[k]) * (static_cast<double>(zp[k]) - m);
+            });
+          }
         }
       }
     });
@@ -214,11 +235,33 @@ void batchnorm_backward_apply(const ChannelLayout& l, const T* dy, const T* z, c
     if constexpr (L) {
       for (int64_t k = 0; k < n; ++k) sum_dz[k] += static_cast<double>(out[k]);
     } else {
-      double s = 0;
-      for (int64_t k = 0; k < n; ++k) s += static_cast<double>(out[k]);
-      sum_dz[c] += s;
+      sum_dz[c] += sum_run(n, [&](int64_t k) { return static_cast<double>(out[k]); });
     }
   });
+}
+
+template <typename T>
+void pack_panels(int64_t n, int64_t k, const T* b, int64_t b_k, int64_t b_n, T* panels) {
+  const int64_t n_panels = panel_count(n);
+  for (int64_t p = 0; p < n_panels; ++p) {
+    const int64_t cols = n - p * kPanelWidth < kPanelWidth ? n - p * kPanelWidth : kPanelWidth;
+    const T* src = b + p * kPanelWidth * b_n;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      T* dst = panels + (p * k + kk) * kPanelWidth;
+      for (int64_t j = 0; j < cols; ++j) dst[j] = src[kk * b_k + j * b_n];
+      for (int64_t j = cols; j < kPanelWidth; ++j) dst[j] = T(0);
+    }
+  }
+}
+
+template <typename T>
+void gemm_packed(int64_t n, int64_t k, const T* a, int64_t lda, const T* panels, const T* ones, const T* zeros,
+                 T* c, int64_t ldc, int64_t m0, int64_t m1) {
+  constexpr int MR = rows_per_tile<T>();
+  for (int64_t r0 = m0; r0 < m1; r0 += MR) {
+    const int mr = static_cast<int>(m1 - r0 < MR ? m1 - r0 : MR);
+    gemm_rows<MR>(mr, false, a + r0 * lda, lda, panels, k, n, ones, zeros, c + r0 * ldc, ldc);
+  }
 }
 
 #define SEQFUSE_INSTANTIATE_TRAIN(T)                                                                               \
@@ -229,7 +272,10 @@ void batchnorm_backward_apply(const ChannelLayout& l, const T* dy, const T* z, c
                                             const T*, const T*, const T*, const T*, const T*, T*, double*,         \
                                             double*, int64_t, int64_t);                                             \
   template void batchnorm_backward_apply<T>(const ChannelLayout&, const T*, const T*, const T*, const T*,          \
-                                            const T*, const T*, T*, double*, int64_t, int64_t);
+                                            const T*, const T*, T*, double*, int64_t, int64_t);             \
+  template void pack_panels<T>(int64_t, int64_t, const T*, int64_t, int64_t, T*);                               \
+  template void gemm_packed<T>(int64_t, int64_t, const T*, int64_t, const T*, const T*, const T*, T*, int64_t,   \
+                               int64_t, int64_t);
 SEQFUSE_INSTANTIATE_TRAIN(float)
 SEQFUSE_INSTANTIATE_TRAIN(double)
 #undef SEQFUSE_INSTANTIATE_TRAIN
