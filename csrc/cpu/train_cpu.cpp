@@ -209,45 +209,6 @@ void parallel_over_outer(const ChannelLayout& l, int n_sums, std::vector<double>
 
 at::Tensor empty_saved(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
-// Products of at most this many multiply-adds run in the seqfuse kernels:
-// below it a vendor GEMM's fixed cost per call (~8-12 us measured for
-// 32x64x128 with MKL on this AVX-512 CPU) exceeds the arithmetic; above it
-// the vendor's cache-blocked GEMM wins.
-constexpr int64_t kOwnGemmMaxMacs = int64_t{1} << 23;
-// ... and are split over threads from this many.
-constexpr int64_t kOwnGemmParallelMacs = int64_t{1} << 20;
-
-// C = A B with A [M, K] and B [K, N] of any strides: the Linear products of a
-// run, by the engine for their size. The seqfuse kernels pack the right-hand
-// operand into panels per call; when B's columns are contiguous rows of a
-// matrix (B = W^T, the forward's weight) and M < N, they compute
-// C^T = B^T A^T instead, packing the smaller A (the batch's rows), and
-// transpose the result.
-template <typename T> at::Tensor matmul(const at::Tensor& a, const at::Tensor& b) {
-  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  if (m * n * k > kOwnGemmMaxMacs || m == 0 || n == 0 || k == 0) return at::mm(a, b);
-  const bool transposed = b.stride(0) == 1 && b.stride(1) >= k && m < n;
-  // Left operand (rows contiguous along k) and right operand of the product the kernels compute.
-  const at::Tensor left = transposed ? b.t() : (a.stride(1) == 1 && a.stride(0) >= k ? a : a.contiguous());
-  const at::Tensor& right = transposed ? a : b;
-  const int64_t rows = transposed ? n : m, cols = transposed ? m : n;
-  const int64_t padded = kernels::round_up(cols, kernels::kPanelWidth);
-  at::Tensor panels = at::empty({padded * k}, a.options());
-  const at::Tensor ones = at::ones({padded}, a.options()), zeros = at::zeros({padded}, a.options());
-  // right(kk, j) at kk * stride(kk) + j * stride(j): for A^T that is A's (column, row) strides.
-  const int64_t r_k = transposed ? right.stride(1) : right.stride(0);
-  const int64_t r_n = transposed ? right.stride(0) : right.stride(1);
-  kernels::pack_panels<T>(cols, k, right.const_data_ptr<T>(), r_k, r_n, panels.data_ptr<T>());
-  at::Tensor c = at::empty({rows, cols}, a.options());
-  const int64_t grain =
-      m * n * k >= kOwnGemmParallelMacs ? std::max<int64_t>(1, rows / at::get_num_threads()) : rows;
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    kernels::gemm_packed<T>(cols, k, left.const_data_ptr<T>(), left.stride(0), panels.const_data_ptr<T>(),
-                            ones.const_data_ptr<T>(), zeros.const_data_ptr<T>(), c.data_ptr<T>(), cols, r0, r1);
-  });
-  return transposed ? c.t().contiguous() : c;
-}
-
 // (pad_h, pad_w) of a window when its padding is symmetric, nullopt otherwise.
 std::optional<std::vector<int64_t>> symmetric_padding(const ConvStage& st) {
   if (st.pad_top != st.pad_bottom || st.pad_left != st.pad_right) return std::nullopt;
@@ -347,7 +308,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> train_forward_impl(const TrainRu
     const StageParams& p = sp[i];
     at::Tensor z, aux;
     switch (st.kind) {
-      case ConvStageKind::Linear: z = matmul<T>(x, p.weight.t()); break;
+      case ConvStageKind::Linear: z = at::mm(x, p.weight.t()); break;
       case ConvStageKind::Conv:
         z = at::convolution(conv_input(st, x), p.weight, std::nullopt, {st.stride_h, st.stride_w}, conv_padding(st),
                             {st.dilation_h, st.dilation_w}, false, {0, 0}, st.groups);
@@ -585,8 +546,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> backward_impl(const TrainRun& ru
     at::Tensor dx;
     switch (st.kind) {
       case ConvStageKind::Linear:
-        if (wants(p.weight_at)) grads[static_cast<size_t>(p.weight_at)] = strided_like(matmul<T>(dz.t(), x), p.weight);
-        if (need_dx) dx = matmul<T>(dz, p.weight);
+        if (wants(p.weight_at)) grads[static_cast<size_t>(p.weight_at)] = strided_like(at::mm(dz.t(), x), p.weight);
+        if (need_dx) dx = at::mm(dz, p.weight);
         break;
       case ConvStageKind::Conv: {
         if (!need_dx && !wants(p.weight_at)) break;

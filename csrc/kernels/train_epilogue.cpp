@@ -19,9 +19,6 @@ namespace seqfuse::kernels {
   template <typename U>                                                                                              \
   void batchnorm_backward_apply(const ChannelLayout&, const U*, const U*, const U*, const U*, const U*, const U*, U*, \
                                 double*, int64_t, int64_t);                                                          \
-  template <typename U> void pack_panels(int64_t, int64_t, const U*, int64_t, int64_t, U*);                          \
-  template <typename U>                                                                                              \
-  void gemm_packed(int64_t, int64_t, const U*, int64_t, const U*, const U*, const U*, U*, int64_t, int64_t, int64_t); \
   }
 SEQFUSE_DECLARE_TRAIN(baseline)
 #if defined(__x86_64__) || defined(_M_X64)
@@ -68,15 +65,6 @@ void batchnorm_backward_apply(const ChannelLayout& l, const T* dy, const T* z, c
                               const T* k_xc, const T* k_dy, T* dz, double* sum_dz, int64_t o0, int64_t o1) {
   SEQFUSE_ISA_CALL(batchnorm_backward_apply, l, dy, z, center, k_mean, k_xc, k_dy, dz, sum_dz, o0, o1)
 }
-template <typename T> void pack_panels(int64_t n, int64_t k, const T* b, int64_t b_k, int64_t b_n, T* panels) {
-  SEQFUSE_ISA_CALL(pack_panels, n, k, b, b_k, b_n, panels)
-}
-
-template <typename T>
-void gemm_packed(int64_t n, int64_t k, const T* a, int64_t lda, const T* panels, const T* ones, const T* zeros,
-                 T* c, int64_t ldc, int64_t m0, int64_t m1) {
-  SEQFUSE_ISA_CALL(gemm_packed, n, k, a, lda, panels, ones, zeros, c, ldc, m0, m1)
-}
 #undef SEQFUSE_ISA_CALL
 
 #define SEQFUSE_INSTANTIATE(T)                                                                                      \
@@ -87,10 +75,7 @@ void gemm_packed(int64_t n, int64_t k, const T* a, int64_t lda, const T* panels,
                                             const T*, const T*, const T*, const T*, const T*, T*, double*,         \
                                             double*, int64_t, int64_t);                                             \
   template void batchnorm_backward_apply<T>(const ChannelLayout&, const T*, const T*, const T*, const T*,          \
-                                            const T*, const T*, T*, double*, int64_t, int64_t);             \
-  template void pack_panels<T>(int64_t, int64_t, const T*, int64_t, int64_t, T*);                               \
-  template void gemm_packed<T>(int64_t, int64_t, const T*, int64_t, const T*, const T*, const T*, T*, int64_t,   \
-                               int64_t, int64_t);
+                                            const T*, const T*, T*, double*, int64_t, int64_t);
 SEQFUSE_INSTANTIATE(float)
 SEQFUSE_INSTANTIATE(double)
 #undef SEQFUSE_INSTANTIATE

@@ -70,22 +70,4 @@ template <typename T>
 void batchnorm_backward_apply(const ChannelLayout& l, const T* dy, const T* z, const T* center, const T* k_mean,
                               const T* k_xc, const T* k_dy, T* dz, double* sum_dz, int64_t o_begin, int64_t o_end);
 
-// ---- small products ------------------------------------------------------------
-//
-// C = A B for the Linear products of small training runs, where a vendor
-// GEMM's per-call cost dominates: B is packed into the kernels' 16-column
-// panels (any strides, so B^T and B alike), then the shared register-blocked
-// micro-kernel runs over rows of A.
-
-// panels[p][k][j] = B[k * b_k + (16p + j) * b_n] for 16p + j < N, zero beyond:
-// round_up(N, 16) * K values.
-template <typename T>
-void pack_panels(int64_t n, int64_t k, const T* b, int64_t b_k, int64_t b_n, T* panels);
-
-// C[m][j] = sum_k A[m * lda + k] * B(k, j) for m in [m_begin, m_end), j < n,
-// B packed by pack_panels. `ones` and `zeros` hold round_up(n, 16) values.
-template <typename T>
-void gemm_packed(int64_t n, int64_t k, const T* a, int64_t lda, const T* panels, const T* ones, const T* zeros,
-                 T* c, int64_t ldc, int64_t m_begin, int64_t m_end);
-
 }  // namespace seqfuse::kernels

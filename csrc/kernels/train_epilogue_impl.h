@@ -240,30 +240,6 @@ void batchnorm_backward_apply(const ChannelLayout& l, const T* dy, const T* z, c
   });
 }
 
-template <typename T>
-void pack_panels(int64_t n, int64_t k, const T* b, int64_t b_k, int64_t b_n, T* panels) {
-  const int64_t n_panels = panel_count(n);
-  for (int64_t p = 0; p < n_panels; ++p) {
-    const int64_t cols = n - p * kPanelWidth < kPanelWidth ? n - p * kPanelWidth : kPanelWidth;
-    const T* src = b + p * kPanelWidth * b_n;
-    for (int64_t kk = 0; kk < k; ++kk) {
-      T* dst = panels + (p * k + kk) * kPanelWidth;
-      for (int64_t j = 0; j < cols; ++j) dst[j] = src[kk * b_k + j * b_n];
-      for (int64_t j = cols; j < kPanelWidth; ++j) dst[j] = T(0);
-    }
-  }
-}
-
-template <typename T>
-void gemm_packed(int64_t n, int64_t k, const T* a, int64_t lda, const T* panels, const T* ones, const T* zeros,
-                 T* c, int64_t ldc, int64_t m0, int64_t m1) {
-  constexpr int MR = rows_per_tile<T>();
-  for (int64_t r0 = m0; r0 < m1; r0 += MR) {
-    const int mr = static_cast<int>(m1 - r0 < MR ? m1 - r0 : MR);
-    gemm_rows<MR>(mr, false, a + r0 * lda, lda, panels, k, n, ones, zeros, c + r0 * ldc, ldc);
-  }
-}
-
 #define SEQFUSE_INSTANTIATE_TRAIN(T)                                                                               \
   template void channel_moments<T>(const ChannelLayout&, const T*, const T*, double*, double*, int64_t, int64_t);  \
   template void epilogue_forward<T>(const ChannelLayout&, const T*, const T*, const T*, Activation, double, T*, T*, \
@@ -272,10 +248,7 @@ void gemm_packed(int64_t n, int64_t k, const T* a, int64_t lda, const T* panels,
                                             const T*, const T*, const T*, const T*, const T*, T*, double*,         \
                                             double*, int64_t, int64_t);                                             \
   template void batchnorm_backward_apply<T>(const ChannelLayout&, const T*, const T*, const T*, const T*,          \
-                                            const T*, const T*, T*, double*, int64_t, int64_t);             \
-  template void pack_panels<T>(int64_t, int64_t, const T*, int64_t, int64_t, T*);                               \
-  template void gemm_packed<T>(int64_t, int64_t, const T*, int64_t, const T*, const T*, const T*, T*, int64_t,   \
-                               int64_t, int64_t);
+                                            const T*, const T*, T*, double*, int64_t, int64_t);
 SEQFUSE_INSTANTIATE_TRAIN(float)
 SEQFUSE_INSTANTIATE_TRAIN(double)
 #undef SEQFUSE_INSTANTIATE_TRAIN
