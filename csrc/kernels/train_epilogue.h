@@ -49,9 +49,10 @@ template <typename T>
 void epilogue_forward(const ChannelLayout& l, const T* z, const T* scale, const T* shift, Activation act,
                       double alpha, T* pre, T* out, int64_t o_begin, int64_t o_end);
 
-// Where the backward finds the activation's argument.
+// Where the backward finds the activation's argument: the output for the
+// derivative_from_output activations, the pre-activation y for the others.
 enum class ActSource {
-  Output,         // `src` is the stage output a (derivative_from_output activations)
+  Output,         // `src` is the stage output a
   PreActivation,  // `src` is y
   Recompute,      // y = z * scale + shift, recomputed as the forward computed it
 };
