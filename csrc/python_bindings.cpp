@@ -307,6 +307,79 @@ class FusedConvCall final : public FusedCall {
   bool has_conv_ = false;
 };
 
+// A fused segment's training route, bound to its live parameters: one
+// seqfuse::{mlp,conv}_train_forward call through the dispatcher (so autograd
+// records its fused backward) and, when BatchNorms update running statistics,
+// one seqfuse::update_running_stats call with the statistics it returned.
+class FusedTrainCall {
+ public:
+  using ForwardSig = std::tuple<at::Tensor, std::vector<at::Tensor>>(const at::Tensor&, at::TensorList, at::TensorList,
+                                                                     at::IntArrayRef, at::ArrayRef<double>);
+  FusedTrainCall(const std::string& op, std::vector<at::Tensor> params, std::vector<at::Tensor> running,
+                 std::vector<int64_t> spec, std::vector<double> fparams, std::vector<at::Tensor> update_buffers,
+                 std::vector<int64_t> update_stages, std::vector<double> momentum,
+                 std::optional<std::pair<int64_t, int64_t>> flatten, bool needs_2d)
+      : conv_(op == "conv"),
+        forward_(c10::Dispatcher::singleton()
+                     .findSchemaOrThrow(conv_ ? "seqfuse::conv_train_forward" : "seqfuse::mlp_train_forward", "")
+                     .typed<ForwardSig>()),
+        update_(c10::Dispatcher::singleton()
+                    .findSchemaOrThrow("seqfuse::update_running_stats", "")
+                    .typed<void(at::TensorList, at::TensorList, at::ArrayRef<double>)>()),
+        params_(std::move(params)), running_(std::move(running)), spec_(std::move(spec)),
+        fparams_(std::move(fparams)), update_buffers_(std::move(update_buffers)),
+        update_stages_(std::move(update_stages)), momentum_(std::move(momentum)), flatten_(flatten),
+        needs_2d_(needs_2d), dtype_(scalar_type_of(static_cast<kernels::DType>(spec_.at(1)))) {}
+
+  // Empty result: this input takes the eager path (a tensor subclass, another
+  // dtype/device/layout, an empty batch, or a shape the op does not serve).
+  std::optional<at::Tensor> try_call(py::handle input) const {
+    if (!THPVariable_CheckExact(input.ptr())) return std::nullopt;
+    at::Tensor x = THPVariable_Unpack(input.ptr());
+    if (x.scalar_type() != dtype_ || !x.device().is_cpu() || x.layout() != at::kStrided || x.numel() == 0)
+      return std::nullopt;
+    if (conv_) {
+      if (x.dim() != 4) return std::nullopt;
+    } else {
+      if (flatten_) x = x.flatten(flatten_->first, flatten_->second);
+      if (needs_2d_ && x.dim() != 2) return std::nullopt;
+    }
+    std::optional<py::gil_scoped_release> no_gil;
+    if (x.numel() >= kReleaseGilElements) no_gil.emplace();
+    auto [y, saved] = forward_.call(x, params_, running_, spec_, fparams_);
+    if (!update_stages_.empty()) {
+      std::vector<at::Tensor> stats;
+      for (int64_t i : update_stages_) stats.push_back(saved.at(static_cast<size_t>(3 * i + 2)));
+      update_.call(update_buffers_, stats, momentum_);
+    }
+    return y;
+  }
+
+  py::object call(py::handle input) const {
+    try {
+      std::optional<at::Tensor> y = try_call(input);
+      return y ? py::reinterpret_steal<py::object>(THPVariable_Wrap(*y)) : py::none();
+    } catch (const c10::Error& e) {
+      rethrow_as_python(e);
+    }
+  }
+
+ private:
+  static constexpr int64_t kReleaseGilElements = int64_t{1} << 14;
+  bool conv_;
+  c10::TypedOperatorHandle<ForwardSig> forward_;
+  c10::TypedOperatorHandle<void(at::TensorList, at::TensorList, at::ArrayRef<double>)> update_;
+  std::vector<at::Tensor> params_, running_;
+  std::vector<int64_t> spec_;
+  std::vector<double> fparams_;
+  std::vector<at::Tensor> update_buffers_;
+  std::vector<int64_t> update_stages_;
+  std::vector<double> momentum_;
+  std::optional<std::pair<int64_t, int64_t>> flatten_;
+  bool needs_2d_;
+  at::ScalarType dtype_;
+};
+
 // Everything a cached plan depends on, snapshotted when the plan is built and
 // compared on each call. A mismatch anywhere means "re-plan"; the check never
 // has to be exact in the other direction (a harmless change may re-plan).
@@ -339,14 +412,19 @@ class PlanGuard {
   // Plans that are one fused segment register it here: run() then does the
   // whole forward in one call from Python.
   void set_single_fused(std::shared_ptr<FusedCall> call) { single_ = std::move(call); }
+  void set_single_train(std::shared_ptr<FusedTrainCall> call) { single_train_ = std::move(call); }
 
   // The forward of a single-segment plan when the plan is valid and the call
-  // may run fused; None otherwise (also on any error: the Python path then
-  // repeats the call and reports the error with eager's wording).
+  // may run fused (inference or training route); None otherwise (also on any
+  // error: the Python path then repeats the call and reports the error with
+  // eager's wording; a failed training call has changed nothing).
   py::object run(py::handle input) const {
-    if (!single_ || check(input) != 1) return py::none();
+    if (!single_ && !single_train_) return py::none();
+    const int route = check(input);
     try {
-      std::optional<at::Tensor> y = single_->try_call(input);
+      std::optional<at::Tensor> y;
+      if (route == 1 && single_) y = single_->try_call(input);
+      if (route == 3 && single_train_) y = single_train_->try_call(input);
       if (y) return py::reinterpret_steal<py::object>(THPVariable_Wrap(*y));
     } catch (const std::exception&) {
       PyErr_Clear();  // the Python path repeats the call and raises properly
@@ -470,6 +548,7 @@ class PlanGuard {
   bool any_requires_grad_ = false;
   bool batch_stats_;  // a fused segment has a BatchNorm using batch statistics
   std::shared_ptr<FusedCall> single_;
+  std::shared_ptr<FusedTrainCall> single_train_;
 };
 
 }  // namespace
@@ -493,6 +572,15 @@ PYBIND11_MODULE(_C, m) {
   py::class_<FusedConvCall, FusedCall, std::shared_ptr<FusedConvCall>>(m, "FusedConvCall")
       .def(py::init<at::Tensor, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>(),
            py::arg("packed"), py::arg("weights"), py::arg("spec"), py::arg("fparams"));
+  py::class_<FusedTrainCall, std::shared_ptr<FusedTrainCall>>(m, "FusedTrainCall")
+      .def(py::init<const std::string&, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
+                    std::vector<double>, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>,
+                    std::optional<std::pair<int64_t, int64_t>>, bool>(),
+           py::arg("op"), py::arg("params"), py::arg("running"), py::arg("spec"), py::arg("fparams"),
+           py::arg("update_buffers"), py::arg("update_stages"), py::arg("momentum"), py::arg("flatten"),
+           py::arg("needs_2d"))
+      .def("__call__", &FusedTrainCall::call, py::arg("input"),
+           "Runs the segment's training op; None when this input must run eagerly.");
   m.def(
       "set_engine_override", [](int engine) { engine_override().store(engine); }, py::arg("engine"),
       "Force an engine for every fused MLP call (0 or 1), or -1 to choose by measurement.");
@@ -500,6 +588,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<py::dict, py::list, std::vector<at::Tensor>, std::vector<at::Tensor>, py::list, bool>())
       .def("check", &PlanGuard::check, py::arg("input"))
       .def("set_single_fused", &PlanGuard::set_single_fused)
+      .def("set_single_train", &PlanGuard::set_single_train)
       .def("run", &PlanGuard::run, py::arg("input"));
   m.def(
       "needs_eager_context", [](py::handle input) { return needs_eager_context(input); }, py::arg("input"),

@@ -59,8 +59,7 @@ class _FusedRun:
     per forward) and to its live parameters and buffers (one training op call
     per forward)."""
 
-    __slots__ = ("segment", "call", "train_op", "train_params", "train_running", "update_stages", "update_buffers",
-                 "momentum", "train_unsupported")
+    __slots__ = ("segment", "call", "train_call", "train_unsupported")
 
     def __init__(self, segment: Segment):
         self.segment = segment
@@ -79,13 +78,21 @@ class _FusedRun:
                 self.call = _C.FusedMlpCall(
                     packed, weights, segment.spec, segment.fparams, segment.flatten, segment.needs_2d
                 )
-        self.train_op = ops.conv_train_forward if segment.op == "conv" else ops.mlp_train_forward
-        self.train_params = segment.train_params()  # the Parameters themselves: gradients reach them
-        self.train_running = segment.train_running()
-        self.update_stages = segment.update_stages()
-        self.update_buffers = segment.update_buffers()
-        self.momentum = segment.momentum()
         self.train_unsupported = segment.train_unsupported()
+        self.train_call = None
+        if not self.train_unsupported:
+            self.train_call = _C.FusedTrainCall(
+                segment.op,
+                segment.train_params(),  # the Parameters themselves: gradients reach them
+                segment.train_running(),
+                segment.spec,
+                segment.fparams,
+                segment.update_buffers(),
+                segment.update_stages(),
+                segment.momentum(),
+                segment.flatten,
+                segment.needs_2d,
+            )
 
     def __call__(self, x, route: int):
         if route == _TRAIN:
@@ -100,33 +107,15 @@ class _FusedRun:
 
     def run_train(self, x):
         """One seqfuse::*_train_forward call (autograd records its fused
-        backward); inputs it does not serve run eagerly, as in inference."""
-        seg = self.segment
-        if (
-            self.train_unsupported
-            or type(x) is not torch.Tensor
-            or x.dtype != seg.dtype
-            or x.layout != torch.strided
-            or x.device.type != "cpu"
-            or x.numel() == 0
-        ):
+        backward) and the running-statistics update; inputs it does not serve
+        run eagerly, as in inference."""
+        if self.train_call is None:
             return self.run_eager(x)
-        if seg.op == "conv":
-            if x.dim() != 4:
-                return self.run_eager(x)
-            args = x
-        else:
-            args = x.flatten(*seg.flatten) if seg.flatten is not None else x
-            if seg.needs_2d and args.dim() != 2:
-                return self.run_eager(x)
         try:
-            y, saved = self.train_op(args, self.train_params, self.train_running, seg.spec, seg.fparams)
+            y = self.train_call(x)
         except Exception as err:
             return self.recover(x, err)  # the op mutates nothing: eager can repeat the call
-        if self.update_stages:
-            ops.update_running_stats(
-                self.update_buffers, ops.saved_batch_stats(saved, self.update_stages), self.momentum)
-        return y
+        return self.run_eager(x) if y is None else y
 
     def run_eager(self, x):
         """The segment's modules one by one; an error names the failing child
@@ -179,8 +168,11 @@ class Plan:
         self.guard = _C.PlanGuard(
             container._modules, modules, fused_tensors, list(container.parameters()), global_hook_dicts(), batch_stats
         )
-        if len(self.runs) == 1 and self.segments[0].fused and self.runs[0].call is not None:
-            self.guard.set_single_fused(self.runs[0].call)
+        if len(self.runs) == 1 and self.segments[0].fused:
+            if self.runs[0].call is not None:
+                self.guard.set_single_fused(self.runs[0].call)
+            if self.runs[0].train_call is not None:
+                self.guard.set_single_train(self.runs[0].train_call)
 
     @staticmethod
     def _bind(segment: Segment):

@@ -52,7 +52,7 @@ def _training_chain(mods, rng: random.Random, freeze: bool = True):
     return out
 
 
-def _assert_matches(fused, eager, ref64, what: str):
+def _assert_matches(fused, eager, ref64, what: str, magnitude: float = 1.0):
     """assert_close (fp32 defaults; tight for float64). Where a float32
     reduction of thousands of terms rounds differently from eager's, the
     fused value must be no further from the float64 twin's than a few times
@@ -80,8 +80,10 @@ def _assert_matches(fused, eager, ref64, what: str):
     e_err = (eager.double() - ref64)[finite].abs().max()
     if ref64[finite].abs().max() < 1e-9:
         # A gradient that is exactly zero (a bias before a training-mode
-        # BatchNorm): both sides hold rounding noise of the terms summed.
-        assert f_err <= max(10 * e_err, 1e-4), f"{what}: fused noise {f_err:.3g}, eager noise {e_err:.3g}"
+        # BatchNorm): both sides hold rounding noise of the terms summed,
+        # which scales with the gradients flowing (`magnitude`).
+        bound = max(10 * e_err, 1e-5 * max(1.0, magnitude))
+        assert f_err <= bound, f"{what}: fused noise {f_err:.3g}, eager noise {e_err:.3g}"
         return
     scale = ref64[finite].abs().max().clamp_min(1.0)
     assert f_err <= 4 * e_err + 1e-5 * scale, f"{what}: fused error {f_err:.3g}, eager error {e_err:.3g}"
@@ -124,8 +126,10 @@ def _run_steps(mods, make_input, steps: int = 3, lr: float = 0.05, dtype=torch.f
         _assert_matches(ys[1], ys[0], pick(ys), f"{at} output")
         if input_grad:
             _assert_matches(xs[1].grad, xs[0].grad, pick([x_.grad for x_ in xs]), f"{at} input grad")
+        magnitude = max([float(p.grad.abs().max()) for p in ref.parameters() if p.grad is not None and p.grad.numel()]
+                        + [float(xs[0].grad.abs().max()) if input_grad and xs[0].grad.numel() else 0.0])
         for k, grads in enumerate(zip(*[[p.grad for p in m.parameters()] for m in models])):
-            _assert_matches(grads[1], grads[0], pick(grads), f"{at} grad of {names[k]}")
+            _assert_matches(grads[1], grads[0], pick(grads), f"{at} grad of {names[k]}", magnitude)
         for opt in opts:
             if opt is not None:
                 opt.step()
@@ -218,9 +222,27 @@ def test_random_mlp_chains_train_like_sequential(rng):
                    seed=rng.randrange(1 << 30))
 
 
+def _pool_window_in_padding(mods, shape) -> bool:
+    """A MaxPool2d with a window entirely in its padding (dilation makes it
+    possible): eager's max_pool2d returns an out-of-range argmax there and its
+    backward writes through it, so eager cannot be the reference."""
+    x = torch.zeros(shape)
+    with torch.no_grad():
+        for m in mods:
+            if type(m) is nn.MaxPool2d:
+                _, idx = nn.functional.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                                                  return_indices=True)
+                if idx.numel() and (idx.max() >= x.shape[2] * x.shape[3] or idx.min() < 0):
+                    return True
+            x = m.eval()(x)
+    return False
+
+
 def test_random_conv_chains_train_like_sequential(rng):
     for _ in range(40):
         mods, (c, h, w) = random_conv_chain(rng, max_depth=5, max_channels=12, max_size=12)
+        if _pool_window_in_padding(mods, (1, c, h, w)):
+            continue
         mods = _training_chain(mods, rng)
         n = rng.choice([3, 5])
         layout = rng.choice(["nchw", "channels_last"])
@@ -308,6 +330,24 @@ def test_gradcheck_with_frozen_parameters():
 
 
 # ---- what the backward computes and skips ------------------------------------------------------
+
+
+def test_max_pool_window_in_padding_trains_safely():
+    """A MaxPool2d window entirely in the padding: ATen's max_pool2d returns
+    an out-of-range argmax (and an undefined value) there, and eager's backward
+    writes through that index. The fused backward gives such windows no
+    gradient: many steps run without touching memory outside the gradient."""
+    fused = FusedSequential(nn.MaxPool2d(2, 2, (1, 1), (2, 1)), nn.Conv2d(2, 3, 3, 1, 2))
+    seg = _segment(list(fused))
+    x = torch.randn(5, 2, 1, 2)
+    with torch.no_grad():
+        y, saved = ops.conv_train_forward(x, [p.detach() for p in seg.train_params()], [], seg.spec, seg.fparams)
+    indices = saved[2]
+    assert indices.max() >= 2  # the out-of-range argmax this guards against
+    for _ in range(50):
+        xr = x.clone().requires_grad_()
+        fused(xr).sum().backward()
+        assert xr.grad.shape == x.shape
 
 
 def test_only_needed_gradients_are_computed():

@@ -225,6 +225,20 @@ std::vector<int64_t> conv_padding(const ConvStage& st) {
   return symmetric_padding(st).value_or(std::vector<int64_t>{0, 0});
 }
 
+// MaxPool's input gradient: each output's gradient added at its argmax.
+// ATen's max_pool2d_with_indices returns an out-of-range index for a window
+// that lies entirely in the padding (possible with dilation), which its own
+// backward would write through; here such windows contribute nothing.
+at::Tensor max_pool_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& indices) {
+  const int64_t n = x.size(0), c = x.size(1), plane = x.size(2) * x.size(3);
+  const at::Tensor idx = indices.reshape({n, c, -1});
+  const at::Tensor valid = idx.ge(0).logical_and(idx.lt(plane));
+  const at::Tensor g = at::where(valid, grad.reshape({n, c, -1}), at::zeros({}, grad.options()));
+  at::Tensor dx = at::zeros({n, c, plane}, x.options());
+  dx.scatter_add_(2, at::where(valid, idx, at::zeros({}, idx.options())), g);
+  return dx.view(x.sizes());
+}
+
 // The per-channel arrays of a stage's epilogue, y = z * scale + shift.
 template <typename T> struct Epilogue {
   at::Tensor scale, shift, center, invstd;  // undefined where absent
@@ -561,10 +575,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> backward_impl(const TrainRun& ru
         break;
       }
       case ConvStageKind::MaxPool:
-        if (need_dx)
-          dx = at::max_pool2d_with_indices_backward(dz, x, {st.kernel_h, st.kernel_w}, {st.stride_h, st.stride_w},
-                                                    {st.pad_top, st.pad_left}, {st.dilation_h, st.dilation_w},
-                                                    st.options & kernels::kCeilMode, saved[kSavedPerStage * i + 2]);
+        if (need_dx) dx = max_pool_backward(dz, x, saved[kSavedPerStage * i + 2]);
         break;
       case ConvStageKind::AvgPool:
         if (need_dx)
