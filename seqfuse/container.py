@@ -59,25 +59,15 @@ class _FusedRun:
     per forward) and to its live parameters and buffers (one training op call
     per forward)."""
 
-    __slots__ = ("segment", "call", "train_call", "train_unsupported")
+    __slots__ = ("segment", "call", "packable", "train_call", "train_unsupported", "on_packed")
 
-    def __init__(self, segment: Segment):
+    def __init__(self, segment: Segment, pack_now: bool):
         self.segment = segment
         self.call = None
-        if not segment.batch_stats:  # batch statistics cannot be folded: training op only
-            # Folded/packed weights are derived data: never autograd history, never
-            # inference tensors (the plan may be reused outside inference_mode).
-            with torch.inference_mode(False), torch.no_grad():
-                tensors = [t.detach() for t in segment.pack_tensors()]
-                pack = ops.conv_pack if segment.op == "conv" else ops.mlp_pack
-                packed = pack(tensors, segment.spec, segment.fparams)
-            weights = [w.detach() for w in segment.engine_weights()]  # views of the parameters, not copies
-            if segment.op == "conv":
-                self.call = _C.FusedConvCall(packed, weights, segment.spec, segment.fparams)
-            else:
-                self.call = _C.FusedMlpCall(
-                    packed, weights, segment.spec, segment.fparams, segment.flatten, segment.needs_2d
-                )
+        self.on_packed = None  # set by a one-segment plan: hands a lazily packed call to its guard
+        self.packable = not segment.batch_stats  # batch statistics cannot be folded: training op only
+        if self.packable and pack_now:
+            self.call = self.pack()
         self.train_unsupported = segment.train_unsupported()
         self.train_call = None
         if not self.train_unsupported:
@@ -94,11 +84,35 @@ class _FusedRun:
                 segment.needs_2d,
             )
 
+    def pack(self):
+        """The inference call: folded and packed parameters (a copy of the
+        weights, so a plan built in training mode packs only when an
+        inference call needs it)."""
+        segment = self.segment
+        # Folded/packed weights are derived data: never autograd history, never
+        # inference tensors (the plan may be reused outside inference_mode).
+        with torch.inference_mode(False), torch.no_grad():
+            tensors = [t.detach() for t in segment.pack_tensors()]
+            pack = ops.conv_pack if segment.op == "conv" else ops.mlp_pack
+            packed = pack(tensors, segment.spec, segment.fparams)
+        weights = [w.detach() for w in segment.engine_weights()]  # views of the parameters, not copies
+        if segment.op == "conv":
+            return _C.FusedConvCall(packed, weights, segment.spec, segment.fparams)
+        return _C.FusedMlpCall(packed, weights, segment.spec, segment.fparams, segment.flatten, segment.needs_2d)
     def __call__(self, x, route: int):
         if route == _TRAIN:
             return self.run_train(x)
-        if route != _INFERENCE or self.call is None:
+        if route != _INFERENCE or not self.packable:
             return self.run_eager(x)
+        if self.call is None:
+            try:
+                self.call = self.pack()
+            except Exception as err:
+                self.packable = False
+                _warn_packing_failed(self.segment, err)
+                return self.run_eager(x)
+            if self.on_packed is not None:
+                self.on_packed(self.call)
         try:
             y = self.call(x)
         except Exception as err:
@@ -152,6 +166,15 @@ class _EagerRun:
         return x
 
 
+def _warn_packing_failed(segment: Segment, err: Exception, stacklevel: int = 4) -> None:
+    warnings.warn(
+        f"seqfuse: packing children [{segment.start}:{segment.stop}] failed ({err}); they run eagerly. "
+        "Please report this with FusedSequential.explain().",
+        SeqfuseWarning,
+        stacklevel=stacklevel,
+    )
+
+
 class Plan:
     """The cached execution plan of a FusedSequential, with its guard."""
 
@@ -159,7 +182,8 @@ class Plan:
         keys = list(container._modules.keys())
         modules = list(container._modules.values())
         self.segments: List[Segment] = plan_segments(keys, modules)
-        self.runs = [self._bind(s) if s.fused else _EagerRun(s) for s in self.segments]
+        pack_now = not container.training  # an eval-mode plan serves inference calls
+        self.runs = [self._bind(s, pack_now) if s.fused else _EagerRun(s) for s in self.segments]
         self.segments = [r.segment for r in self.runs]
         fused_tensors = [t for s in self.segments if s.fused for t in s.watched_tensors()]
         if len(self.runs) == 1:
@@ -169,24 +193,21 @@ class Plan:
             container._modules, modules, fused_tensors, list(container.parameters()), global_hook_dicts(), batch_stats
         )
         if len(self.runs) == 1 and self.segments[0].fused:
+            self.runs[0].on_packed = self.guard.set_single_fused
             if self.runs[0].call is not None:
                 self.guard.set_single_fused(self.runs[0].call)
             if self.runs[0].train_call is not None:
                 self.guard.set_single_train(self.runs[0].train_call)
 
     @staticmethod
-    def _bind(segment: Segment):
-        """Packs a fused segment; a segment the packing rejects (a planner
-        gap: the planner should have kept it eager) runs eagerly instead."""
+    def _bind(segment: Segment, pack_now: bool):
+        """Binds (and for an eval-mode plan packs) a fused segment; a segment
+        the packing rejects (a planner gap: the planner should have kept it
+        eager) runs eagerly instead."""
         try:
-            return _FusedRun(segment)
+            return _FusedRun(segment, pack_now)
         except Exception as err:
-            warnings.warn(
-                f"seqfuse: packing children [{segment.start}:{segment.stop}] failed ({err}); they run eagerly. "
-                "Please report this with FusedSequential.explain().",
-                SeqfuseWarning,
-                stacklevel=4,
-            )
+            _warn_packing_failed(segment, err, stacklevel=5)
             reason = f"packing failed: {err}"
             return _EagerRun(
                 Segment(segment.start, segment.stop, segment.keys, segment.modules, False, [reason] * len(segment.keys))
