@@ -60,3 +60,20 @@ def test_conv_case_reports_gflops():
     [r] = run(["cnn_b1_32"], quick=True, repeats=2, target_ms=0.3)
     assert r["numerics_ok"] and r["flops"] == 2 * 32 * 32 * 9 * (3 * 32 + 32 * 64 + 64 * 64)
     assert all(g > 0 for g in r["gflops"].values())
+
+
+def test_training_cases_time_training_steps(tmp_path, capsys):
+    """A train_* case times eager and fused training steps (other peers are
+    reported as not timed), checks their outputs and counts 3x the forward's
+    FLOPs."""
+    from seqfuse.bench import get_case
+    from seqfuse.bench.cases import layer_flops
+
+    out_json = tmp_path / "train.json"
+    assert main(["--case", "train_mlp_small_b32", "--peers", "eager,fused,jit", *TINY, "--json", str(out_json)]) == 0
+    (r,) = json.loads(out_json.read_text())["results"]
+    assert r["train"] and r["numerics_ok"] and r["ratio"]["fused"] > 0
+    assert "jit" not in r["time_us"] and "not timed" in r["errors"]["jit"]
+    case = get_case("train_mlp_small_b32")
+    assert r["flops"] == 3 * layer_flops(case.build(), case.input_shape)
+    assert "fused_plan" in r and r["fused_plan"].startswith("1 fused")
