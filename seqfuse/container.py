@@ -423,7 +423,8 @@ class Explanation:
         for s in self.segments:
             if s.fused:
                 dtype = str(s.dtype).replace("torch.", "")
-                lines.append(f"  [{s.start}:{s.stop}] fused: seqfuse::{s.op}_forward, {dtype}, {_widths(s)}")
+                op = f"{s.op}_train_forward" if s.batch_stats else f"{s.op}_forward"  # batch statistics: training op only
+                lines.append(f"  [{s.start}:{s.stop}] fused: seqfuse::{op}, {dtype}, {_widths(s)}")
                 notes = s.roles
                 unit = "images" if s.op == "conv" else "rows"
                 for lo, hi, threads, name, extra in self.engines(s):

@@ -341,8 +341,10 @@ class Segment:
 
 
 def _fold_batchnorm(last, weighted_kinds, bn, flags: int) -> bool:
-    """Folds an eval BatchNorm into the stage before it when that stage is a
-    Linear/Conv2d with nothing after its product yet; False otherwise."""
+    """Puts a BatchNorm into the epilogue of the stage before it when that
+    stage is a Linear/Conv2d with nothing after its product yet (folded into
+    scale/shift for the inference ops; normalized after the product by the
+    training ops); False otherwise."""
     if (
         last is None
         or last.kind not in weighted_kinds

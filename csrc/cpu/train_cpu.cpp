@@ -396,8 +396,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> train_forward_impl(const TrainRu
       if (has_bn(st)) {
         a = at::empty_like(z);
         if (owned) zsave = z;
-      } else if (!kernels::derivative_from_output(st.activation) && (owned || e.shift.defined())) {
-        zsave = owned ? z : at::empty_like(z);
+      } else if (!kernels::derivative_from_output(st.activation) && owned) {
+        // y (z + bias) overwrites z, which is kept; a stage without a product
+        // (a lone activation) has its input as y.
+        zsave = z;
         pre = zsave.data_ptr<T>();
         a = at::empty_like(z);
       } else {
