@@ -1,8 +1,9 @@
-"""Typed wrappers over the ``torch.ops.seqfuse`` operators, their fake
-(shape-only) kernels for ``torch.compile`` / ``torch.export``, and the encoding
-of fused MLP and conv runs into the operators' ``spec`` / ``fparams``
-arguments (defined for C++ in ``csrc/kernels/mlp_spec.h`` and
-``csrc/kernels/conv_spec.h``).
+"""Typed wrappers over the ``torch.ops.seqfuse`` operators (inference and
+training), their fake (shape-only) kernels for ``torch.compile`` /
+``torch.export``, and the encoding of fused MLP and conv runs into the
+operators' ``spec`` / ``fparams`` arguments (defined for C++ in
+``csrc/kernels/mlp_spec.h`` and ``csrc/kernels/conv_spec.h``). The training
+ops' autograd formula is registered in C++ (``csrc/autograd.cpp``).
 """
 
 from __future__ import annotations
