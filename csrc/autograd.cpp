@@ -17,6 +17,9 @@
 #include <tuple>
 #include <vector>
 
+#include "kernels/conv_spec.h"
+#include "kernels/train_epilogue.h"
+
 namespace seqfuse {
 namespace {
 
@@ -55,6 +58,19 @@ struct RunArgs {
   std::vector<double> fparams;
 };
 
+// Whether the last stage's backward reads the run's output (a ReLU, Sigmoid
+// or Tanh after it). The spec was validated by the forward kernel that ran.
+bool backward_reads_output(const RunArgs& args) {
+  const std::vector<int64_t>& spec = args.spec;
+  if (spec.size() < 3) return true;
+  const bool mlp = args.kind == RunKind::Mlp;
+  const int64_t per_stage = mlp ? kernels::kSpecPerStage : kernels::kConvSpecPerStage;
+  const int64_t header = mlp ? kernels::kSpecHeader : kernels::kConvSpecHeader;
+  const size_t at = static_cast<size_t>(header + per_stage * (spec[2] - 1) + 2);
+  if (spec[2] < 1 || at >= spec.size() || spec[at] < 0 || spec[at] >= kernels::kNumActivations) return true;
+  return kernels::derivative_reads_output(static_cast<kernels::Activation>(spec[at]));
+}
+
 class TrainRunFunction : public torch::autograd::Function<TrainRunFunction> {
  public:
   // Inputs as autograd numbers them: input, each param, each running statistic, args.
@@ -62,7 +78,9 @@ class TrainRunFunction : public torch::autograd::Function<TrainRunFunction> {
                                at::TensorList running, const RunArgs& args) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [output, saved] = forward_op(args.kind).call(input, params, running, args.spec, args.fparams);
-    std::vector<at::Tensor> to_save{input, output};
+    // The output is saved only when the backward reads its values, so that a
+    // caller may modify it in place (a residual `out += x`) as eager allows.
+    std::vector<at::Tensor> to_save{input, backward_reads_output(args) ? output : at::Tensor()};
     to_save.insert(to_save.end(), saved.begin(), saved.end());
     to_save.insert(to_save.end(), params.begin(), params.end());
     ctx->save_for_backward(to_save);
@@ -84,7 +102,7 @@ class TrainRunFunction : public torch::autograd::Function<TrainRunFunction> {
     const int64_t n_saved = ctx->saved_data["n_saved"].toInt();
     const int64_t n_running = ctx->saved_data["n_running"].toInt();
     const at::Tensor& input = vars[0];
-    const at::Tensor& output = vars[1];
+    const at::Tensor output = vars[1].defined() ? vars[1] : at::empty({0}, input.options());
     const std::vector<at::Tensor> saved(vars.begin() + 2, vars.begin() + 2 + n_saved);
     const std::vector<at::Tensor> params(vars.begin() + 2 + n_saved, vars.end());
     const size_t n_params = params.size();
@@ -116,7 +134,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> train_forward_autograd(const at:
 
 // The update has no derivative; below the ADInplaceOrView key nothing bumps
 // the buffers' versions, so this does (saved-tensor checks and seqfuse's plan
-// guard rely on them).
+// guard rely on them). Registered for Autograd and ADInplaceOrView: it
+// dispatches below both, so the versions move once either way.
 void update_running_stats_autograd(at::TensorList buffers, at::TensorList stats, at::ArrayRef<double> momentum) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("seqfuse::update_running_stats", "")
@@ -172,6 +191,12 @@ TORCH_LIBRARY_IMPL(seqfuse, Autograd, m) {
   m.impl("conv_train_forward", &train_forward_autograd<RunKind::Conv>);
   m.impl("mlp_backward", &backward_autograd<RunKind::Mlp>);
   m.impl("conv_backward", &backward_autograd<RunKind::Conv>);
+  m.impl("update_running_stats", &update_running_stats_autograd);
+}
+
+// Under torch.inference_mode the Autograd key is skipped but ADInplaceOrView
+// still runs for ordinary tensors: the update bumps the versions there too.
+TORCH_LIBRARY_IMPL(seqfuse, ADInplaceOrView, m) {
   m.impl("update_running_stats", &update_running_stats_autograd);
 }
 

@@ -221,9 +221,9 @@ class Plan:
 
 class FusedSequential(nn.Sequential):
     r"""A drop-in :class:`torch.nn.Sequential` that runs chains of Linear,
-    BatchNorm1d and activations, and chains of Conv2d, BatchNorm2d
-    (eval), activations and pooling (with a Flatten and Linear head), as
-    single fused kernel calls.
+    BatchNorm1d and activations, and chains of Conv2d, BatchNorm2d,
+    activations and pooling (with a Flatten and Linear head), as single fused
+    kernel calls, in inference and in training.
 
     Construct it like ``nn.Sequential`` (positional modules or one
     ``OrderedDict``); every container operation, ``state_dict`` key and

@@ -350,6 +350,89 @@ def test_max_pool_window_in_padding_trains_safely():
         assert xr.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("last", ["linear", "gelu", "relu"])
+def test_output_modified_in_place_like_eager(last):
+    """A residual `out += x` after a fused segment: allowed unless the last
+    stage's backward reads the output (ReLU, as in eager), then the same error."""
+    def mods():
+        tail = {"linear": [], "gelu": [nn.GELU()], "relu": [nn.ReLU()]}[last]
+        return [nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 6)] + tail
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(*mods())
+    fused = FusedSequential(*copy.deepcopy(list(ref)))
+    x = torch.randn(5, 6)
+    results = []
+    for model in (ref, fused):
+        y = model(x)
+        y += x  # in place
+        try:
+            y.sum().backward()
+            results.append([p.grad.clone() for p in model.parameters()])
+        except RuntimeError as err:
+            assert "modified by an inplace operation" in str(err)
+            results.append("error")
+    if last == "relu":
+        assert results == ["error", "error"]
+    else:
+        assert "error" not in results
+        torch.testing.assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("chain", ["relu", "gelu_bn", "conv_relu"])
+def test_nan_and_inf_propagate_through_the_backward_like_eager(chain):
+    torch.manual_seed(0)
+    if chain == "conv_relu":
+        mods = [nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 1)]
+        x = torch.randn(2, 2, 5, 5)
+        x[0, 0, 1, 1], x[1, 1, 2, 3] = float("nan"), float("inf")
+    else:
+        mods = ([nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)] if chain == "relu"
+                else [nn.Linear(4, 8), nn.BatchNorm1d(8), nn.GELU(), nn.Linear(8, 3)])
+        x = torch.randn(6, 4)
+        x[1, 2], x[3, 0] = float("nan"), float("inf")
+    ref = nn.Sequential(*mods)
+    fused = FusedSequential(*copy.deepcopy(mods))
+    grads = []
+    for model in (ref, fused):
+        xi = x.clone().requires_grad_()
+        y = model(xi)
+        y.sum().backward()
+        grads.append([y.detach(), xi.grad] + [p.grad for p in model.parameters()])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
+def test_inference_mode_training_call_bumps_buffer_versions():
+    ref = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    fused = FusedSequential(*copy.deepcopy(list(ref)))
+    bn = fused[1]
+    before = (bn.running_mean._version, bn.num_batches_tracked._version)
+    x = torch.randn(5, 4)
+    with torch.inference_mode():
+        ref(x)
+        with forbid_eager():
+            fused(x)
+    assert bn.running_mean._version > before[0] and bn.num_batches_tracked._version > before[1]
+    torch.testing.assert_close(dict(fused.named_buffers()), dict(ref.named_buffers()))
+
+
+def test_backward_op_checks_its_arguments():
+    seg = _segment([nn.Linear(4, 3), nn.ReLU()])
+    x = torch.randn(5, 4)
+    params = [p.detach() for p in seg.train_params()]
+    y, saved = ops.mlp_train_forward(x, params, [], seg.spec, seg.fparams)
+    backward = torch.ops.seqfuse.mlp_backward.default
+    with pytest.raises(ValueError, match="grad_output"):
+        backward(torch.ones(4, 3), x, y, saved, params, seg.spec, seg.fparams, [True, True, True])
+    with pytest.raises(ValueError, match="needs its output"):
+        backward(torch.ones(5, 3), x, torch.empty(0), saved, params, seg.spec, seg.fparams, [True, True, True])
+    from seqfuse.ops import Activation, MlpStage, StageKind, encode_mlp_spec
+    spec, fparams = encode_mlp_spec(torch.float32, 4, [MlpStage(StageKind.POINTWISE, 4)])
+    with pytest.raises(ValueError, match="computes nothing"):
+        ops.mlp_train_forward(x, [], [], spec, fparams)
+
+
 def test_only_needed_gradients_are_computed():
     """Frozen parameters get no gradient; with a frozen prefix and an input
     without grad the backward stops at the last stage that needs one."""

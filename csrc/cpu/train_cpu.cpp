@@ -59,6 +59,19 @@ struct TrainRun {
   std::vector<ConvStage> stages;
 };
 
+// A stage that computes nothing (an activation-free Pointwise, a ScaleShift
+// without its BatchNorm) would have no output of its own to save: the
+// training ops refuse it (the planner never emits one).
+void check_trainable(const TrainRun& run) {
+  for (size_t i = 0; i < run.stages.size(); ++i) {
+    const ConvStage& st = run.stages[i];
+    TORCH_CHECK_VALUE(!(st.kind == ConvStageKind::Pointwise && st.activation == Activation::None) &&
+                          !(st.kind == ConvStageKind::ScaleShift && !(st.flags & kernels::kHasBatchNorm)),
+                      run.forward_name, ": stage ", i, " computes nothing (a Pointwise without activation or a ",
+                      "ScaleShift without BatchNorm)");
+  }
+}
+
 TrainRun mlp_run(at::IntArrayRef spec, at::ArrayRef<double> fparams) {
   const kernels::MlpDesc d = decode_mlp_spec(spec, fparams);
   TrainRun run{"seqfuse::mlp_train_forward", "seqfuse::mlp_backward", d.dtype, true, d.in_features, {}};
@@ -76,13 +89,45 @@ TrainRun mlp_run(at::IntArrayRef spec, at::ArrayRef<double> fparams) {
     st.groups = 1;
     run.stages.push_back(st);
   }
+  check_trainable(run);
   return run;
 }
 
 TrainRun conv_run(at::IntArrayRef spec, at::ArrayRef<double> fparams) {
   kernels::ConvDesc d = decode_conv_spec(spec, fparams);
-  return {"seqfuse::conv_train_forward", "seqfuse::conv_backward", d.dtype, false, d.in_channels,
-          std::move(d.stages)};
+  TrainRun run{"seqfuse::conv_train_forward", "seqfuse::conv_backward", d.dtype, false, d.in_channels,
+               std::move(d.stages)};
+  check_trainable(run);
+  return run;
+}
+
+// Checks the input's shape against the run and returns each stage's output
+// element count (the forward and the backward check the same way).
+std::vector<int64_t> stage_sizes(const TrainRun& run, const at::Tensor& input, const char* op) {
+  std::vector<int64_t> sizes;
+  if (run.rows) {
+    TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == run.in_channels, op, ": input of shape ",
+                      input.sizes(), " does not end in ", run.in_channels, " features");
+    const int64_t rows = input.numel() / run.in_channels;
+    for (const ConvStage& st : run.stages) sizes.push_back(rows * st.out_channels);
+    return sizes;
+  }
+  TORCH_CHECK_VALUE(input.dim() == 4 && input.size(0) > 0 && input.size(1) == run.in_channels, op,
+                    ": expected (N > 0, ", run.in_channels, ", H, W) input, got ", input.sizes());
+  kernels::ConvDesc d{};
+  d.stages = run.stages;
+  d.in_channels = run.in_channels;
+  d.flatten_stage = -1;
+  for (size_t i = 0; i < run.stages.size(); ++i)
+    if (run.stages[i].kind == ConvStageKind::Flatten) d.flatten_stage = static_cast<int64_t>(i);
+  kernels::ConvGeometry g;
+  try {
+    g = kernels::resolve_conv_geometry(d, input.size(2), input.size(3));
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, op, ": input of shape ", input.sizes(), ": ", e.what());
+  }
+  for (const kernels::StageShape& sh : g.stages) sizes.push_back(input.size(0) * sh.out_elems());
+  return sizes;
 }
 
 bool has_bn(const ConvStage& st) { return st.flags & kernels::kHasBatchNorm; }
@@ -282,37 +327,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> train_forward_impl(const TrainRu
   const size_t n_stages = run.stages.size();
 
   // Shape checks first: a bad input fails before any work.
-  at::Tensor x;
+  const std::vector<int64_t> sizes = stage_sizes(run, input, run.forward_name);
+  for (size_t i = 0; i < n_stages; ++i)
+    TORCH_CHECK_VALUE(!batch_stats(run.stages[i]) || sizes[i] / run.stages[i].out_channels > 1, run.forward_name,
+                      ": Expected more than 1 value per channel when training, got input size ", input.sizes(),
+                      " at stage ", i);
+  at::Tensor x = run.rows ? input.reshape({-1, run.in_channels}) : input;
   std::vector<int64_t> out_sizes;
   if (run.rows) {
-    TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == run.in_channels, run.forward_name, ": input of shape ",
-                      input.sizes(), " does not end in ", run.in_channels, " features");
-    x = input.reshape({-1, run.in_channels});
     out_sizes = input.sizes().vec();
     out_sizes.back() = run.stages.back().out_channels;
-    for (const ConvStage& st : run.stages)
-      TORCH_CHECK_VALUE(!batch_stats(st) || x.size(0) > 1, run.forward_name,
-                        ": Expected more than 1 value per channel when training, got input size ", input.sizes());
-  } else {
-    TORCH_CHECK_VALUE(input.dim() == 4 && input.size(0) > 0 && input.size(1) == run.in_channels, run.forward_name,
-                      ": expected (N > 0, ", run.in_channels, ", H, W) input, got ", input.sizes());
-    kernels::ConvDesc d{};
-    d.stages = run.stages;
-    d.in_channels = run.in_channels;
-    d.flatten_stage = -1;
-    for (size_t i = 0; i < n_stages; ++i)
-      if (run.stages[i].kind == ConvStageKind::Flatten) d.flatten_stage = static_cast<int64_t>(i);
-    kernels::ConvGeometry g;
-    try {
-      g = kernels::resolve_conv_geometry(d, input.size(2), input.size(3));
-    } catch (const std::invalid_argument& e) {
-      TORCH_CHECK_VALUE(false, run.forward_name, ": input of shape ", input.sizes(), ": ", e.what());
-    }
-    for (size_t i = 0; i < n_stages; ++i)
-      TORCH_CHECK_VALUE(!batch_stats(run.stages[i]) || input.size(0) * g.stages[i].out_pixels() > 1,
-                        run.forward_name, ": Expected more than 1 value per channel when training, got input size ",
-                        input.sizes(), " at stage ", i);
-    x = input;
   }
 
   std::vector<at::Tensor> saved;
@@ -460,12 +484,42 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> backward_impl(const TrainRun& ru
   at::Tensor grad_input = at::empty({0}, input.options());
   if (lowest == static_cast<int64_t>(n_stages)) return {grad_input, grads};
 
-  // Stage inputs and outputs as the forward saw them.
+  // Every tensor the walk reads must have the size the forward gave it.
+  const std::vector<int64_t> sizes = stage_sizes(run, input, run.backward_name);
+  const int64_t out_c = run.stages.back().out_channels;
+  TORCH_CHECK_VALUE(grad_output.numel() == sizes.back() && (!run.rows || grad_output.size(-1) == out_c),
+                    run.backward_name, ": grad_output of shape ", grad_output.sizes(), " does not match the output");
+  TORCH_CHECK_VALUE(output.numel() == 0 || output.numel() == sizes.back(), run.backward_name, ": output of shape ",
+                    output.sizes(), " does not match the run");
+  for (size_t i = 0; i < n_stages; ++i) {
+    const ConvStage& st = run.stages[i];
+    for (size_t k = 0; k < 2; ++k) {
+      const at::Tensor& t = saved[kSavedPerStage * i + k];
+      TORCH_CHECK_VALUE(t.numel() == 0 || (t.numel() == sizes[i] && t.scalar_type() == input.scalar_type()),
+                        run.backward_name, ": saved tensor ", kSavedPerStage * i + k, " of shape ", t.sizes(),
+                        " does not match stage ", i);
+    }
+    const at::Tensor& aux = saved[kSavedPerStage * i + 2];
+    if (has_bn(st))
+      TORCH_CHECK_VALUE(aux.dim() == 2 && (aux.size(0) == 2 || aux.size(0) == 4) && aux.size(1) == st.out_channels &&
+                            aux.scalar_type() == input.scalar_type(),
+                        run.backward_name, ": saved statistics of stage ", i, " have shape ", aux.sizes());
+    if (st.kind == ConvStageKind::MaxPool)
+      TORCH_CHECK_VALUE(aux.numel() == sizes[i] && aux.scalar_type() == at::kLong, run.backward_name,
+                        ": saved indices of stage ", i, " have shape ", aux.sizes());
+    const bool reads_output = kernels::derivative_reads_output(st.activation);
+    const at::Tensor& out = i + 1 == n_stages ? output : saved[kSavedPerStage * i];
+    TORCH_CHECK_VALUE(!reads_output || out.numel() == sizes[i], run.backward_name, ": stage ", i,
+                      " needs its output (its activation's backward reads it)");
+  }
+
+  // Stage inputs and outputs as the forward saw them (the run's output only
+  // when the last stage's backward reads it: see autograd.cpp).
   const at::Tensor x0 = run.rows ? input.reshape({-1, run.in_channels}) : input;
   std::vector<at::Tensor> outputs(n_stages);
   for (size_t i = 0; i < n_stages; ++i) {
     if (i + 1 == n_stages) {
-      outputs[i] = run.rows ? output.reshape({-1, run.stages.back().out_channels}) : output;
+      if (output.numel()) outputs[i] = run.rows ? output.reshape({-1, out_c}) : output;
     } else if (saved[kSavedPerStage * i].numel() == 0 && run.stages[i].kind == ConvStageKind::Flatten) {
       outputs[i] = (i == 0 ? x0 : outputs[i - 1]).flatten(1);
     } else {
@@ -483,12 +537,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> backward_impl(const TrainRun& ru
     const at::Tensor x = stage_input(i);
     at::Tensor dz = g;
     if (has_epilogue(st)) {
-      const at::Tensor a = dense(outputs[i]);
-      const ChannelLayout l = layout_of(a);
-      const at::Tensor gd = strided_like(g, a);  // autograd may hand an expanded (stride-0) gradient
       const at::Tensor zs = saved[kSavedPerStage * i + 1];
       // z: the product output, or the stage input when the stage computed none.
       const at::Tensor z = zs.numel() ? zs : dense(st.kind == ConvStageKind::Flatten ? x.flatten(1) : x);
+      // The stage output where its values are read; else a tensor of its
+      // shape and layout: the saved z, the stage input it was computed from,
+      // or (the run's output, not kept) the gradient itself, made dense.
+      const at::Tensor a = outputs[i].defined()  ? dense(outputs[i])
+                           : zs.numel()          ? zs
+                           : !owns_product(st)   ? z
+                                                 : g.contiguous(g.suggest_memory_format());
+      const ChannelLayout l = layout_of(a);
+      const at::Tensor gd = strided_like(g, a);  // autograd may hand an expanded (stride-0) gradient
       Epilogue<T> e;
       const at::Tensor aux = saved[kSavedPerStage * i + 2];
       if (has_bn(st)) e = bn_epilogue<T>(p, aux[0].contiguous(), aux[1].contiguous());
@@ -622,14 +682,19 @@ void update_running_stats_cpu(at::TensorList buffers, at::TensorList stats, at::
   TORCH_CHECK_VALUE(buffers.size() == 3 * stats.size() && momentum.size() == stats.size(), op,
                     ": expected 3 buffers and a momentum per statistics tensor, got ", buffers.size(), ", ",
                     momentum.size(), " and ", stats.size());
+  // Every BatchNorm is checked before any is updated: all or nothing.
+  for (size_t k = 0; k < stats.size(); ++k) {
+    const at::Tensor &rm = buffers[3 * k], &rv = buffers[3 * k + 1], &tracked = buffers[3 * k + 2];
+    TORCH_CHECK_VALUE(stats[k].dim() == 2 && stats[k].size(0) == 4 && rm.dim() == 1 &&
+                          rm.size(0) == stats[k].size(1) && rv.sizes() == rm.sizes() && rm.is_contiguous() &&
+                          rv.is_contiguous() && rm.is_floating_point() && rv.scalar_type() == rm.scalar_type() &&
+                          rm.device().is_cpu() && tracked.numel() == 1 && tracked.scalar_type() == at::kLong,
+                      op, ": BatchNorm ", k, ": statistics of shape ", stats[k].sizes(), " do not fit buffers of shape ",
+                      rm.sizes());
+  }
   for (size_t k = 0; k < stats.size(); ++k) {
     const at::Tensor &rm = buffers[3 * k], &rv = buffers[3 * k + 1], &tracked = buffers[3 * k + 2];
     const at::Tensor s = stats[k].to(at::kDouble);
-    TORCH_CHECK_VALUE(s.dim() == 2 && s.size(0) == 4 && rm.dim() == 1 && rm.size(0) == s.size(1) &&
-                          rv.sizes() == rm.sizes() && rm.is_contiguous() && rv.is_contiguous() &&
-                          tracked.numel() == 1 && tracked.scalar_type() == at::kLong,
-                      op, ": BatchNorm ", k, ": statistics of shape ", stats[k].sizes(), " do not fit buffers of shape ",
-                      rm.sizes());
     int64_t& count = *tracked.data_ptr<int64_t>();
     count += 1;
     const double f = momentum[k] < 0 ? 1.0 / static_cast<double>(count) : momentum[k];

@@ -54,7 +54,7 @@ constexpr int64_t kNumActivations = 10;
 
 // Stage flags: which inputs the packing op receives for the stage.
 constexpr int64_t kHasBias = 1;       // Linear bias
-constexpr int64_t kHasBatchNorm = 2;  // an eval BatchNorm folded into scale/shift
+constexpr int64_t kHasBatchNorm = 2;  // a BatchNorm after the product (folded into scale/shift for inference)
 constexpr int64_t kBatchNormAffine = 4;
 // Training-op flags of a BatchNorm (only the seqfuse::*_train_forward ops accept
 // kBatchStats; the inference ops read the running statistics regardless):

@@ -49,6 +49,13 @@ template <typename T>
 void epilogue_forward(const ChannelLayout& l, const T* z, const T* scale, const T* shift, Activation act,
                       double alpha, T* pre, T* out, int64_t o_begin, int64_t o_end);
 
+// The activations whose backward reads the output's values (the others read
+// only its layout, or nothing): a caller may not modify such an output in place
+// before the backward, as with eager's ReLU, Sigmoid and Tanh.
+inline bool derivative_reads_output(Activation a) {
+  return a == Activation::ReLU || a == Activation::Sigmoid || a == Activation::Tanh;
+}
+
 // Where the backward finds the activation's argument: the output for the
 // derivative_from_output activations, the pre-activation y for the others.
 enum class ActSource {

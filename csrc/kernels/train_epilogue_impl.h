@@ -46,7 +46,7 @@ template <Activation A, typename T> inline T activation_grad(T g, T v, T alpha) 
   if constexpr (A == Activation::None) {
     return g;
   } else if constexpr (A == Activation::ReLU) {
-    return v > T(0) ? g : T(0);
+    return v <= T(0) ? T(0) : g;  // threshold_backward: a NaN output passes the gradient
   } else if constexpr (A == Activation::LeakyReLU) {
     return v > T(0) ? g : g * alpha;
   } else if constexpr (A == Activation::ReLU6) {
