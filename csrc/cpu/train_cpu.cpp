@@ -563,7 +563,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> backward_impl(const TrainRun& ru
       }
       const bool bn = has_bn(st);
       const bool need_dz = need_dx || wants(p.weight_at) || wants(p.bias_at);
-      at::Tensor dy = at::empty_like(a);
+      // Without an activation or BatchNorm the pass only reduces the bias
+      // gradient: dz is the incoming gradient itself, no copy.
+      at::Tensor dy = st.activation == Activation::None && !bn ? gd : at::empty_like(a);
       std::vector<double> sums;  // [sum dy | sum dy * (z - center)]
       const T* ce = bn ? e.center.template const_data_ptr<T>() : nullptr;
       parallel_over_outer(l, 2, sums, [&](int64_t o0, int64_t o1, double* s) {
