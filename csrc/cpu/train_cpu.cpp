@@ -543,12 +543,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> backward_impl(const TrainRun& ru
       // The stage output where its values are read; else a tensor of its
       // shape and layout: the saved z, the stage input it was computed from,
       // or (the run's output, not kept) the gradient itself, made dense.
+      const bool layout_of_grad = !outputs[i].defined() && !zs.numel() && owns_product(st);
       const at::Tensor a = outputs[i].defined()  ? dense(outputs[i])
                            : zs.numel()          ? zs
-                           : !owns_product(st)   ? z
+                           : !layout_of_grad     ? z
                                                  : g.contiguous(g.suggest_memory_format());
       const ChannelLayout l = layout_of(a);
-      const at::Tensor gd = strided_like(g, a);  // autograd may hand an expanded (stride-0) gradient
+      // The gradient in that layout (autograd may hand an expanded, stride-0 one).
+      const at::Tensor gd = layout_of_grad ? a : strided_like(g, a);
       Epilogue<T> e;
       const at::Tensor aux = saved[kSavedPerStage * i + 2];
       if (has_bn(st)) e = bn_epilogue<T>(p, aux[0].contiguous(), aux[1].contiguous());
