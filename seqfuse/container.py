@@ -99,6 +99,7 @@ class _FusedRun:
         if segment.op == "conv":
             return _C.FusedConvCall(packed, weights, segment.spec, segment.fparams)
         return _C.FusedMlpCall(packed, weights, segment.spec, segment.fparams, segment.flatten, segment.needs_2d)
+
     def __call__(self, x, route: int):
         if route == _TRAIN:
             return self.run_train(x)
