@@ -19,7 +19,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only on a machine without torch
     sys.exit(
         "seqfuse: torch is not installed in this environment. Install it first "
-        "(for example `pip install torch==2.13.0`), then build seqfuse with "
+        "(for example `pip install torch==2.14.1`), then build seqfuse with "
         "`pip install --no-build-isolation .`."
     )
 

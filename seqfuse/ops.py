@@ -461,7 +461,6 @@ def _train_forward_fake(conv: bool, input, params, running, spec, fparams):
     stages = list(_train_stages(spec, conv))
     params = iter(params)
     saved: List[torch.Tensor] = []
-    owned = epilogue = True
     for i, (kind, out_c, act, flags, win, param, options) in enumerate(stages):
         kh, kw, sh, sw, pt, pl, pb, pr, dh, dw = win
         has_weight = kind in (ConvStageKind.CONV, ConvStageKind.LINEAR)

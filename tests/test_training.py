@@ -191,6 +191,10 @@ def _cnn():
 )
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_training_steps_match_sequential(mods, shape, mode):
+    # Seeded weights: a few of these chains grow their gradients by orders of
+    # magnitude over the steps, where an unlucky draw flips a ReLU mask between
+    # two roundings; the comparison must not depend on the tests run before.
+    torch.manual_seed(0)
     chain = mods()
     for m in chain:
         m.train(mode == "train")

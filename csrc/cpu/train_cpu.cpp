@@ -222,6 +222,8 @@ ChannelLayout layout_of(const at::Tensor& t) {
 // `t` with the strides of `like` (copying when they differ): what the fake
 // kernels promise for gradients (empty_like of the input / parameter).
 at::Tensor strided_like(const at::Tensor& t, const at::Tensor& like) {
+  // empty_like keeps a dense tensor's strides: no allocation when they already agree.
+  if (like.is_non_overlapping_and_dense() && t.sizes() == like.sizes() && t.strides() == like.strides()) return t;
   at::Tensor out = at::empty_like(like);
   if (t.strides() == out.strides()) return t;
   return out.copy_(t);

@@ -93,11 +93,12 @@ inline VF activate_vec(VF x, Activation act, float alpha) {
     case Activation::Sigmoid: return 1.0f / (1.0f + exp_vec(-x));
     case Activation::Tanh: return tanh_vec(x);
     case Activation::GeluErf: {
-      // eager's float GELU (erf) gives NaN at +-inf (its float64 path gives inf
-      // at +inf, as the scalar formula below does); match each
+      // eager's GELU (erf) gives inf at +inf and NaN at -inf (-inf * 0), in
+      // float as in float64; pinned here so no contraction or erf rounding
+      // near the limits changes either.
       VF y = 0.5f * x * (1.0f + erf_vec(x * 0.70710678118654752f));
-      VF ax = select(x < 0.0f, -x, x);
-      return select(ax == __builtin_inff(), splat(__builtin_nanf("")), y);
+      y = select(x == __builtin_inff(), x, y);
+      return select(x == -__builtin_inff(), splat(__builtin_nanf("")), y);
     }
     case Activation::GeluTanh: {
       VF inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);
