@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "kernels/fma_peak.h"
 #include "kernels/mlp_forward.h"
 #include "spec_adapter.h"
 
@@ -621,4 +622,7 @@ PYBIND11_MODULE(_C, m) {
         }
       },
       py::arg("name"), "Force a CPU kernel variant ('avx512', 'avx2', 'baseline'; '' for the detected one).");
+  m.def("fma_peak_gflops", [](int threads, double seconds) { return kernels::fma_peak_gflops(threads, seconds); },
+        py::arg("threads") = 1, py::arg("seconds") = 0.2, py::call_guard<py::gil_scoped_release>(),
+        "Measured float32 FMA peak (GFLOP/s) of `threads` concurrent threads over ~`seconds`, best ISA of this CPU.");
 }

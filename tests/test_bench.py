@@ -77,3 +77,141 @@ def test_training_cases_time_training_steps(tmp_path, capsys):
     case = get_case("train_mlp_small_b32")
     assert r["flops"] == 3 * layer_flops(case.build(), case.input_shape)
     assert "fused_plan" in r and r["fused_plan"].startswith("1 fused")
+
+
+# --- torchvision models, the ONNX Runtime / OpenVINO peers, the FMA peak ------
+
+
+def test_torchvision_model_specs(capsys):
+    """torchvision:NAME names a classifier (random weights, 1x3x224x224 unless
+    --input says otherwise); a wrong name is an error that lists the valid
+    ones, before anything runs."""
+    import pytest
+
+    pytest.importorskip("torchvision")
+    from seqfuse.bench.cases import model_case
+
+    c = model_case("torchvision:resnet18")
+    assert (c.name, c.input_shape, c.is_model) == ("torchvision:resnet18", (1, 3, 224, 224), True)
+    assert model_case("torchvision:mobilenet_v2", "2,3,32,32").with_batch(4).input_shape == (4, 3, 32, 32)
+    with pytest.raises(ValueError, match="unknown torchvision classification model 'resnet'.*resnet18"):
+        model_case("torchvision:resnet")
+    with pytest.raises(ValueError, match="not an image classifier"):
+        model_case("torchvision:fasterrcnn_resnet50_fpn")
+    with pytest.raises(ValueError, match="expected torchvision:NAME"):
+        model_case("torchvision:")
+    assert main(["--model", "torchvision:not_a_model", *TINY]) == 2
+    assert "unknown torchvision classification model 'not_a_model'" in capsys.readouterr().err
+
+
+def _tiny_resnet():
+    import torch
+
+    from seqfuse.bench.cases import torchvision_case
+
+    torch.manual_seed(0)
+    return torchvision_case("resnet18", (1, 3, 32, 32)).build().eval(), torch.randn(1, 3, 32, 32)
+
+
+def test_onnx_peers_match_eager():
+    """ort and openvino run one shared ONNX export of the eager model with
+    torch's thread count and return what eager returns (a torch tensor)."""
+    import pytest
+    import torch
+
+    pytest.importorskip("torchvision")
+    pytest.importorskip("onnx")  # torch.onnx.export needs it
+    from seqfuse.bench.peers import BuildContext, build_peer
+
+    available = []
+    for peer, package in (("ort", "onnxruntime"), ("openvino", "openvino")):
+        try:
+            __import__(package)
+            available.append(peer)
+        except ImportError:
+            pass
+    if not available:
+        pytest.skip("neither onnxruntime nor openvino is installed")
+    model, x = _tiny_resnet()
+    with BuildContext(x) as ctx:
+        fns = {p: build_peer(p, model, ctx) for p in available}
+        assert ctx.onnx_path(model, "again") == ctx.onnx_path(model, "again")  # exported once per case
+    with torch.inference_mode():
+        ref = model(x)
+        for p, fn in fns.items():
+            assert fn.threads == torch.get_num_threads()
+            y = fn(x)
+            assert isinstance(y, torch.Tensor) and y.shape == ref.shape
+            torch.testing.assert_close(y, ref, rtol=1e-3, atol=1e-3, msg=lambda m, p=p: f"{p}: {m}")
+
+
+def test_onnx_peer_errors(monkeypatch):
+    """A missing runtime fails the peer (reported, not fatal) with the pip
+    package named; a non-float32 case and a training case skip the ONNX peers."""
+    import sys
+
+    import pytest
+    import torch
+
+    from seqfuse.bench import run
+    from seqfuse.bench.peers import BuildContext, build_peer
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with pytest.raises(ImportError, match="pip install onnxruntime"):
+        build_peer("ort", torch.nn.Linear(2, 2), BuildContext(torch.zeros(1, 2)))
+    [r] = run(["policy_b1"], peers="eager,fused,ort", quick=True, repeats=2, target_ms=0.3, peak=False)
+    assert "ort" not in r["time_us"] and "pip install onnxruntime" in r["errors"]["ort"]
+    assert r["ratio"]["fused"] > 0 and r["fma_peak_gflops"] is None
+
+    pytest.importorskip("openvino")
+    [r] = run(["policy_b1"], peers="eager,openvino", dtype="bfloat16", quick=True, repeats=2, target_ms=0.3,
+              peak=False)
+    assert "float32 only" in r["errors"]["openvino"]
+    [r] = run(["train_mlp_small_b32"], peers="eager,fused,openvino", quick=True, repeats=2, target_ms=0.3,
+              peak=False)
+    assert "openvino" not in r["time_us"] and "not timed" in r["errors"]["openvino"]
+
+
+def test_fma_peak_and_share_of_it(capsys):
+    """The FMA peak is measured in the run (positive, finite), printed in the
+    header, and every peer's GFLOP/s is given as a share of it."""
+    import math
+
+    import seqfuse
+    from seqfuse.bench.harness import fma_peak
+
+    for threads in (1, 2):
+        g = seqfuse._C.fma_peak_gflops(threads, 0.02)
+        assert math.isfinite(g) and g > 0
+    assert fma_peak(seconds=0.02) > 0
+    assert main(["--case", "cnn_b1_32", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "FMA peak" in out.splitlines()[0] and "% peak (e/f)" in out
+
+
+def test_real_models_script_end_to_end(tmp_path, capsys):
+    """benchmarks/real_models.py on one tiny model: the markdown table, the
+    summary lines, the JSON with the summary."""
+    import importlib.util
+    import os
+
+    import pytest
+
+    pytest.importorskip("torchvision")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "real_models.py")
+    spec = importlib.util.spec_from_file_location("real_models", path)
+    real_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_models)
+
+    out_json = tmp_path / "real.json"
+    assert real_models.main(["--models", "resnet18", "--batches", "1", "--quick", "--image-size", "32",
+                             "--repeats", "2", "--target-ms", "0.3", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "| model | b1 eager ms | b1 fused ms | b1 ORT ms | b1 OpenVINO ms | b1 fused vs best |" in out
+    assert "| resnet18 |" in out and "geometric mean, fused vs eager" in out and "FMA peak" in out
+    data = json.loads(out_json.read_text())
+    [r] = data["results"]
+    assert r["case"] == "resnet18_b1" and r["input_shape"] == [1, 3, 32, 32] and r["ratio"]["fused"] > 0
+    assert data["meta"]["summary"]["geomean_vs_eager"] > 0
+    with pytest.raises(SystemExit):
+        real_models.main(["--models", "no_such_net"])

@@ -1,6 +1,6 @@
 """Benchmarks of seqfuse.FusedSequential against eager nn.Sequential (and,
-optionally, TorchScript and torch.compile) on CPU inference, and of training
-steps (the ``train_*`` cases).
+optionally, TorchScript, torch.compile, ONNX Runtime and OpenVINO) on CPU
+inference, and of training steps (the ``train_*`` cases).
 
 Command line: ``python -m seqfuse.bench --quick`` (``--help`` for the flags;
 benchmarks/README.md explains the method and the columns). From Python:

@@ -13,7 +13,8 @@ A case can also time a whole model (any ``nn.Module`` with Sequentials inside):
 give ``build_model`` instead of ``build_modules``, or use :meth:`Case.from_model`.
 Its fused peer is ``seqfuse.fuse(model)``; the example zoo
 (:mod:`seqfuse.bench.zoo`) is registered this way as ``zoo_<name>`` cases, and
-:func:`model_case` turns ``--model`` specs into cases.
+:func:`model_case` turns ``--model`` specs into cases (zoo names,
+``torchvision:NAME`` and ``path.to.module:factory``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 __all__ = ["Case", "CASES", "register", "get_case", "select_cases", "mlp", "randomize_batchnorm", "layer_flops",
-           "model_case", "parse_shape"]
+           "model_case", "parse_shape", "torchvision_case", "TORCHVISION_PREFIX", "TORCHVISION_INPUT"]
 
 
 @dataclass(frozen=True)
@@ -344,8 +345,8 @@ def _unpack_factory_result(result, spec: str) -> Tuple[nn.Module, Optional[Tuple
 def _load_factory(spec: str) -> Callable:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"bad model spec {spec!r}: expected path.to.module:factory or a zoo name "
-                         f"({', '.join(_zoo.ZOO)})")
+        raise ValueError(f"bad model spec {spec!r}: expected path.to.module:factory, torchvision:NAME "
+                         f"or a zoo name ({', '.join(_zoo.ZOO)})")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
@@ -360,26 +361,82 @@ def _load_factory(spec: str) -> Callable:
     return obj
 
 
+#: The ``--model torchvision:NAME`` spec prefix, and the input shape such a
+#: case gets without ``--input``: one ImageNet-sized image, what the
+#: classification models are designed for.
+TORCHVISION_PREFIX = "torchvision:"
+TORCHVISION_INPUT = (1, 3, 224, 224)
+
+
+def _torchvision_models():
+    """``torchvision.models``, or a ValueError that says how to install it
+    (torchvision is optional: only ``torchvision:`` specs need it)."""
+    try:
+        import torchvision.models
+    except ImportError as e:
+        raise ValueError(f"torchvision models need torchvision, which cannot be imported ({e}): "
+                         "pip install torchvision (the version matching your torch)") from None
+    return torchvision.models
+
+
+def torchvision_case(name: str, input_shape: Union[str, Sequence[int], None] = None) -> Case:
+    """A whole-model case of ``torchvision.models.get_model(name, weights=None)``:
+    a classification model (``torchvision.models.list_models(module=torchvision.models)``)
+    with random weights (drawn from the harness's seeded RNG; nothing is
+    downloaded, and the timings do not depend on the weights' values), input
+    ``input_shape`` (default :data:`TORCHVISION_INPUT`). The model is built
+    only when the case runs; the name is checked now, so a typo fails before
+    any timing.
+
+    >>> c = torchvision_case("resnet18", "2,3,64,64")
+    >>> c.name, c.input_shape, c.is_model
+    ('torchvision:resnet18', (2, 3, 64, 64), True)
+    >>> torchvision_case("resnet")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown torchvision classification model 'resnet'; ...: alexnet, convnext_base, ...
+    """
+    models = _torchvision_models()
+    import torchvision
+
+    known = models.list_models(module=models)  # classification models only (no detection, video, ...)
+    if name not in known:
+        other = " (a torchvision model, but not an image classifier)" if name in models.list_models() else ""
+        raise ValueError(f"unknown torchvision classification model {name!r}{other}; "
+                         f"torchvision {torchvision.__version__} has: {', '.join(known)}")
+    shape = parse_shape(input_shape) if input_shape is not None else TORCHVISION_INPUT
+    return Case.from_model(TORCHVISION_PREFIX + name, lambda: models.get_model(name, weights=None), shape,
+                           f"torchvision.models.{name} (random weights)")
+
+
 def model_case(spec: str, input_shape: Union[str, Sequence[int], None] = None, seed: int = 0) -> Case:
     """The case for a ``--model`` spec: a zoo name (``nerf_mlp`` or
-    ``zoo_nerf_mlp``) or ``path.to.module:factory``, where ``factory()``
-    returns an ``nn.Module`` or ``(nn.Module, input_shape)``. ``input_shape``
-    (``--input``) overrides the shape; it is required when the factory returns
-    a bare module. To learn the shape the factory is called once, under a
-    forked RNG seeded with ``seed``.
+    ``zoo_nerf_mlp``), ``torchvision:NAME`` (see :func:`torchvision_case`;
+    input 1,3,224,224 unless given) or ``path.to.module:factory``, where
+    ``factory()`` returns an ``nn.Module`` or ``(nn.Module, input_shape)``.
+    ``input_shape`` (``--input``) overrides the shape; it is required when the
+    factory returns a bare module. To learn the shape the factory is called
+    once, under a forked RNG seeded with ``seed``.
 
     >>> model_case("zoo_rl_policy").name, model_case("rl_policy", "1,24").input_shape
     ('zoo_rl_policy', (1, 24))
     >>> c = model_case("seqfuse.bench.zoo:nerf_mlp")
     >>> c.name, c.input_shape, c.is_model
     ('seqfuse.bench.zoo:nerf_mlp', (2, 63), True)
+    >>> model_case("torchvision:mobilenet_v2").input_shape
+    (1, 3, 224, 224)
     """
     shape = parse_shape(input_shape) if input_shape is not None else None
+    if spec.startswith(TORCHVISION_PREFIX):
+        name = spec[len(TORCHVISION_PREFIX):].strip()
+        if not name:
+            raise ValueError(f"bad model spec {spec!r}: expected torchvision:NAME, e.g. torchvision:resnet18")
+        return torchvision_case(name, shape)
     if ":" not in spec:
         name = spec[len("zoo_"):] if spec.startswith("zoo_") else spec
         if name not in _zoo.ZOO:
-            raise ValueError(f"unknown model {spec!r}: give a zoo name ({', '.join(_zoo.ZOO)}) "
-                             "or path.to.module:factory")
+            raise ValueError(f"unknown model {spec!r}: give a zoo name ({', '.join(_zoo.ZOO)}), "
+                             "torchvision:NAME or path.to.module:factory")
         case = get_case(f"zoo_{name}")
         return dataclasses.replace(case, input_shape=shape) if shape else case
 

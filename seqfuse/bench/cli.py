@@ -20,22 +20,25 @@ __all__ = ["main", "build_parser"]
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m seqfuse.bench",
-        description="Times seqfuse.FusedSequential (and optionally TorchScript / torch.compile) against an "
-        "eager nn.Sequential on CPU inference cases, interleaved A/B, and prints the ratios.",
+        description="Times seqfuse.FusedSequential (and optionally TorchScript, torch.compile, ONNX Runtime, "
+        "OpenVINO) against an eager nn.Sequential on CPU inference cases, interleaved A/B, and prints the ratios.",
         epilog="Example: python -m seqfuse.bench --quick --json run.json; later: "
         "python -m seqfuse.bench --quick --compare run.json. Whole models: "
-        "python -m seqfuse.bench --model resnet18_style, or --model my.models:make_net --input 1,3,224,224",
+        "python -m seqfuse.bench --model resnet18_style, --model torchvision:resnet18 "
+        "--peers eager,fused,ort,openvino, or --model my.models:make_net --input 1,3,224,224",
     )
     ap.add_argument("--case", action="append", metavar="NAME",
                     help=f"case(s) to run, repeatable or comma-separated (default: all): {', '.join(CASES)}")
     ap.add_argument("--model", action="append", metavar="SPEC",
                     help="time a whole model against seqfuse.fuse(model) (repeatable or comma-separated): a zoo "
-                    "name (e.g. resnet18_style or zoo_resnet18_style; see --list) or path.to.module:factory, "
-                    "where factory() returns an nn.Module or (nn.Module, input_shape). Prints the fused plan "
-                    "of every Sequential first. Without --case, only the models run")
+                    "name (e.g. resnet18_style or zoo_resnet18_style; see --list), torchvision:NAME (a "
+                    "torchvision.models classifier with random weights, e.g. torchvision:resnet18) or "
+                    "path.to.module:factory, where factory() returns an nn.Module or (nn.Module, input_shape). "
+                    "Prints the fused plan first. Without --case, only the models run")
     ap.add_argument("--input", metavar="SHAPE",
                     help="input shape for --model, comma-separated with the batch first, e.g. 1,3,224,224 "
-                    "(needed when the factory returns a bare module; overrides the factory's shape)")
+                    "(needed when the factory returns a bare module; overrides the factory's shape; "
+                    "torchvision:NAME defaults to 1,3,224,224)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--batch", type=int, metavar="N", help="override the batch dimension of every case")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float64"],
@@ -43,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) (default: torch's)")
     ap.add_argument("--peers", default="eager,fused", metavar="LIST",
                     help=f"comma list from {','.join(PEERS)}; eager is always measured (default eager,fused; "
-                    "compile takes seconds per case)")
+                    "compile takes seconds per case; ort and openvino run an ONNX export of the eager model and "
+                    "need pip install onnxruntime / openvino)")
     ap.add_argument("--repeats", type=int, metavar="R",
                     help=f"interleaved rounds per case (default {FULL.rounds}, --quick {QUICK.rounds})")
     ap.add_argument("--quick", action="store_true",
@@ -86,13 +90,18 @@ def _kinds(seq: torch.nn.Module) -> str:
     return ", ".join(names)
 
 
-def describe_model(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0) -> str:
-    """What ``seqfuse.fuse`` makes of a model case, in eval mode: the
-    ``explain()`` of every FusedSequential that has a fused segment, and one
-    line for each that runs entirely eagerly.
+def describe_model(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0,
+                   whole_model: Optional[bool] = None) -> str:
+    """What ``seqfuse.fuse`` makes of a model case, in eval mode.
+
+    With ``seqfuse.explain`` (a whole-model report, in seqfuse versions that
+    have it; ``whole_model=None`` uses it when present), a line naming the
+    case followed by ``str(seqfuse.explain(fused_model))``. Otherwise
+    (``whole_model=False``) the ``explain()`` of every FusedSequential that
+    has a fused segment, and one line for each that runs entirely eagerly.
 
     >>> from .cases import get_case
-    >>> print(describe_model(get_case("zoo_nerf_mlp")))  # doctest: +ELLIPSIS
+    >>> print(describe_model(get_case("zoo_nerf_mlp"), whole_model=False))  # doctest: +ELLIPSIS
     zoo_nerf_mlp: NeRFMLP, input 2x63; seqfuse.fuse converts 2 nn.Sequential (2 with fused segments)
     early: FusedSequential plan: 1 fused segment, 0 eager segments (CPU kernels: ...)
       [0:10] fused: seqfuse::mlp_forward, float32, 63 -> 256 -> 256 -> 256 -> 256 -> 256
@@ -104,10 +113,14 @@ def describe_model(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0
         torch.manual_seed(seed)
         model = case.build().eval().to(dtype)
     fused = seqfuse.fuse(model)
+    shape = "x".join(map(str, case.input_shape))
+    if whole_model is None:
+        whole_model = hasattr(seqfuse, "explain")
+    if whole_model:
+        return f"{case.name}: {type(model).__name__}, input {shape}\n{seqfuse.explain(fused)}"
     containers = [(name, m) for name, m in fused.named_modules() if isinstance(m, seqfuse.FusedSequential)]
     plans = [(name or "(the model)", m, m.explain()) for name, m in containers]
     n_fused = sum(1 for _, _, e in plans if e.fused_segments)
-    shape = "x".join(map(str, case.input_shape))
     lines = [f"{case.name}: {type(model).__name__}, input {shape}; seqfuse.fuse converts {len(plans)} "
              f"nn.Sequential ({n_fused} with fused segments)"]
     if not plans:
@@ -172,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"seqfuse.bench: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
 
-    env = environment(dtype, args.threads)
+    env = environment(dtype, args.threads, next((r["fma_peak_gflops"] for r in results), None))
     mode = "quick" if args.quick else "full"
     _print(report.header(env, mode))
     _print(report.table(results))

@@ -17,9 +17,9 @@ import seqfuse
 
 from . import memory, timing
 from .cases import Case, layer_flops, select_cases
-from .peers import TRAINING_PEERS, build_peer, build_training_step, parse_peers, peer_context
+from .peers import TRAINING_PEERS, BuildContext, build_peer, build_training_step, parse_peers, peer_context
 
-__all__ = ["run", "run_case", "parse_dtype", "environment", "model_flops", "Progress", "TOLERANCES"]
+__all__ = ["run", "run_case", "parse_dtype", "environment", "fma_peak", "model_flops", "Progress", "TOLERANCES"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -48,11 +48,14 @@ def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
         raise ValueError(f"unsupported dtype {dtype!r}; choose from {', '.join(_DTYPES)}") from None
 
 
-def environment(dtype: torch.dtype, threads: Optional[int] = None) -> Dict[str, object]:
-    """What the numbers depend on: versions, kernel ISA, threads, dtype.
+def environment(dtype: torch.dtype, threads: Optional[int] = None,
+                fma_peak_gflops: Optional[float] = None) -> Dict[str, object]:
+    """What the numbers depend on: versions, kernel ISA, threads, dtype, and
+    the FMA peak measured in the run (``fma_peak_gflops``, see :func:`fma_peak`;
+    ``None`` when not measured).
 
-    >>> sorted(environment(torch.float32))[:3]
-    ['cpu_capability', 'dtype', 'hostname']
+    >>> sorted(environment(torch.float32))[:4]
+    ['cpu_capability', 'dtype', 'fma_peak_gflops', 'hostname']
     """
     import platform
 
@@ -65,7 +68,27 @@ def environment(dtype: torch.dtype, threads: Optional[int] = None) -> Dict[str, 
         "python": platform.python_version(),
         "hostname": platform.node(),
         "machine": platform.machine(),
+        "fma_peak_gflops": fma_peak_gflops,
     }
+
+
+def fma_peak(threads: Optional[int] = None, seconds: float = 0.2) -> Optional[float]:
+    """This machine's float32 multiply-add peak in GFLOP/s with ``threads``
+    threads busy (default ``torch.get_num_threads()``), measured now by a
+    short C++ loop (``seqfuse._C.fma_peak_gflops``: independent FMA chains on
+    the widest vectors the CPU has, one loop per thread, ~``seconds``). It is
+    the ceiling of every peer's GFLOP/s; measuring it in the same run as the
+    peers, rather than quoting a datasheet, makes the share of it mean the
+    same on a throttled or shared machine. ``None`` when the extension was
+    built without it.
+
+    >>> fma_peak(1, seconds=0.01) > 0
+    True
+    """
+    measure = getattr(seqfuse._C, "fma_peak_gflops", None)
+    if measure is None:
+        return None
+    return float(measure(int(threads or torch.get_num_threads()), float(seconds)))
 
 
 class Progress:
@@ -147,10 +170,13 @@ def model_flops(model: nn.Module, x: torch.Tensor) -> int:
 
 def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch.dtype = torch.float32,
              settings: timing.Settings = timing.FULL, memory_probe: bool = False, seed: int = 0,
-             check: bool = True, progress: Optional[Progress] = None, label: str = "") -> Dict[str, object]:
+             check: bool = True, progress: Optional[Progress] = None, label: str = "",
+             peak_gflops: Optional[float] = None) -> Dict[str, object]:
     """Measures one case (already resolved: batch applied) and returns its
     result dict; see :func:`run` for the keys. Call it under the thread
     setting you want; it enters ``torch.inference_mode()`` itself.
+    ``peak_gflops`` (:func:`fma_peak`), when given, is recorded and each
+    peer's GFLOP/s is expressed as a share of it (``peak_share``).
 
     >>> from seqfuse.bench import get_case, timing
     >>> r = run_case(get_case("policy_b1"), settings=timing.Settings(target_s=0.0005, rounds=2, warmup_s=0.0))
@@ -195,6 +221,8 @@ def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch
         "ratio": {},
         "ratio_paired": {},
         "gflops": {},
+        "fma_peak_gflops": peak_gflops,
+        "peak_share": {},
         "inner": {},
         "rounds": 0,
         "numerics": {},
@@ -205,13 +233,15 @@ def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch
     fns: Dict[str, Callable] = {}
     with peer_context(peers):
         say("(" + ",".join(peers) + ")", major=True)
-        for p in peers:
-            try:
-                fns[p] = build_training_step(p, modules) if case.train else build_peer(p, modules)
-            except Exception as e:  # a peer that cannot be built is reported, not fatal
-                if p == "eager":
-                    raise
-                result["errors"][p] = f"build failed: {type(e).__name__}: {e}"
+        with BuildContext(x) as build:  # the ONNX peers share one export of the eager model
+            for p in peers:
+                say(f"{p} build")
+                try:
+                    fns[p] = build_training_step(p, modules) if case.train else build_peer(p, modules, build)
+                except Exception as e:  # a peer that cannot be built is reported, not fatal
+                    if p == "eager":
+                        raise
+                    result["errors"][p] = f"build failed: {type(e).__name__}: {e}"
         if case.train:
             for p in dropped:
                 result["errors"][p] = "not timed: training cases time eager and fused only"
@@ -253,6 +283,8 @@ def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch
         result["min_us"][p] = st["min"] * 1e6
         result["spread"][p] = st["spread"]
         result["gflops"][p] = flops / st["median"] / 1e9 if st["median"] > 0 else float("nan")
+        if peak_gflops:
+            result["peak_share"][p] = result["gflops"][p] / peak_gflops
         if p != "eager":
             result["ratio"][p] = eager_t / st["median"]
             paired = sorted(e / t for e, t in zip(samples["eager"], samples[p]))
@@ -282,7 +314,7 @@ def run(cases: Optional[Iterable[Union[str, Case]]] = None, peers: Union[str, Se
         dtype: Union[str, torch.dtype] = torch.float32, threads: Optional[int] = None, quick: bool = False,
         repeats: Optional[int] = None, batch: Optional[int] = None, memory: bool = False,
         target_ms: Optional[float] = None, budget_s: Optional[float] = None, seed: int = 0,
-        check: bool = True, progress: bool = False) -> List[Dict[str, object]]:
+        check: bool = True, progress: bool = False, peak: bool = True) -> List[Dict[str, object]]:
     """Benchmarks ``cases`` (names, comma lists or :class:`Case` objects;
     ``None``: all registered cases) and returns one dict per case.
 
@@ -300,6 +332,8 @@ def run(cases: Optional[Iterable[Union[str, Case]]] = None, peers: Union[str, Se
         seed: weights and input are drawn from this seed (the caller's RNG state is kept).
         check: compare every peer's output with eager's before timing.
         progress: print a progress line to stderr.
+        peak: measure the machine's FMA peak (:func:`fma_peak`, ~0.2 s) once,
+            with the run's threads, before the cases.
 
     Each dict has ``case``, ``description``, ``input_shape``, ``dtype``,
     ``threads``, ``peers``, ``flops`` (per call: 2*in*out per Linear per row
@@ -309,7 +343,9 @@ def run(cases: Optional[Iterable[Union[str, Case]]] = None, peers: Union[str, Se
     (interquartile range / median), ``gflops``, ``inner`` (calls per timed
     batch); for non-eager peers ``ratio`` (eager median / peer median),
     ``ratio_paired`` (median of per-round ratios) and ``numerics`` (``ok``,
-    ``max_abs_err``, ``message``); ``numerics_ok`` (all peers), ``rounds``,
+    ``max_abs_err``, ``message``); ``fma_peak_gflops`` (the peak measured
+    for the run, or ``None``) and ``peak_share`` (per peer: GFLOP/s / peak);
+    ``numerics_ok`` (all peers), ``rounds``,
     ``samples_us``, ``errors`` (peers that failed to build or run),
     ``fused_plan``, and with ``memory`` ``peak_rss_mib`` / ``steady_rss_mib``.
 
@@ -332,10 +368,14 @@ def run(cases: Optional[Iterable[Union[str, Case]]] = None, peers: Union[str, Se
         torch.set_num_threads(int(threads))
     results = []
     try:
+        peak_gflops = None
+        if peak:
+            bar.update("measuring the FMA peak ...", major=True)
+            peak_gflops = fma_peak(torch.get_num_threads())
         for i, case in enumerate(case_list, 1):
             t0 = time.perf_counter()
             res = run_case(case, peer_names, dt, settings, memory_probe=memory, seed=seed, check=check,
-                           progress=bar, label=f"[{i}/{len(case_list)}] ")
+                           progress=bar, label=f"[{i}/{len(case_list)}] ", peak_gflops=peak_gflops)
             res["wall_s"] = time.perf_counter() - t0
             results.append(res)
     finally:

@@ -95,7 +95,7 @@ def _maxrss_kib() -> int:
 def _child_main(argv: Optional[List[str]] = None) -> int:
     import gc
 
-    from .peers import build_peer, build_training_step, peer_context
+    from .peers import BuildContext, build_peer, build_training_step, peer_context
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--modules", required=True)
@@ -112,8 +112,9 @@ def _child_main(argv: Optional[List[str]] = None) -> int:
     modules = torch.load(a.modules, weights_only=False)
     shape = [int(d) for d in a.shape.split(",")]
     with peer_context([a.peer]):
-        model = build_training_step(a.peer, modules) if a.train else build_peer(a.peer, modules)
         x = torch.randn(shape).to(dtype)
+        with BuildContext(x) as ctx:  # the ONNX peers export at x's shape
+            model = build_training_step(a.peer, modules) if a.train else build_peer(a.peer, modules, ctx)
         gc.collect()
         resettable = _reset_peak() and _status_kib("VmRSS") is not None
         if resettable:

@@ -12,8 +12,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 __all__ = ["header", "table", "footer", "to_json", "load_json", "to_csv", "compare", "plot_ratios",
            "MATPLOTLIB_MISSING"]
 
-_PEER_ORDER = ("eager", "fused", "jit", "compile")
-_ABBREV = {"eager": "e", "fused": "f", "jit": "j", "compile": "c"}
+_PEER_ORDER = ("eager", "fused", "jit", "compile", "ort", "openvino")
+_ABBREV = {"eager": "e", "fused": "f", "jit": "j", "compile": "c", "ort": "o", "openvino": "v"}
 
 
 def _us(t: Optional[float]) -> str:
@@ -35,11 +35,19 @@ def _peers_of(results: Sequence[dict]) -> List[str]:
     return [p for p in _PEER_ORDER if p in seen] + sorted(seen - set(_PEER_ORDER))
 
 
+def _peak(g: float) -> str:
+    return f"{g:.1f}" if g < 100 else f"{g:.0f}"
+
+
 def header(env: Dict[str, object], extra: str = "") -> str:
-    """One line naming what the numbers depend on.
+    """One line naming what the numbers depend on, with the FMA peak when it
+    was measured (``fma_peak_gflops``).
 
     >>> header({"torch": "2.13.0", "seqfuse": "0.1.0", "cpu_capability": "avx2", "threads": 2, "dtype": "float32"})
     'seqfuse.bench | torch 2.13.0 | seqfuse 0.1.0 | cpu avx2 | threads 2 | float32'
+    >>> header({"torch": "2.14.1", "seqfuse": "0.1.0", "cpu_capability": "avx2", "threads": 2, "dtype": "float32",
+    ...         "fma_peak_gflops": 161.23})
+    'seqfuse.bench | torch 2.14.1 | seqfuse 0.1.0 | cpu avx2 | threads 2 | float32 | FMA peak 161 GFLOP/s'
     """
     parts = [
         "seqfuse.bench",
@@ -49,6 +57,9 @@ def header(env: Dict[str, object], extra: str = "") -> str:
         f"threads {env['threads']}",
         str(env["dtype"]),
     ]
+    peak = env.get("fma_peak_gflops")
+    if peak:
+        parts.append(f"FMA peak {_peak(peak)} GFLOP/s")
     if extra:
         parts.append(extra)
     return " | ".join(parts)
@@ -63,14 +74,15 @@ def _notes(r: dict) -> str:
     if plan and not plan.endswith("0 eager segments"):
         notes.append(f"fused plan: {plan}")
     for p, e in r.get("errors", {}).items():
-        notes.append(f"{p}: {e[:60]}")
+        notes.append(f"{p}: {e[:100]}")
     return "; ".join(notes)
 
 
 def table(results: Sequence[dict]) -> str:
     """The aligned per-case table: times (median µs per call), ratios vs
-    eager, the fused peer's GFLOP/s, run-to-run spread, and peak RSS when
-    measured. A ``!`` after the case name marks a numerics mismatch.
+    eager, the fused peer's GFLOP/s, every peer's share of the FMA peak when
+    it was measured, run-to-run spread, and peak RSS when measured. A ``!``
+    after the case name marks a numerics mismatch.
 
     >>> from seqfuse.bench import run
     >>> results = run(["policy_b1"], quick=True, repeats=2, target_ms=0.3)
@@ -80,13 +92,18 @@ def table(results: Sequence[dict]) -> str:
     peers = _peers_of(results)
     others = [p for p in peers if p != "eager"]
     has_mem = any("peak_rss_mib" in r for r in results)
+    has_peak = any(r.get("peak_share") for r in results)
+    abbrev = "/".join(_ABBREV.get(p, p) for p in peers)
     cols = ["case", "eager µs"]
     for p in others:
         cols += [f"{p} µs", "ratio" if p == "fused" else f"{p} ratio"]
     gflops_peer = "fused" if "fused" in peers else "eager"
-    cols += ["GFLOP/s" if gflops_peer == "fused" else "eager GFLOP/s", "IQR%"]
+    cols += ["GFLOP/s" if gflops_peer == "fused" else "eager GFLOP/s"]
+    if has_peak:
+        cols.append(f"% peak ({abbrev})")
+    cols.append("IQR%")
     if has_mem:
-        cols.append("peak RSS MiB (" + "/".join(_ABBREV.get(p, p) for p in peers) + ")")
+        cols.append(f"peak RSS MiB ({abbrev})")
     cols.append("notes")
 
     rows = []
@@ -97,6 +114,9 @@ def table(results: Sequence[dict]) -> str:
             row += [_us(r["time_us"].get(p)), _ratio(r["ratio"].get(p))]
         g = r["gflops"].get(gflops_peer)
         row.append("-" if g is None or not math.isfinite(g) else (f"{g:.1f}" if g < 100 else f"{g:.0f}"))
+        if has_peak:
+            share = r.get("peak_share", {})
+            row.append("/".join(_percent(share.get(p)) for p in peers) if share else "-")
         spreads = [s for s in r.get("spread", {}).values() if s is not None and math.isfinite(s)]
         row.append(f"{100 * max(spreads):.0f}" if spreads else "-")
         if has_mem:
@@ -118,6 +138,15 @@ def table(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _percent(share: Optional[float]) -> str:
+    """A share of the peak in percent, with a decimal below 10%: small models
+    reach a few percent, and 0.4% and 0.9% are worth telling apart."""
+    if share is None or not math.isfinite(share):
+        return "-"
+    pct = 100 * share
+    return f"{pct:.1f}" if pct < 10 else f"{pct:.0f}"
+
+
 def footer(results: Sequence[dict]) -> str:
     """The legend printed under the table."""
     rounds = sorted({r["rounds"] for r in results})
@@ -127,6 +156,11 @@ def footer(results: Sequence[dict]) -> str:
         "GFLOP/s: Linear and convolution multiply-adds x 2 / fused time; "
         "IQR%: largest interquartile range / median of the samples among the peers.",
     ]
+    peaks = sorted({r["fma_peak_gflops"] for r in results if r.get("fma_peak_gflops")})
+    if peaks:
+        lines.append(f"% peak: each peer's GFLOP/s (same FLOP count) as a share of the float32 FMA peak measured "
+                     f"in this run, {'/'.join(_peak(p) for p in peaks)} GFLOP/s with the run's threads "
+                     "(independent FMA chains on the widest vectors, no memory traffic).")
     if any(r.get("flops_counted") == "flop_counter" for r in results):
         lines.append("model cases (zoo_*, --model): GFLOP/s from the matmul and convolution FLOPs that "
                      "torch.utils.flop_counter counts in one eager forward.")
@@ -156,12 +190,12 @@ def to_csv(results: Sequence[dict]) -> str:
     """One flat row per case: ``<peer>_us``, ``<peer>_ratio``, ``<peer>_gflops`` ... columns.
 
     >>> print(to_csv([]).strip())
-    case,description,input_shape,dtype,threads,rounds,flops,numerics_ok,fused_plan,errors
+    case,description,input_shape,dtype,threads,rounds,flops,fma_peak_gflops,numerics_ok,fused_plan,errors
     """
     peers = _peers_of(results)
-    fields = ["case", "description", "input_shape", "dtype", "threads", "rounds", "flops"]
+    fields = ["case", "description", "input_shape", "dtype", "threads", "rounds", "flops", "fma_peak_gflops"]
     for p in peers:
-        fields += [f"{p}_us", f"{p}_min_us", f"{p}_spread", f"{p}_gflops", f"{p}_inner"]
+        fields += [f"{p}_us", f"{p}_min_us", f"{p}_spread", f"{p}_gflops", f"{p}_peak_share", f"{p}_inner"]
         if p != "eager":
             fields += [f"{p}_ratio", f"{p}_ratio_paired", f"{p}_numerics_ok", f"{p}_max_abs_err"]
         if any("peak_rss_mib" in r for r in results):
@@ -171,7 +205,8 @@ def to_csv(results: Sequence[dict]) -> str:
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in results:
-        row = {k: r.get(k) for k in ("case", "description", "dtype", "threads", "rounds", "flops", "numerics_ok")}
+        row = {k: r.get(k) for k in ("case", "description", "dtype", "threads", "rounds", "flops", "fma_peak_gflops",
+                                     "numerics_ok")}
         row["input_shape"] = "x".join(map(str, r["input_shape"]))
         row["fused_plan"] = r.get("fused_plan", "")
         row["errors"] = "; ".join(f"{k}: {v}" for k, v in r.get("errors", {}).items())
@@ -180,6 +215,7 @@ def to_csv(results: Sequence[dict]) -> str:
             row[f"{p}_min_us"] = r["min_us"].get(p)
             row[f"{p}_spread"] = r["spread"].get(p)
             row[f"{p}_gflops"] = r["gflops"].get(p)
+            row[f"{p}_peak_share"] = r.get("peak_share", {}).get(p)
             row[f"{p}_inner"] = r["inner"].get(p)
             if p != "eager":
                 num = r.get("numerics", {}).get(p, {})
