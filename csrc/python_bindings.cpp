@@ -135,6 +135,7 @@ class FusedCall {
     if (shape->macs >= kReleaseGilMacs) no_gil.emplace();
     int engine = engine_override().load(std::memory_order_relaxed);
     if (engine < 0) engine = choose_engine(x, *shape);
+    else engine = std::min(engine, engine_count() - 1);  // an override past this op's engines: its last
     return run(x, engine);
   }
 
@@ -179,6 +180,9 @@ class FusedCall {
   };
   // nullopt: this input runs eagerly. May reshape x (a flatten view).
   virtual std::optional<Shape> prepare(at::Tensor& x) const = 0;
+  // How many engines the op offers for this segment (all measured).
+  static constexpr int kMaxEngines = 3;
+  virtual int engine_count() const { return 2; }
 
   at::Tensor run(const at::Tensor& x, int engine) const {
     return op_.call(x, packed_, weights_, spec_, fparams_, engine);
@@ -209,13 +213,18 @@ class FusedCall {
       run(x, e);
       return std::chrono::duration<double>(clock::now() - t0).count();
     };
-    const double warm = std::max(timed(0), timed(1));
+    const int n = engine_count();
+    double warm = 0;
+    for (int e = 0; e < n; ++e) warm = std::max(warm, timed(e));
     const int reps = warm > 0.02 ? 1 : 3;
-    double times[2][3];
+    double times[kMaxEngines][3];
     for (int rep = 0; rep < reps; ++rep)
-      for (int e = 0; e < 2; ++e) times[e][rep] = timed(e);
-    for (auto& t : times) std::sort(t, t + reps);
-    const int best = times[1][reps / 2] < times[0][reps / 2] ? 1 : 0;
+      for (int e = 0; e < n; ++e) times[e][rep] = timed(e);
+    int best = 0;
+    for (int e = 0; e < n; ++e) {
+      std::sort(times[e], times[e] + reps);
+      if (times[e][reps / 2] < times[best][reps / 2]) best = e;
+    }
     EngineChoices::global().set(key, best);
     return best;
   }
@@ -301,8 +310,13 @@ class FusedConvCall final : public FusedCall {
         macs = 0;  // the op reports the bad shape
       }
     }
-    return Shape{macs, x.size(0), {h, w}, has_conv_};
+    // The input's layout is part of the class: which engine wins depends on it.
+    const int64_t channels_last = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+    return Shape{macs, x.size(0), {h, w, channels_last}, has_conv_};
   }
+
+  // Engine 2 (ATen in the input's layout) serves float32 and float64 runs.
+  int engine_count() const override { return desc_.dtype == kernels::DType::BFloat16 ? 2 : 3; }
 
   kernels::ConvDesc desc_;
   bool has_conv_ = false;

@@ -14,7 +14,8 @@ from . import ops
 from ._loader import BUILD_INFO
 from .container import Explanation, FusedSequential, SeqfuseWarning
 from .convert import fuse
+from .explain import ModelExplanation, explain
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedSequential", "fuse", "Explanation", "SeqfuseWarning", "ops", "BUILD_INFO", "__version__"]
+__all__ = ["FusedSequential", "fuse", "explain", "ModelExplanation", "Explanation", "SeqfuseWarning", "ops", "BUILD_INFO", "__version__"]

@@ -1,27 +1,76 @@
-"""fuse(model): swap every nn.Sequential inside a model for a FusedSequential."""
+"""fuse(model): every Sequential inside a model runs as a FusedSequential, and
+every custom forward runs its chains as fused calls (seqfuse/capture.py)."""
 
 from __future__ import annotations
 
 import copy
+from typing import Dict
 
 from torch import nn
 
+from .capture import CapturedForward, is_sequential_like, wants_capture
 from .container import FusedSequential
 
-__all__ = ["fuse"]
+__all__ = ["fuse", "fused_subclass"]
+
+_SUBCLASSES: Dict[type, type] = {}
 
 
-def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Returns ``model`` with every ``nn.Sequential`` (at any depth, and the
-    model itself if it is one) replaced by a :class:`FusedSequential` holding
-    the same child modules. ``state_dict`` keys are unchanged. With
+def _new_fused_subclass(base: type):
+    """Unpickling / deepcopy of a generated subclass: an empty instance of it
+    (Module.__setstate__ then fills it)."""
+    return object.__new__(fused_subclass(base))
+
+
+def _reduce_ex(self, protocol):
+    return (_new_fused_subclass, (type(self)._seqfuse_base,), self.__getstate__())
+
+
+def fused_subclass(cls: type) -> type:
+    """The FusedSequential subclass of a Sequential subclass ``cls`` (one per
+    class): ``isinstance(m, cls)`` and ``type(m).__name__`` are kept, the
+    forward is FusedSequential's (``cls`` did not override nn.Sequential's),
+    and instances pickle and deep-copy although the class is generated.
+
+    >>> from torchvision.ops.misc import Conv2dNormActivation
+    >>> sub = fused_subclass(Conv2dNormActivation)
+    >>> sub.__name__, issubclass(sub, Conv2dNormActivation), issubclass(sub, FusedSequential)
+    ('Conv2dNormActivation', True, True)
+    """
+    if cls is nn.Sequential:
+        return FusedSequential
+    if issubclass(cls, FusedSequential):
+        return cls
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        sub = type(cls.__name__, (FusedSequential, cls), {
+            "__module__": cls.__module__,
+            "__qualname__": f"fused_subclass({cls.__qualname__})",
+            "__doc__": cls.__doc__,
+            "__reduce_ex__": _reduce_ex,
+            "_seqfuse_base": cls,
+        })
+        _SUBCLASSES[cls] = sub
+    return sub
+
+
+def fuse(model: nn.Module, inplace: bool = False, capture: bool = True) -> nn.Module:
+    """Returns ``model`` running its fusible chains as fused seqfuse calls:
+
+    * every ``nn.Sequential``, and every Sequential subclass that keeps
+      ``nn.Sequential.forward`` (e.g. torchvision's ``Conv2dNormActivation``),
+      becomes a :class:`FusedSequential` (a generated subclass for the latter,
+      so ``isinstance`` and the class name hold);
+    * with ``capture=True`` (the default), every module with a forward of its
+      own (a ResNet block, the model itself) gets a captured forward: torch.fx
+      finds the chains in it (stock layers, inlined Sequentials, functional
+      activations, the residual addition and activation closing a block) and
+      runs each as one fused call. A forward that cannot be traced runs as it
+      is; :func:`seqfuse.explain` says why.
+
+    Classes, children, parameters and ``state_dict`` keys are unchanged. With
     ``inplace=False`` (the default) the model is deep-copied first and the
-    original is left as it was; with ``inplace=True`` the Sequentials
-    themselves become FusedSequentials (same objects).
-
-    Only exact ``nn.Sequential`` instances are converted: subclasses may
-    override ``forward`` and are left alone (their Sequential children are
-    still converted).
+    original is left as it was.
 
     >>> import torch
     >>> from torch import nn
@@ -35,8 +84,14 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     for m in model.modules():
-        if type(m) is nn.Sequential:
+        if is_sequential_like(m) and not isinstance(m, FusedSequential):
             # FusedSequential adds no state of its own, so switching the class
             # keeps the object, its children, parameters and hooks as they are.
-            m.__class__ = FusedSequential
+            m.__class__ = fused_subclass(type(m))
+    if capture:
+        for m in model.modules():
+            if wants_capture(m) and not isinstance(m.__dict__.get("forward"), CapturedForward):
+                # An instance attribute: the class, and everything that
+                # pickles or compares by class, stays the model's own.
+                m.__dict__["forward"] = CapturedForward(m)
     return model

@@ -35,6 +35,7 @@ __all__ = [
     "set_engine_override",
     "ENGINE_FUSED",
     "ENGINE_GEMM_EPILOGUE",
+    "ENGINE_ATEN_LAYOUT",
     "cpu_capability",
     "set_cpu_capability",
 ]
@@ -258,8 +259,15 @@ def conv_forward(
 
 ENGINE_FUSED = 0  # the fused kernel: every stage in one pass over row tiles
 ENGINE_GEMM_EPILOGUE = 1  # ATen GEMM per Linear + the fused epilogue kernel
+# Conv runs only (float32, float64): ATen per stage in the input's own layout
+# (NCHW stays NCHW) + the fused epilogue in place; MLP runs treat it as engine 1.
+ENGINE_ATEN_LAYOUT = 2
 ENGINE_NAMES = {ENGINE_FUSED: "fused kernel", ENGINE_GEMM_EPILOGUE: "ATen GEMM + fused epilogue"}
-CONV_ENGINE_NAMES = {ENGINE_FUSED: "fused kernels", ENGINE_GEMM_EPILOGUE: "ATen convolution + fused epilogue"}
+CONV_ENGINE_NAMES = {
+    ENGINE_FUSED: "fused kernels",
+    ENGINE_GEMM_EPILOGUE: "ATen convolution (NHWC) + fused epilogue",
+    ENGINE_ATEN_LAYOUT: "ATen convolution in the input's layout + fused epilogue",
+}
 
 
 def mlp_forward(
@@ -285,13 +293,16 @@ def mlp_forward(
 def set_engine_override(engine: Optional[int]) -> None:
     """Forces every fused call onto one engine (``ENGINE_FUSED``: the fused
     kernels; ``ENGINE_GEMM_EPILOGUE``: ATen's GEMM or convolution for each
-    Linear or Conv2d + the fused epilogue); ``None`` restores the per-shape
+    Linear or Conv2d + the fused epilogue; ``ENGINE_ATEN_LAYOUT``: for conv
+    runs ATen in the input's layout + the epilogue, for MLP runs engine 1);
+    ``None`` restores the per-shape
     choice by measurement. For tests and studies.
 
     >>> set_engine_override(ENGINE_GEMM_EPILOGUE); set_engine_override(None)
     """
-    if engine not in (None, ENGINE_FUSED, ENGINE_GEMM_EPILOGUE):
-        raise ValueError(f"unknown engine {engine!r}: expected None, ENGINE_FUSED or ENGINE_GEMM_EPILOGUE")
+    if engine not in (None, ENGINE_FUSED, ENGINE_GEMM_EPILOGUE, ENGINE_ATEN_LAYOUT):
+        raise ValueError(f"unknown engine {engine!r}: expected None, ENGINE_FUSED, ENGINE_GEMM_EPILOGUE or "
+                         "ENGINE_ATEN_LAYOUT")
     _C.set_engine_override(-1 if engine is None else int(engine))
 
 

@@ -220,6 +220,11 @@ def classify(m: Optional[nn.Module]) -> Classified:
         return Classified(NOOP)
     if t is nn.Flatten:
         return Classified(FLATTEN)
+    if t.__name__ == "StochasticDepth" and t.__module__.startswith("torchvision."):
+        # torchvision.ops.StochasticDepth: the identity unless training with p > 0.
+        if m.training and m.p > 0:
+            return Classified(None, "StochasticDepth in training mode is random (runs eagerly)")
+        return Classified(NOOP)
     if isinstance(m, (nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.Conv2d)) or t.__name__.startswith("Parametrized"):
         return Classified(None, f"{t.__name__} is a subclass or parametrization of a stock module (only exact types fuse)")
     return Classified(None, f"{t.__name__} has no fused kernel")

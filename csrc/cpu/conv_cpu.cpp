@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../kernels/conv_forward.h"
+#include "../kernels/train_epilogue.h"
 #include "../spec_adapter.h"
 
 namespace seqfuse {
@@ -175,6 +176,79 @@ at::Tensor run_stages_batched(const RunContext& ctx, size_t first, size_t stop, 
   return cur;
 }
 
+// Engine 2: each stage through ATen in the layout the input comes in (for
+// NCHW input the contiguous layout eager runs, where oneDNN's blocked NCHW
+// kernels beat its NHWC ones on some CPUs), the folded bias/BatchNorm and the
+// activation by the fused epilogue in place over that layout; a Flatten head
+// runs as in engine 1 on NHWC rows. No layout conversion between stages.
+// Only for T == A (float32, float64): the epilogue reads scale/shift in T.
+kernels::ChannelLayout dense_layout(const at::Tensor& t) {
+  const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
+  if (t.is_contiguous()) return {N, C, HW};
+  return {N * HW, C, 1};  // channels_last (the caller makes sure it is one of the two)
+}
+
+template <typename T>
+at::Tensor run_stages_aten_layout(const RunContext& ctx, size_t stop, const at::Tensor& input) {
+  at::Tensor cur = input;
+  if (!cur.is_contiguous() && !cur.is_contiguous(at::MemoryFormat::ChannelsLast)) cur = cur.contiguous();
+  bool owned = false;  // cur may be written in place (not the caller's input)
+  size_t weight_index = 0;
+  for (size_t i = 0; i < stop; ++i) {
+    const ConvStage& st = ctx.d.stages[i];
+    const T* scale = nullptr;
+    const T* shift = nullptr;
+    switch (st.kind) {
+      case ConvStageKind::Conv: {
+        const at::Tensor& w = ctx.weights[weight_index++];
+        at::Tensor x = cur;
+        int64_t ph = st.pad_top, pw = st.pad_left;
+        if (st.pad_top != st.pad_bottom || st.pad_left != st.pad_right) {  // 'same' with an even kernel
+          x = at::constant_pad_nd(cur, {st.pad_left, st.pad_right, st.pad_top, st.pad_bottom}, 0);
+          ph = pw = 0;
+        }
+        cur = at::convolution(x, w, std::nullopt, {st.stride_h, st.stride_w}, {ph, pw},
+                              {st.dilation_h, st.dilation_w}, false, {0, 0}, st.groups);
+        if (!cur.is_contiguous() && !cur.is_contiguous(at::MemoryFormat::ChannelsLast)) cur = cur.contiguous();
+        owned = true;
+        break;
+      }
+      case ConvStageKind::MaxPool:
+        cur = at::max_pool2d(cur, {st.kernel_h, st.kernel_w}, {st.stride_h, st.stride_w}, {st.pad_top, st.pad_left},
+                             {st.dilation_h, st.dilation_w}, st.options & kernels::kCeilMode);
+        owned = true;
+        break;
+      case ConvStageKind::AvgPool:
+        cur = at::avg_pool2d(cur, {st.kernel_h, st.kernel_w}, {st.stride_h, st.stride_w}, {st.pad_top, st.pad_left},
+                             st.options & kernels::kCeilMode, st.options & kernels::kCountIncludePad,
+                             st.divisor ? std::optional<int64_t>(st.divisor) : std::nullopt);
+        owned = true;
+        break;
+      case ConvStageKind::GlobalAvgPool:
+        cur = at::adaptive_avg_pool2d(cur, {1, 1});  // as eager's AdaptiveAvgPool2d(1)
+        owned = true;
+        break;
+      default: break;  // ScaleShift, Pointwise: the epilogue below
+    }
+    if (!cur.is_contiguous() && !cur.is_contiguous(at::MemoryFormat::ChannelsLast)) cur = cur.contiguous();
+    if (st.scale_offset >= 0) {
+      scale = reinterpret_cast<const T*>(ctx.packed + st.scale_offset);
+      shift = reinterpret_cast<const T*>(ctx.packed + st.shift_offset);
+    }
+    if (!scale && st.activation == kernels::Activation::None) continue;
+    if (!owned) {  // a leading BatchNorm or activation: never write the caller's input
+      cur = cur.clone(at::MemoryFormat::Preserve);
+      owned = true;
+    }
+    const kernels::ChannelLayout l = dense_layout(cur);
+    T* p = reinterpret_cast<T*>(cur.mutable_data_ptr());
+    parallel_range(l.outer, l.numel(), [&](int64_t b, int64_t e) {
+      kernels::epilogue_forward<T>(l, p, scale, shift, st.activation, st.alpha, nullptr, p, b, e);
+    });
+  }
+  return cur;
+}
+
 at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,
                             at::IntArrayRef spec, at::ArrayRef<double> fparams, int64_t engine) {
   const ConvDesc d = decode_conv_spec(spec, fparams);
@@ -189,7 +263,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
                   packed.numel() == d.packed_bytes,
               "seqfuse::conv_forward: packed buffer does not match the spec (", packed.numel(), " bytes, ",
               d.packed_bytes, " expected)");
-  TORCH_CHECK_VALUE(engine == 0 || engine == 1, "seqfuse::conv_forward: unknown engine ", engine);
+  TORCH_CHECK_VALUE(engine >= 0 && engine <= 2, "seqfuse::conv_forward: unknown engine ", engine);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   ConvGeometry g;
   try {
@@ -218,6 +292,33 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
     const int run_engine = static_cast<int>(engine);
     const size_t n_stages = d.stages.size();
     const size_t spatial_stop = flat ? static_cast<size_t>(d.flatten_stage) + 1 : n_stages;
+    if constexpr (std::is_same_v<T, A>) {
+      if (run_engine == 2) {
+        at::Tensor mid = run_stages_aten_layout<T>(ctx, spatial_stop, input);
+        if (!flat) {
+          if (mid.sizes() == y.sizes() && mid.strides() == y.strides()) {
+            y = mid;  // the last stage's output is already in eager's layout
+          } else {
+            y.copy_(mid);
+          }
+          return;
+        }
+        // The head after the Flatten on NHWC rows, as engine 1 runs it.
+        const kernels::StageShape& before = g.stages[spatial_stop - 1];
+        at::Tensor rows = at::empty({N * before.out_elems()}, acc_opts);
+        const int64_t m_strides[4] = {mid.stride(0), mid.stride(1), mid.stride(2), mid.stride(3)};
+        const T* mp = reinterpret_cast<const T*>(mid.const_data_ptr());
+        A* rp = rows.mutable_data_ptr<A>();
+        parallel_range(N, N * before.out_elems() * 64, [&](int64_t b, int64_t e) {
+          kernels::load_nhwc<T, A>(mp, m_strides, before.out_c, before.out_h, before.out_w, b, e, rp);
+        });
+        at::Tensor head = run_stages_batched<T, A>(ctx, spatial_stop, n_stages, rows,
+                                                   reinterpret_cast<A*>(yp), y, 1);
+        if (head.const_data_ptr() != y.const_data_ptr()) y.copy_(head.view({N, last.out_c}));
+        return;
+      }
+    }
+    TORCH_CHECK_VALUE(run_engine != 2, "seqfuse::conv_forward: engine 2 runs float32 and float64 only");
     const int64_t threads = at::get_num_threads();
     // One image per task carries every stage, and the layout conversions at
     // both ends, in the core's cache: chosen when the images split evenly

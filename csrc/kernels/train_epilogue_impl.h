@@ -140,10 +140,60 @@ void channel_moments(const ChannelLayout& l, const T* z, const T* ref, double* s
   });
 }
 
+namespace train_detail {
+
+// The activations that are a compare and a multiply or two: applied in the
+// same loop as scale/shift (which the compiler vectorizes with blends). NaN
+// falls through every comparison, as in eager's kernels.
+inline bool is_piecewise(Activation a) {
+  return a == Activation::None || a == Activation::ReLU || a == Activation::ReLU6 || a == Activation::LeakyReLU ||
+         a == Activation::Hardswish;
+}
+
+template <Activation A, typename T> inline T piecewise(T v, T alpha) {
+  if constexpr (A == Activation::ReLU) {
+    return v < T(0) ? T(0) : v;
+  } else if constexpr (A == Activation::ReLU6) {
+    return v < T(0) ? T(0) : v > T(6) ? T(6) : v;
+  } else if constexpr (A == Activation::LeakyReLU) {
+    return v < T(0) ? v * alpha : v;
+  } else if constexpr (A == Activation::Hardswish) {
+    const T t = v + T(3);
+    return v * (t < T(0) ? T(0) : t > T(6) ? T(6) : t) / T(6);
+  } else {
+    return v;
+  }
+}
+
+}  // namespace train_detail
+
 template <typename T>
 void epilogue_forward(const ChannelLayout& l, const T* z, const T* scale, const T* shift, Activation act,
                       double alpha, T* pre, T* out, int64_t o0, int64_t o1) {
   using namespace train_detail;
+  if (l.inner > 1 && !pre && is_piecewise(act)) {
+    // NCHW planes: one channel's scale, shift and activation over a run, in
+    // one pass the compiler vectorizes (the inference engine 2 path).
+    const T a = static_cast<T>(alpha);
+    with_activation(act, [&](auto tag) {
+      constexpr Activation A = decltype(tag)::value;
+      if constexpr (A == Activation::None || A == Activation::ReLU || A == Activation::ReLU6 ||
+                    A == Activation::LeakyReLU || A == Activation::Hardswish) {
+        for_each_run(l, o0, o1, [&](auto, int64_t off, int64_t n, int64_t c) {
+          const T sc = scale ? scale[c] : T(1), sh = shift ? shift[c] : T(0);
+          const T* zin = z + off;
+          T* y = out + off;
+          if (scale)
+            for (int64_t k = 0; k < n; ++k) y[k] = piecewise<A>(zin[k] * sc + sh, a);
+          else if (shift)
+            for (int64_t k = 0; k < n; ++k) y[k] = piecewise<A>(zin[k] + sh, a);
+          else
+            for (int64_t k = 0; k < n; ++k) y[k] = piecewise<A>(zin[k], a);
+        });
+      }
+    });
+    return;
+  }
   for_each_run(l, o0, o1, [&](auto lane, int64_t off, int64_t n, int64_t c) {
     constexpr bool L = decltype(lane)::value;
     const T* zin = z + off;
