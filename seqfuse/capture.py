@@ -41,6 +41,12 @@ from .planner import CONV, LINEAR, BATCHNORM, BATCHNORM2D, classify, global_hook
 __all__ = ["CapturedForward", "Chain", "capture_module", "wants_capture", "is_sequential_like"]
 
 _MISSING = object()
+
+# torch.fx patches nn.Module.__call__ and __getattr__ globally while it
+# traces: one trace at a time, and captured calls of other threads wait for it
+# (they would otherwise be recorded into it).
+_TRACE_LOCK = threading.RLock()
+_tracing_thread: Optional[int] = None
 _HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _WEIGHTED = (CONV, LINEAR, BATCHNORM, BATCHNORM2D)
 
@@ -59,7 +65,7 @@ def wants_capture(m: nn.Module) -> bool:
     """Whether ``fuse()`` traces ``m``'s forward: a forward of its own, outside
     torch (stock layers have kernels or run eagerly), not a Sequential."""
     t = type(m)
-    if is_sequential_like(m) or t.__module__.startswith("torch.") or t.__module__.startswith("seqfuse."):
+    if is_sequential_like(m) or isinstance(m, FusedSequential) or t.__module__.startswith("torch."):
         return False
     if isinstance(m.__dict__.get("forward"), CapturedForward):
         return True
@@ -414,7 +420,6 @@ class CapturedForward:
     def __init__(self, module: nn.Module, trace_now: bool = True):
         self.module = module
         self._traced: Dict[bool, Traced] = {}
-        self._lock = threading.Lock()
         if trace_now:
             self.traced()
 
@@ -423,10 +428,15 @@ class CapturedForward:
         t = self._traced.get(m.training)
         if t is not None and t.valid():
             return t
-        with self._lock:
+        global _tracing_thread
+        with _TRACE_LOCK:
             t = self._traced.get(m.training)
             if t is None or not t.valid():
-                t = capture_module(m)
+                outer, _tracing_thread = _tracing_thread, threading.get_ident()
+                try:
+                    t = capture_module(m)
+                finally:
+                    _tracing_thread = outer
                 self._traced[m.training] = t
         return t
 
@@ -434,6 +444,9 @@ class CapturedForward:
         m = self.module
         if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
             return type(m).forward(m, *args, **kwargs)
+        if _tracing_thread is not None and _tracing_thread != threading.get_ident():
+            with _TRACE_LOCK:  # another thread is tracing: wait until nn.Module is restored
+                pass
         t = self.traced()
         if t.fn is None:
             return type(m).forward(m, *args, **kwargs)
@@ -443,7 +456,7 @@ class CapturedForward:
         # What tools read off a forward (torch.export: __code__; inspect:
         # __wrapped__, the signature) is the module's own forward's.
         module = self.__dict__.get("module")
-        if module is None or name in ("_traced", "_lock"):
+        if module is None or name == "_traced":
             raise AttributeError(name)
         return getattr(type(module).forward.__get__(module), name)
 

@@ -163,5 +163,5 @@ def test_conv_engine_choice_is_measured_per_spatial_size():
             torch.testing.assert_close(m(x), nn.Sequential(*m)(x))
     explanation = m.explain()
     measured = explanation.engines(explanation.fused_segments[0])
-    assert {extra for *_, extra in measured} == {(24, 24), (40, 40)}, measured
+    assert {extra for *_, extra in measured} == {(24, 24, 0), (40, 40, 0)}, measured  # (H, W, channels_last)
     assert "images of 24x24" in str(explanation)

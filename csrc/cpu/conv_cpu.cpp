@@ -294,7 +294,8 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
     const size_t spatial_stop = flat ? static_cast<size_t>(d.flatten_stage) + 1 : n_stages;
     if constexpr (std::is_same_v<T, A>) {
       if (run_engine == 2) {
-        at::Tensor mid = run_stages_aten_layout<T>(ctx, spatial_stop, input);
+        const size_t aten_stop = flat ? static_cast<size_t>(d.flatten_stage) : n_stages;
+        at::Tensor mid = run_stages_aten_layout<T>(ctx, aten_stop, input);
         if (!flat) {
           if (mid.sizes() == y.sizes() && mid.strides() == y.strides()) {
             y = mid;  // the last stage's output is already in eager's layout
@@ -303,15 +304,8 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
           }
           return;
         }
-        // The head after the Flatten on NHWC rows, as engine 1 runs it.
-        const kernels::StageShape& before = g.stages[spatial_stop - 1];
-        at::Tensor rows = at::empty({N * before.out_elems()}, acc_opts);
-        const int64_t m_strides[4] = {mid.stride(0), mid.stride(1), mid.stride(2), mid.stride(3)};
-        const T* mp = reinterpret_cast<const T*>(mid.const_data_ptr());
-        A* rp = rows.mutable_data_ptr<A>();
-        parallel_range(N, N * before.out_elems() * 64, [&](int64_t b, int64_t e) {
-          kernels::load_nhwc<T, A>(mp, m_strides, before.out_c, before.out_h, before.out_w, b, e, rp);
-        });
+        // The Flatten (NCHW feature order), then the head on those rows as engine 1 runs it.
+        at::Tensor rows = mid.contiguous().reshape({-1});
         at::Tensor head = run_stages_batched<T, A>(ctx, spatial_stop, n_stages, rows,
                                                    reinterpret_cast<A*>(yp), y, 1);
         if (head.const_data_ptr() != y.const_data_ptr()) y.copy_(head.view({N, last.out_c}));

@@ -94,11 +94,10 @@ def describe_model(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0
                    whole_model: Optional[bool] = None) -> str:
     """What ``seqfuse.fuse`` makes of a model case, in eval mode.
 
-    With ``seqfuse.explain`` (a whole-model report, in seqfuse versions that
-    have it; ``whole_model=None`` uses it when present), a line naming the
-    case followed by ``str(seqfuse.explain(fused_model))``. Otherwise
-    (``whole_model=False``) the ``explain()`` of every FusedSequential that
-    has a fused segment, and one line for each that runs entirely eagerly.
+    The ``explain()`` of every FusedSequential that has a fused segment, one
+    line for each that runs entirely eagerly, and with ``whole_model`` (the
+    default) ``seqfuse.explain(fused_model)``: the chains found in custom
+    forwards and the share of Conv2d/Linear/BatchNorm modules in fused calls.
 
     >>> from .cases import get_case
     >>> print(describe_model(get_case("zoo_nerf_mlp"), whole_model=False))  # doctest: +ELLIPSIS
@@ -115,9 +114,7 @@ def describe_model(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0
     fused = seqfuse.fuse(model)
     shape = "x".join(map(str, case.input_shape))
     if whole_model is None:
-        whole_model = hasattr(seqfuse, "explain")
-    if whole_model:
-        return f"{case.name}: {type(model).__name__}, input {shape}\n{seqfuse.explain(fused)}"
+        whole_model = True
     containers = [(name, m) for name, m in fused.named_modules() if isinstance(m, seqfuse.FusedSequential)]
     plans = [(name or "(the model)", m, m.explain()) for name, m in containers]
     n_fused = sum(1 for _, _, e in plans if e.fused_segments)
@@ -132,6 +129,8 @@ def describe_model(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0
             lines += text[1:]
         else:
             lines.append(f"{name}: eager only, {len(m)} children ({_kinds(m)}): nothing fusible")
+    if whole_model:  # the chains of the captured forwards too, and the coverage
+        lines.append(str(seqfuse.explain(fused)))
     return "\n".join(lines)
 
 
