@@ -310,6 +310,10 @@ class FusedConvCall final : public FusedCall {
         macs = 0;  // the op reports the bad shape
       }
     }
+    // A large map costs engine 0 its layout conversion whatever the arithmetic
+    // (a squeeze-excitation's global pool of a 112x112 map): count the input's
+    // values too, so such calls are measured against engine 2, which reads it as it is.
+    macs = std::max(macs, 16 * x.numel());
     // The input's layout is part of the class: which engine wins depends on it.
     const int64_t channels_last = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
     return Shape{macs, x.size(0), {h, w, channels_last}, has_conv_};

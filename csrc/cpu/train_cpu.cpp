@@ -293,8 +293,9 @@ template <typename T> struct Epilogue {
   const T* shift_ptr() const { return shift.defined() ? shift.template const_data_ptr<T>() : nullptr; }
 };
 
-// scale = gamma * invstd, shift = beta - center * scale: the forward and the
-// backward's recomputation both build them here, so y comes out bit-identical.
+// scale = gamma * invstd, shift = beta, for y = (z - center) * scale + shift
+// (the mean subtracted first, as eager does): the forward and the backward's
+// recomputation both build them here, so y comes out bit-identical.
 template <typename T>
 Epilogue<T> bn_epilogue(const StageParams& p, const at::Tensor& center, const at::Tensor& invstd) {
   Epilogue<T> e;
@@ -303,7 +304,6 @@ Epilogue<T> bn_epilogue(const StageParams& p, const at::Tensor& center, const at
   const int64_t c = center.size(0);
   e.scale = at::empty({c}, center.options());
   e.shift = at::empty({c}, center.options());
-  const T* ce = center.const_data_ptr<T>();
   const T* is = invstd.const_data_ptr<T>();
   const at::Tensor gamma = p.gamma.defined() ? p.gamma.contiguous() : at::Tensor();
   const at::Tensor beta = p.beta.defined() ? p.beta.contiguous() : at::Tensor();
@@ -313,7 +313,7 @@ Epilogue<T> bn_epilogue(const StageParams& p, const at::Tensor& center, const at
   T* sh = e.shift.template data_ptr<T>();
   for (int64_t k = 0; k < c; ++k) {
     sc[k] = ga ? ga[k] * is[k] : is[k];
-    sh[k] = (be ? be[k] : T(0)) - ce[k] * sc[k];
+    sh[k] = be ? be[k] : T(0);
   }
   return e;
 }
@@ -433,9 +433,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> train_forward_impl(const TrainRu
       }
       T* ap = a.data_ptr<T>();
       const T *sc = e.scale_ptr(), *sh = e.shift_ptr();
+      const T* ce = has_bn(st) ? e.center.template const_data_ptr<T>() : nullptr;
       at::parallel_for(0, l.outer, std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, l.channels * l.inner)),
                        [&](int64_t o0, int64_t o1) {
-                         kernels::epilogue_forward<T>(l, zp, sc, sh, st.activation, st.alpha, pre, ap, o0, o1);
+                         kernels::epilogue_forward<T>(l, zp, ce, sc, sh, st.activation, st.alpha, pre, ap, o0, o1);
                        });
     }
     const bool last = i + 1 == n_stages;

@@ -18,11 +18,15 @@ using seqfuse::kernels::Vec;
 using VF = Vec<float>;
 using VI = seqfuse::kernels::VecOf<float>::mask;
 
-// Selects a where mask is set (all ones), b elsewhere.
-inline VF select(VI mask, VF a, VF b) { return mask ? a : b; }
+// Selects a where mask is set (all ones), b elsewhere. Written with bitwise
+// ops: GCC splits those over the ISA's registers, while a vector `?:` on a
+// type wider than them (16 floats on AVX2) can be lowered lane by lane.
+__attribute__((always_inline)) inline VF select(VI mask, VF a, VF b) {
+  return reinterpret_cast<VF>((mask & reinterpret_cast<VI>(a)) | (~mask & reinterpret_cast<VI>(b)));
+}
 
 // exp(x): range reduction x = n ln2 + r, degree-6 polynomial for e^r, scale by 2^n.
-inline VF exp_vec(VF x) {
+__attribute__((always_inline)) inline VF exp_vec(VF x) {
   const VF hi = splat(88.0f), lo = splat(-87.0f);
   VI overflow = x > hi, underflow = x < lo;
   VF xc = select(overflow, hi, select(underflow, lo, x));  // NaN passes through
@@ -48,7 +52,7 @@ inline VF exp_vec(VF x) {
 
 // tanh: odd rational approximation on [-7.9, 7.9]; beyond, 1 - 2 / (e^{2|x|} + 1),
 // which has no cancellation there and reaches exactly +-1 where float tanh does.
-inline VF tanh_vec(VF x) {
+__attribute__((always_inline)) inline VF tanh_vec(VF x) {
   const VF c = splat(7.90531110763549805f);
   VF xc = select(x > c, c, select(x < -c, -c, x));
   VF x2 = xc * xc;
@@ -72,7 +76,7 @@ inline VF tanh_vec(VF x) {
 }
 
 // erf: Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the form ATen vectorizes.
-inline VF erf_vec(VF x) {
+__attribute__((always_inline)) inline VF erf_vec(VF x) {
   VF ax = select(x < 0.0f, -x, x);
   VF t = 1.0f / (ax * 0.3275911f + 1.0f);
   VF p = splat(1.061405429f);
@@ -84,7 +88,10 @@ inline VF erf_vec(VF x) {
   return select(x < 0.0f, -y, y);
 }
 
-inline VF activate_vec(VF x, Activation act, float alpha) {
+// Always inlined: with `act` a constant (activate_row's per-activation
+// loops) the switch folds away and the loop body stays in registers; an
+// out-of-line call per 16 lanes passes the vectors through memory.
+__attribute__((always_inline)) inline VF activate_vec(VF x, Activation act, float alpha) {
   switch (act) {
     case Activation::None: return x;
     case Activation::ReLU: return select(x < 0.0f, splat(0.0f), x);
@@ -143,10 +150,9 @@ inline double activate_scalar(double x, Activation act, double alpha) {
 }  // namespace activation_detail
 
 // Applies `act` in place to n contiguous values; n may be any count.
-inline void activate_row(float* p, int64_t n, seqfuse::kernels::Activation act, double alpha_d) {
-  const float alpha = static_cast<float>(alpha_d);
+template <seqfuse::kernels::Activation act>
+inline void activate_row_as(float* p, int64_t n, float alpha) {
   using namespace activation_detail;
-  if (act == Activation::None) return;
   int64_t i = 0;
   for (; i + seqfuse::kernels::kPanelWidth <= n; i += seqfuse::kernels::kPanelWidth) {
     VF v;
@@ -159,6 +165,24 @@ inline void activate_row(float* p, int64_t n, seqfuse::kernels::Activation act, 
     __builtin_memcpy(&v, p + i, (n - i) * sizeof(float));
     v = activate_vec(v, act, alpha);
     __builtin_memcpy(p + i, &v, (n - i) * sizeof(float));
+  }
+}
+
+// act(p[0..n)) in place, one loop per activation (see activate_vec).
+inline void activate_row(float* p, int64_t n, seqfuse::kernels::Activation act, double alpha_d) {
+  using A = seqfuse::kernels::Activation;
+  const float alpha = static_cast<float>(alpha_d);
+  switch (act) {
+    case A::None: return;
+    case A::ReLU: return activate_row_as<A::ReLU>(p, n, alpha);
+    case A::LeakyReLU: return activate_row_as<A::LeakyReLU>(p, n, alpha);
+    case A::ReLU6: return activate_row_as<A::ReLU6>(p, n, alpha);
+    case A::Sigmoid: return activate_row_as<A::Sigmoid>(p, n, alpha);
+    case A::Tanh: return activate_row_as<A::Tanh>(p, n, alpha);
+    case A::GeluErf: return activate_row_as<A::GeluErf>(p, n, alpha);
+    case A::GeluTanh: return activate_row_as<A::GeluTanh>(p, n, alpha);
+    case A::SiLU: return activate_row_as<A::SiLU>(p, n, alpha);
+    case A::Hardswish: return activate_row_as<A::Hardswish>(p, n, alpha);
   }
 }
 

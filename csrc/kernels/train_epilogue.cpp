@@ -11,8 +11,8 @@ namespace seqfuse::kernels {
   template <typename U>                                                                                              \
   void channel_moments(const ChannelLayout&, const U*, const U*, double*, double*, int64_t, int64_t);                \
   template <typename U>                                                                                              \
-  void epilogue_forward(const ChannelLayout&, const U*, const U*, const U*, Activation, double, U*, U*, int64_t,     \
-                        int64_t);                                                                                    \
+  void epilogue_forward(const ChannelLayout&, const U*, const U*, const U*, const U*, Activation, double, U*, U*,  \
+                        int64_t, int64_t);                                                                           \
   template <typename U>                                                                                              \
   void epilogue_backward_reduce(const ChannelLayout&, const U*, Activation, double, ActSource, const U*, const U*,   \
                                 const U*, const U*, const U*, U*, double*, double*, int64_t, int64_t);               \
@@ -47,9 +47,9 @@ void channel_moments(const ChannelLayout& l, const T* z, const T* ref, double* s
 }
 
 template <typename T>
-void epilogue_forward(const ChannelLayout& l, const T* z, const T* scale, const T* shift, Activation act,
-                      double alpha, T* pre, T* out, int64_t o0, int64_t o1) {
-  SEQFUSE_ISA_CALL(epilogue_forward, l, z, scale, shift, act, alpha, pre, out, o0, o1)
+void epilogue_forward(const ChannelLayout& l, const T* z, const T* center, const T* scale, const T* shift,
+                      Activation act, double alpha, T* pre, T* out, int64_t o0, int64_t o1) {
+  SEQFUSE_ISA_CALL(epilogue_forward, l, z, center, scale, shift, act, alpha, pre, out, o0, o1)
 }
 
 template <typename T>
@@ -69,8 +69,8 @@ void batchnorm_backward_apply(const ChannelLayout& l, const T* dy, const T* z, c
 
 #define SEQFUSE_INSTANTIATE(T)                                                                                      \
   template void channel_moments<T>(const ChannelLayout&, const T*, const T*, double*, double*, int64_t, int64_t);  \
-  template void epilogue_forward<T>(const ChannelLayout&, const T*, const T*, const T*, Activation, double, T*, T*, \
-                                    int64_t, int64_t);                                                              \
+  template void epilogue_forward<T>(const ChannelLayout&, const T*, const T*, const T*, const T*, Activation,     \
+                                    double, T*, T*, int64_t, int64_t);                                              \
   template void epilogue_backward_reduce<T>(const ChannelLayout&, const T*, Activation, double, ActSource,         \
                                             const T*, const T*, const T*, const T*, const T*, T*, double*,         \
                                             double*, int64_t, int64_t);                                             \

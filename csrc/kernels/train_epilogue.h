@@ -43,11 +43,14 @@ template <typename T>
 void channel_moments(const ChannelLayout& l, const T* z, const T* ref, double* sum, double* sumsq, int64_t o_begin,
                      int64_t o_end);
 
-// y = z * scale[c] + shift[c] (a missing scale is 1, a missing shift 0), a = act(y).
+// y = (z - center[c]) * scale[c] + shift[c] (a missing center is 0, a missing
+// scale 1, a missing shift 0), a = act(y). A BatchNorm passes its mean as the
+// center: subtracting it first keeps the digits a folded z * scale + shift
+// loses where a channel's mean is large against its spread (eager's order).
 // Writes y to `pre` when given and a to `out`; either may be z itself.
 template <typename T>
-void epilogue_forward(const ChannelLayout& l, const T* z, const T* scale, const T* shift, Activation act,
-                      double alpha, T* pre, T* out, int64_t o_begin, int64_t o_end);
+void epilogue_forward(const ChannelLayout& l, const T* z, const T* center, const T* scale, const T* shift,
+                      Activation act, double alpha, T* pre, T* out, int64_t o_begin, int64_t o_end);
 
 // The activations whose backward reads the output's values (the others read
 // only its layout, or nothing): a caller may not modify such an output in place
@@ -65,7 +68,9 @@ enum class ActSource {
 };
 
 // dy = g * act'(.) written to `dy` (may be g itself); sum_dy[c] += dy and,
-// when `center` is given, sum_dy_xc[c] += dy * (z - center[c]). Null sums are skipped.
+// when `center` is given, sum_dy_xc[c] += dy * (z - center[c]). Null sums are
+// skipped. ActSource::Recompute recomputes y as epilogue_forward did, with
+// `center` (when given) subtracted first.
 template <typename T>
 void epilogue_backward_reduce(const ChannelLayout& l, const T* g, Activation act, double alpha, ActSource source,
                               const T* src, const T* z, const T* scale, const T* shift, const T* center, T* dy,

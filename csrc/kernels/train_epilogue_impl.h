@@ -168,10 +168,10 @@ template <Activation A, typename T> inline T piecewise(T v, T alpha) {
 }  // namespace train_detail
 
 template <typename T>
-void epilogue_forward(const ChannelLayout& l, const T* z, const T* scale, const T* shift, Activation act,
-                      double alpha, T* pre, T* out, int64_t o0, int64_t o1) {
+void epilogue_forward(const ChannelLayout& l, const T* z, const T* center, const T* scale, const T* shift,
+                      Activation act, double alpha, T* pre, T* out, int64_t o0, int64_t o1) {
   using namespace train_detail;
-  if (l.inner > 1 && !pre && is_piecewise(act)) {
+  if (l.inner > 1 && !pre && !center && is_piecewise(act)) {
     // NCHW planes: one channel's scale, shift and activation over a run, in
     // one pass the compiler vectorizes (the inference engine 2 path).
     const T a = static_cast<T>(alpha);
@@ -198,7 +198,11 @@ void epilogue_forward(const ChannelLayout& l, const T* z, const T* scale, const 
     constexpr bool L = decltype(lane)::value;
     const T* zin = z + off;
     T* y = out + off;
-    if (scale) {
+    if (center) {
+      for (int64_t k = 0; k < n; ++k)
+        y[k] = (zin[k] - channel_value<L>(center, c, k)) * (scale ? channel_value<L>(scale, c, k) : T(1)) +
+               (shift ? channel_value<L>(shift, c, k) : T(0));
+    } else if (scale) {
       for (int64_t k = 0; k < n; ++k)
         y[k] = zin[k] * channel_value<L>(scale, c, k) + (shift ? channel_value<L>(shift, c, k) : T(0));
     } else if (shift) {
@@ -233,8 +237,13 @@ void epilogue_backward_reduce(const ChannelLayout& l, const T* g, Activation act
         alignas(64) T recomputed[kPiece];
         const T* v = src + at;
         if (A != Activation::None && source == ActSource::Recompute) {
-          for (int64_t k = 0; k < n; ++k)
-            recomputed[k] = zp[k] * channel_value<L>(scale, c, k) + channel_value<L>(shift, c, k);
+          if (center)
+            for (int64_t k = 0; k < n; ++k)
+              recomputed[k] = (zp[k] - channel_value<L>(center, c, k)) * channel_value<L>(scale, c, k) +
+                              channel_value<L>(shift, c, k);
+          else
+            for (int64_t k = 0; k < n; ++k)
+              recomputed[k] = zp[k] * channel_value<L>(scale, c, k) + channel_value<L>(shift, c, k);
           v = recomputed;
         }
         if constexpr (A == Activation::None) {
@@ -292,8 +301,8 @@ void batchnorm_backward_apply(const ChannelLayout& l, const T* dy, const T* z, c
 
 #define SEQFUSE_INSTANTIATE_TRAIN(T)                                                                               \
   template void channel_moments<T>(const ChannelLayout&, const T*, const T*, double*, double*, int64_t, int64_t);  \
-  template void epilogue_forward<T>(const ChannelLayout&, const T*, const T*, const T*, Activation, double, T*, T*, \
-                                    int64_t, int64_t);                                                              \
+  template void epilogue_forward<T>(const ChannelLayout&, const T*, const T*, const T*, const T*, Activation,     \
+                                    double, T*, T*, int64_t, int64_t);                                              \
   template void epilogue_backward_reduce<T>(const ChannelLayout&, const T*, Activation, double, ActSource,         \
                                             const T*, const T*, const T*, const T*, const T*, T*, double*,         \
                                             double*, int64_t, int64_t);                                             \

@@ -112,20 +112,28 @@ template <typename T> void check_moments(const ChannelLayout& l, Rng& rng) {
   }
 }
 
-template <typename T> void check_forward(const ChannelLayout& l, Activation act, bool affine, bool keep_pre, Rng& rng) {
+// `centered`: a BatchNorm's form, y = (z - center) * scale + shift, with a
+// center of the size of the values (the folded form would lose digits there).
+template <typename T>
+void check_forward(const ChannelLayout& l, Activation act, bool affine, bool keep_pre, bool centered, Rng& rng) {
   const double alpha = 0.07;
-  const std::vector<T> z = away_from_kinks<T>(rng, l.numel(), 4.0);
+  std::vector<T> z = away_from_kinks<T>(rng, l.numel(), 4.0);
   const std::vector<T> scale = random_values<T>(rng, l.channels, 0.5, 1.5);
   const std::vector<T> shift = random_values<T>(rng, l.channels, -0.01, 0.01);  // keeps y away from the kinks too
+  const std::vector<T> center = random_values<T>(rng, l.channels, 50.0, 60.0);
+  if (centered)
+    for (int64_t i = 0; i < l.numel(); ++i)
+      z[static_cast<size_t>(i)] += center[static_cast<size_t>(channel_of(l, i))];
   std::vector<T> out(z.size()), pre(z.size());
   in_pieces(l.outer, [&](int64_t o0, int64_t o1) {
-    sk::epilogue_forward<T>(l, z.data(), affine ? scale.data() : nullptr, affine ? shift.data() : nullptr, act, alpha,
-                            keep_pre ? pre.data() : nullptr, out.data(), o0, o1);
+    sk::epilogue_forward<T>(l, z.data(), centered ? center.data() : nullptr, affine ? scale.data() : nullptr,
+                            affine ? shift.data() : nullptr, act, alpha, keep_pre ? pre.data() : nullptr, out.data(),
+                            o0, o1);
   });
   for (int64_t i = 0; i < l.numel(); ++i) {
     const size_t c = static_cast<size_t>(channel_of(l, i));
-    const double y = affine ? static_cast<double>(z[static_cast<size_t>(i)]) * scale[c] + shift[c]
-                            : static_cast<double>(z[static_cast<size_t>(i)]);
+    const double zc = static_cast<double>(z[static_cast<size_t>(i)]) - (centered ? static_cast<double>(center[c]) : 0.0);
+    const double y = affine ? zc * scale[c] + shift[c] : zc;
     const double want = act_ref(act, y, alpha);
     CHECK(matches(out[static_cast<size_t>(i)], want, tol_for<T>(std::abs(want))),
           "act " << static_cast<int>(act) << " i=" << i << " got " << out[static_cast<size_t>(i)] << " want " << want);
@@ -145,7 +153,8 @@ template <typename T> void check_backward_reduce(const ChannelLayout& l, Activat
   std::vector<T> y(z.size()), a(z.size());
   for (int64_t i = 0; i < l.numel(); ++i) {
     const size_t c = static_cast<size_t>(channel_of(l, i)), k = static_cast<size_t>(i);
-    y[k] = source == ActSource::Recompute ? static_cast<T>(z[k] * scale[c] + shift[c]) : z[k];
+    // Recompute with a center: the BatchNorm form epilogue_forward computed.
+    y[k] = source == ActSource::Recompute ? static_cast<T>((z[k] - center[c]) * scale[c] + shift[c]) : z[k];
     a[k] = static_cast<T>(act_ref(act, y[k], alpha));
   }
   // The argument sources the adapter pairs with each activation.
@@ -205,7 +214,8 @@ template <typename T> void run_all_kernels(uint64_t seed) {
     check_moments<T>(l, rng);
     for (Activation act : kActivations) {
       for (bool affine : {false, true})
-        for (bool keep_pre : {false, true}) check_forward<T>(l, act, affine, keep_pre, rng);
+        for (bool keep_pre : {false, true})
+          for (bool centered : {false, true}) check_forward<T>(l, act, affine, keep_pre, centered, rng);
       for (ActSource source : {ActSource::Output, ActSource::PreActivation, ActSource::Recompute})
         check_backward_reduce<T>(l, act, source, rng);
     }
@@ -227,7 +237,7 @@ TEST(training_kernels_propagate_nan_and_inf) {
   const ChannelLayout l{1, 4, 1};
   const float z[4] = {static_cast<float>(kNaN), static_cast<float>(kInf), -static_cast<float>(kInf), 1.0f};
   float out[4];
-  sk::epilogue_forward<float>(l, z, nullptr, nullptr, Activation::ReLU, 0.0, nullptr, out, 0, 1);
+  sk::epilogue_forward<float>(l, z, nullptr, nullptr, nullptr, Activation::ReLU, 0.0, nullptr, out, 0, 1);
   CHECK(std::isnan(out[0]) && out[1] == static_cast<float>(kInf) && out[2] == 0.0f && out[3] == 1.0f, "relu nan/inf");
   const float g[4] = {static_cast<float>(kNaN), 1.0f, 1.0f, 1.0f};
   float dy[4];
