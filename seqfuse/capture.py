@@ -28,7 +28,7 @@ import linecache
 import operator
 import threading
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -176,10 +176,12 @@ class Chain:
         y = self.seq(x)
         if not self.residual:
             return y
+        # In place only on a fresh output of the same shape and dtype, and
+        # only where autograd records nothing.
         in_place = (
-            not torch.is_grad_enabled() or not (y.requires_grad or residual.requires_grad)
-        ) and isinstance(residual, torch.Tensor) and y.shape == residual.shape and y.dtype == residual.dtype and (
-            y is not x and y._base is None
+            isinstance(residual, torch.Tensor) and isinstance(y, torch.Tensor)
+            and (not torch.is_grad_enabled() or not (y.requires_grad or residual.requires_grad))
+            and y.shape == residual.shape and y.dtype == residual.dtype and y is not x and y._base is None
         )
         y = y.add_(residual) if in_place else y + residual
         if self.post is None:
