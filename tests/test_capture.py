@@ -281,7 +281,9 @@ def test_pickle_deepcopy_and_dtype_conversion():
 
 def test_threads_share_one_fused_model():
     model = _make()
-    fused = copy.deepcopy(seqfuse.fuse(model))  # traced lazily, by whichever thread calls first
+    fused = seqfuse.fuse(model)  # traced in fuse(): the threads share the traced forwards
+    # (the lazy first trace of a copy is not safe against other threads' calls:
+    # fx patches nn.Module globally while it traces; see the README)
     xs = [torch.randn(2, 3, 8, 8) for _ in range(4)]
     out = [None] * 4
 

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "../kernels/conv_forward.h"
-#include "../kernels/train_epilogue.h"
+#include "channel_layout.h"
 #include "../spec_adapter.h"
 
 namespace seqfuse {
@@ -176,18 +176,6 @@ at::Tensor run_stages_batched(const RunContext& ctx, size_t first, size_t stop, 
   return cur;
 }
 
-// Engine 2: each stage through ATen in the layout the input comes in (for
-// NCHW input the contiguous layout eager runs, where oneDNN's blocked NCHW
-// kernels beat its NHWC ones on some CPUs), the folded bias/BatchNorm and the
-// activation by the fused epilogue in place over that layout; a Flatten head
-// runs as in engine 1 on NHWC rows. No layout conversion between stages.
-// Only for T == A (float32, float64): the epilogue reads scale/shift in T.
-kernels::ChannelLayout dense_layout(const at::Tensor& t) {
-  const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
-  if (t.is_contiguous()) return {N, C, HW};
-  return {N * HW, C, 1};  // channels_last (the caller makes sure it is one of the two)
-}
-
 // ATen's in-place op for the activations engine 2 leaves to ATen, else null.
 using InPlaceActivation = void (*)(at::Tensor&);
 InPlaceActivation aten_activation(kernels::Activation a) {
@@ -201,6 +189,12 @@ InPlaceActivation aten_activation(kernels::Activation a) {
   }
 }
 
+// Engine 2: each stage through ATen in the layout the input comes in (for
+// NCHW input the contiguous layout eager runs, where oneDNN's blocked NCHW
+// kernels beat its NHWC ones on some CPUs), the folded bias/BatchNorm and the
+// activation by the fused epilogue in place over that layout. No layout
+// conversion between stages; a Flatten head gets its rows in NCHW order.
+// Only for T == A (float32, float64): the epilogue reads scale/shift in T.
 template <typename T>
 at::Tensor run_stages_aten_layout(const RunContext& ctx, size_t stop, const at::Tensor& input) {
   at::Tensor cur = input;
@@ -259,7 +253,7 @@ at::Tensor run_stages_aten_layout(const RunContext& ctx, size_t stop, const at::
     const bool aten_act = aten_activation(st.activation) != nullptr;
     const kernels::Activation fused_act = aten_act ? kernels::Activation::None : st.activation;
     if (scale || fused_act != kernels::Activation::None) {
-      const kernels::ChannelLayout l = dense_layout(cur);
+      const kernels::ChannelLayout l = layout_of(cur);
       T* p = reinterpret_cast<T*>(cur.mutable_data_ptr());
       parallel_range(l.outer, l.numel(), [&](int64_t b, int64_t e) {
         kernels::epilogue_forward<T>(l, p, nullptr, scale, shift, fused_act, st.alpha, nullptr, p, b, e);

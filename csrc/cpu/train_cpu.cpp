@@ -34,6 +34,7 @@
 #include "../kernels/conv_spec.h"
 #include "../kernels/train_epilogue.h"
 #include "../spec_adapter.h"
+#include "channel_layout.h"
 
 namespace seqfuse {
 namespace {
@@ -211,12 +212,6 @@ std::vector<StageParams> bind_params(const TrainRun& run, const char* op, at::Te
 at::Tensor dense(const at::Tensor& t) {
   if (t.is_contiguous() || (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast))) return t;
   return t.contiguous();
-}
-
-ChannelLayout layout_of(const at::Tensor& t) {
-  if (t.dim() == 2) return {t.size(0), t.size(1), 1};
-  const int64_t n = t.size(0), c = t.size(1), hw = t.size(2) * t.size(3);
-  return t.is_contiguous() ? ChannelLayout{n, c, hw} : ChannelLayout{n * hw, c, 1};
 }
 
 // `t` with the strides of `like` (copying when they differ): what the fake
