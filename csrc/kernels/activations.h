@@ -1,6 +1,6 @@
 // Activation functions over rows of the accumulate type.
 //
-// float runs 16 lanes at a time with polynomial exp/tanh/erf (errors of a few
+// float runs one vector register at a time with polynomial exp/tanh/erf (errors of a few
 // ulp, the same families ATen's vectorized CPU kernels use); double runs the
 // C library per element so float64 results stay at libm accuracy (that is the
 // precision gradcheck-style tests rely on). Every function propagates NaN the
@@ -14,13 +14,10 @@
 namespace activation_detail {
 
 using seqfuse::kernels::Activation;
-using seqfuse::kernels::Vec;
-using VF = Vec<float>;
-using VI = seqfuse::kernels::VecOf<float>::mask;
+using VF = Vec<float>;  // the ISA's register (kernel_impl.h)
+using VI = NativeVec<float>::mask;
 
-// Selects a where mask is set (all ones), b elsewhere. Written with bitwise
-// ops: GCC splits those over the ISA's registers, while a vector `?:` on a
-// type wider than them (16 floats on AVX2) can be lowered lane by lane.
+// Selects a where mask is set (all ones), b elsewhere.
 __attribute__((always_inline)) inline VF select(VI mask, VF a, VF b) {
   return reinterpret_cast<VF>((mask & reinterpret_cast<VI>(a)) | (~mask & reinterpret_cast<VI>(b)));
 }
@@ -90,7 +87,7 @@ __attribute__((always_inline)) inline VF erf_vec(VF x) {
 
 // Always inlined: with `act` a constant (activate_row's per-activation
 // loops) the switch folds away and the loop body stays in registers; an
-// out-of-line call per 16 lanes passes the vectors through memory.
+// out-of-line call per vector passes the vectors through memory.
 __attribute__((always_inline)) inline VF activate_vec(VF x, Activation act, float alpha) {
   switch (act) {
     case Activation::None: return x;
@@ -154,7 +151,7 @@ template <seqfuse::kernels::Activation act>
 inline void activate_row_as(float* p, int64_t n, float alpha) {
   using namespace activation_detail;
   int64_t i = 0;
-  for (; i + seqfuse::kernels::kPanelWidth <= n; i += seqfuse::kernels::kPanelWidth) {
+  for (; i + kLanes<float> <= n; i += kLanes<float>) {
     VF v;
     __builtin_memcpy(&v, p + i, sizeof(v));
     v = activate_vec(v, act, alpha);

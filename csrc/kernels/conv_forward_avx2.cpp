@@ -4,7 +4,7 @@
 // (kernel_impl.h) are instantiated here under a different register budget
 // than in the MLP translation unit, and must not be merged with those.
 #include "conv_forward.h"
-#include "vec.h"
+#include "isa_prelude.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx2,fma,bmi2")

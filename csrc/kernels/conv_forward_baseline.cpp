@@ -4,7 +4,7 @@
 // (kernel_impl.h) are instantiated here under a different register budget
 // than in the MLP translation unit, and must not be merged with those.
 #include "conv_forward.h"
-#include "vec.h"
+#include "isa_prelude.h"
 
 #define SEQFUSE_ISA_ENABLED 1
 

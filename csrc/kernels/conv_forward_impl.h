@@ -99,7 +99,7 @@ void conv_gemm(const ConvStage& st, const StageShape& g, const uint8_t* packed, 
   }
 }
 
-// Direct depthwise convolution: per output pixel, 16 channels at a time.
+// Direct depthwise convolution: per output pixel, one vector of channels at a time.
 template <typename A>
 void conv_depthwise(const ConvStage& st, const StageShape& g, const uint8_t* packed, const A* in, A* out,
                     int64_t p0, int64_t p1) {
@@ -112,8 +112,8 @@ void conv_depthwise(const ConvStage& st, const StageShape& g, const uint8_t* pac
   for (int64_t p = p0; p < p1; ++p, px.next()) {
     const A* image = in + px.n * g.in_h * g.in_w * C;
     A* dst = out + p * C;
-    for (int64_t c0 = 0; c0 < C; c0 += kPanelWidth) {
-      const int64_t len = C - c0 < kPanelWidth ? C - c0 : kPanelWidth;
+    for (int64_t c0 = 0; c0 < C; c0 += kLanes<A>) {
+      const int64_t len = C - c0 < kLanes<A> ? C - c0 : kLanes<A>;
       Vec<A> acc = {};
       for (int64_t kh = 0; kh < st.kernel_h; ++kh) {
         const int64_t iy = px.y * st.stride_h - st.pad_top + kh * st.dilation_h;
@@ -122,13 +122,13 @@ void conv_depthwise(const ConvStage& st, const StageShape& g, const uint8_t* pac
           const int64_t ix = px.x * st.stride_w - st.pad_left + kw * st.dilation_w;
           if (ix < 0 || ix >= g.in_w) continue;
           const A* src = image + (iy * g.in_w + ix) * C + c0;
-          const Vec<A> x = len == kPanelWidth ? load_vec<A>(src) : load_partial(src, len);
+          const Vec<A> x = len == kLanes<A> ? load_vec<A>(src) : load_partial(src, len);
           acc += x * load_vec<A>(weight + (kh * st.kernel_w + kw) * cpad + c0);
         }
       }
       Vec<A> v = acc * load_vec<A>(scale + c0) + load_vec<A>(shift + c0);
       if (relu) v = v < A(0) ? Vec<A>{} : v;
-      if (len == kPanelWidth)
+      if (len == kLanes<A>)
         store_vec(dst + c0, v);
       else
         store_partial(dst + c0, v, len);
@@ -137,7 +137,7 @@ void conv_depthwise(const ConvStage& st, const StageShape& g, const uint8_t* pac
   }
 }
 
-// Max or average over each window, 16 channels at a time, as ATen's CPU
+// Max or average over each window, one vector of channels at a time, as ATen's CPU
 // pooling computes it (NaN wins a max; the average's divisor per
 // count_include_pad / divisor_override, windows clipped to the padded input).
 template <typename A, bool kMax>
@@ -156,8 +156,8 @@ void pool(const ConvStage& st, const StageShape& g, const A* in, A* out, int64_t
     const int64_t valid_count = std::max<int64_t>(std::min(y_end_pad, g.in_h) - std::max<int64_t>(y0, 0), 0) *
                                 std::max<int64_t>(std::min(x_end_pad, g.in_w) - std::max<int64_t>(x0, 0), 0);
     const A divisor = static_cast<A>(st.divisor ? st.divisor : include_pad ? padded_count : valid_count);
-    for (int64_t c0 = 0; c0 < C; c0 += kPanelWidth) {
-      const int64_t len = C - c0 < kPanelWidth ? C - c0 : kPanelWidth;
+    for (int64_t c0 = 0; c0 < C; c0 += kLanes<A>) {
+      const int64_t len = C - c0 < kLanes<A> ? C - c0 : kLanes<A>;
       Vec<A> acc = kMax ? splat<A>(-__builtin_inf()) : Vec<A>{};
       for (int64_t kh = 0; kh < st.kernel_h; ++kh) {
         const int64_t iy = y0 + kh * st.dilation_h;
@@ -166,7 +166,7 @@ void pool(const ConvStage& st, const StageShape& g, const A* in, A* out, int64_t
           const int64_t ix = x0 + kw * st.dilation_w;
           if (ix < 0 || ix >= g.in_w) continue;
           const A* src = image + (iy * g.in_w + ix) * C + c0;
-          const Vec<A> x = len == kPanelWidth ? load_vec<A>(src) : load_partial(src, len);
+          const Vec<A> x = len == kLanes<A> ? load_vec<A>(src) : load_partial(src, len);
           if constexpr (kMax)
             acc = (x > acc) | (x != x) ? x : acc;
           else
@@ -174,7 +174,7 @@ void pool(const ConvStage& st, const StageShape& g, const A* in, A* out, int64_t
         }
       }
       if constexpr (!kMax) acc = valid_count > 0 ? acc / divisor : Vec<A>{};
-      if (len == kPanelWidth)
+      if (len == kLanes<A>)
         store_vec(dst + c0, acc);
       else
         store_partial(dst + c0, acc, len);

@@ -1,27 +1,49 @@
 // Per-ISA building blocks shared by the fused MLP and conv kernels: vector
 // loads/stores, the activations, and the register-blocked GEMM over weights
-// packed into 16-column panels ([panel][k][16]).
+// packed into 16-column panels ([panel][k][16]), each a few vector registers.
 //
 // Included inside `namespace seqfuse::kernels::<isa>` by mlp_forward_impl.h and
 // conv_forward_impl.h after the translation unit set its target pragma and
 // defined SEQFUSE_VECTOR_BYTES / SEQFUSE_ACC_REGISTERS. Header-only templates
 // and inline functions only: each ISA namespace gets its own copy.
 
+// One hardware vector register of A, SEQFUSE_VECTOR_BYTES wide (16 floats on
+// AVX-512, 8 on AVX2, 4 on SSE2). A 16-column weight panel is kVecsPerPanel
+// of them. Vectors are never wider than the ISA's registers: GCC keeps wider
+// generic vectors (a 16-float vector on AVX2) in memory and moves them through
+// general registers, several times slower than the split written out here.
+template <typename A> struct NativeVec;
+template <> struct NativeVec<float> {
+  typedef float type __attribute__((vector_size(SEQFUSE_VECTOR_BYTES)));
+  typedef int32_t mask __attribute__((vector_size(SEQFUSE_VECTOR_BYTES)));
+};
+template <> struct NativeVec<double> {
+  typedef double type __attribute__((vector_size(SEQFUSE_VECTOR_BYTES)));
+  typedef int64_t mask __attribute__((vector_size(SEQFUSE_VECTOR_BYTES)));
+};
+template <typename A> using Vec = typename NativeVec<A>::type;
+template <typename A> inline constexpr int kLanes = SEQFUSE_VECTOR_BYTES / static_cast<int>(sizeof(A));
+template <typename A> inline constexpr int kVecsPerPanel = static_cast<int>(kPanelWidth) / kLanes<A>;
+static_assert(kPanelWidth % kLanes<float> == 0 && kPanelWidth % kLanes<double> == 0,
+              "a weight panel must be a whole number of vector registers");
+
 template <typename A> inline Vec<A> splat(A v) {
   Vec<A> r = {};
   return r + v;
 }
 
-// Loads 16 consecutive values of storage type T widened to the accumulate type.
+// Loads kLanes<A> consecutive values of storage type T widened to the accumulate type.
 template <typename A, typename T> inline Vec<A> load_vec(const T* p) {
   Vec<A> r;
   __builtin_memcpy(&r, p, sizeof(r));
   return r;
 }
 template <> inline Vec<float> load_vec<float, bf16>(const bf16* p) {
-  U16x16 h;
+  typedef uint16_t Half __attribute__((vector_size(SEQFUSE_VECTOR_BYTES / 2)));
+  typedef uint32_t Word __attribute__((vector_size(SEQFUSE_VECTOR_BYTES)));
+  Half h;
   __builtin_memcpy(&h, p, sizeof(h));
-  U32x16 w = __builtin_convertvector(h, U32x16) << 16;
+  Word w = __builtin_convertvector(h, Word) << 16;
   Vec<float> r;
   __builtin_memcpy(&r, &w, sizeof(r));
   return r;
@@ -29,12 +51,18 @@ template <> inline Vec<float> load_vec<float, bf16>(const bf16* p) {
 
 template <typename A> inline void store_vec(A* p, Vec<A> v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
+// Partial vectors at the end of a row of `n` (< kLanes) values: lanes past n
+// read as 0 and are never written.
+template <typename A> inline Vec<A> load_partial(const A* p, int64_t n) {
+  Vec<A> r = {};
+  __builtin_memcpy(&r, p, n * sizeof(A));
+  return r;
+}
+template <typename A> inline void store_partial(A* p, Vec<A> v, int64_t n) { __builtin_memcpy(p, &v, n * sizeof(A)); }
 
 #include "activations.h"
 
-template <typename A> constexpr int registers_per_panel() {
-  return static_cast<int>(kPanelWidth * sizeof(A)) / SEQFUSE_VECTOR_BYTES;
-}
+template <typename A> constexpr int registers_per_panel() { return kVecsPerPanel<A>; }
 // Full row blocks use two panels (32 columns) when a panel fits one register.
 template <typename A> constexpr int rows_per_tile() {
   return SEQFUSE_ACC_REGISTERS / ((registers_per_panel<A>() == 1 ? 2 : 1) * registers_per_panel<A>());
@@ -57,26 +85,33 @@ template <int MR, int NP, bool kReLU, typename TI, typename TW, typename A>
 inline void gemm_micro_tile(const TI* __restrict in, int64_t ld_in, const TW* __restrict panels, int64_t K,
                             const A* __restrict scale, const A* __restrict shift, A* __restrict out,
                             int64_t ld_out, int64_t cols_last) {
-  Vec<A> acc[MR][NP];
-  unroll<MR>([&](auto r) SEQFUSE_INLINE { unroll<NP>([&](auto p) SEQFUSE_INLINE { acc[r][p] = Vec<A>{}; }); });
+  constexpr int V = kVecsPerPanel<A>, L = kLanes<A>, Q = NP * V;  // Q registers per row
+  Vec<A> acc[MR][Q];
+  unroll<MR>([&](auto r) SEQFUSE_INLINE { unroll<Q>([&](auto q) SEQFUSE_INLINE { acc[r][q] = Vec<A>{}; }); });
   for (int64_t k = 0; k < K; ++k) {
-    Vec<A> b[NP];
-    unroll<NP>([&](auto p) SEQFUSE_INLINE { b[p] = load_vec<A>(panels + (p * K + k) * kPanelWidth); });
+    Vec<A> b[Q];
+    unroll<Q>([&](auto q) SEQFUSE_INLINE {
+      b[q] = load_vec<A>(panels + ((q / V) * K + k) * kPanelWidth + (q % V) * L);
+    });
     unroll<MR>([&](auto r) SEQFUSE_INLINE {
       const A a = convert<A>(in[r * ld_in + k]);
-      unroll<NP>([&](auto p) SEQFUSE_INLINE { acc[r][p] += a * b[p]; });
+      unroll<Q>([&](auto q) SEQFUSE_INLINE { acc[r][q] += a * b[q]; });
     });
   }
-  unroll<NP>([&](auto p) SEQFUSE_INLINE {
-    const Vec<A> sc = load_vec<A>(scale + p * kPanelWidth);
-    const Vec<A> sh = load_vec<A>(shift + p * kPanelWidth);
+  unroll<Q>([&](auto q) SEQFUSE_INLINE {
+    constexpr int p = q / V, col = p * static_cast<int>(kPanelWidth) + (q % V) * L;
+    // Columns of this register that exist: all of them except in the last panel.
+    const int64_t valid = p == NP - 1 ? cols_last - (q % V) * L : L;
+    if (valid <= 0) return;
+    const Vec<A> sc = load_vec<A>(scale + col);
+    const Vec<A> sh = load_vec<A>(shift + col);
     unroll<MR>([&](auto r) SEQFUSE_INLINE {
-      Vec<A> v = acc[r][p] * sc + sh;
+      Vec<A> v = acc[r][q] * sc + sh;
       if constexpr (kReLU) v = v < A(0) ? Vec<A>{} : v;  // NaN stays NaN, as in eager
-      if (p == NP - 1 && cols_last < kPanelWidth)
-        __builtin_memcpy(out + r * ld_out + p * kPanelWidth, &v, cols_last * sizeof(A));
+      if (valid >= L)
+        store_vec(out + r * ld_out + col, v);
       else
-        store_vec(out + r * ld_out + p * kPanelWidth, v);
+        store_partial(out + r * ld_out + col, v, valid);
     });
   });
 }
@@ -124,15 +159,6 @@ inline void gemm_rows(int mr, bool relu, const TI* in, int64_t ld_in, const TW* 
       gemm_rows<MR - 1>(mr, relu, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
   }
 }
-
-// Partial vectors at the end of a row of `n` values: lanes past n read as 0
-// and are never written.
-template <typename A> inline Vec<A> load_partial(const A* p, int64_t n) {
-  Vec<A> r = {};
-  __builtin_memcpy(&r, p, n * sizeof(A));
-  return r;
-}
-template <typename A> inline void store_partial(A* p, Vec<A> v, int64_t n) { __builtin_memcpy(p, &v, n * sizeof(A)); }
 
 // out[r][j] = act(in[r][j] * scale[j] + shift[j]) (or act(in[r][j]) without
 // scale/shift) for j < n, computed in A and stored as TO. In place is allowed.

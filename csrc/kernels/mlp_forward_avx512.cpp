@@ -1,7 +1,7 @@
 // The fused MLP forward compiled for AVX-512 (32 zmm registers; 16 for accumulators).
 // Standard headers come first so that only our own code is built for the target.
 #include "mlp_forward.h"
-#include "vec.h"
+#include "isa_prelude.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi2")

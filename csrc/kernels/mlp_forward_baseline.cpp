@@ -1,7 +1,7 @@
 // The fused MLP forward compiled for the x86-64 baseline, SSE2 (16 xmm registers), or any other CPU.
 // Standard headers come first so that only our own code is built for the target.
 #include "mlp_forward.h"
-#include "vec.h"
+#include "isa_prelude.h"
 
 #define SEQFUSE_ISA_ENABLED 1
 

@@ -3,7 +3,7 @@
 #include <type_traits>
 
 #include "train_epilogue.h"
-#include "vec.h"
+#include "isa_prelude.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi2")

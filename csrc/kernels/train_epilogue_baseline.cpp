@@ -3,7 +3,7 @@
 #include <type_traits>
 
 #include "train_epilogue.h"
-#include "vec.h"
+#include "isa_prelude.h"
 
 #define SEQFUSE_ISA_ENABLED 1
 
