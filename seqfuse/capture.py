@@ -20,6 +20,15 @@ graph was built from (the module's attributes, its children, the containers
 it inlined, the training flag, the global hooks) is checked on every call;
 any change re-traces. Under ``torch.compile``, ``torch.export``,
 ``torch.jit`` or ONNX tracing the module's own forward runs instead.
+
+Layout: an inference call (no autograd, eval mode) of a captured model that
+has convolutions, given a contiguous (NCHW) 4-D input, runs channels_last
+inside: the input is converted once, every chain and eager op between chains
+then works on NHWC activations (a fused chain keeps its input's layout, as
+eager's convolution does), and 4-D outputs are returned contiguous, eager's
+layout for that input. Code that is not seqfuse's or a stock layer (a forward
+that could not be traced, ``x.view(...)`` in a traced one) gets its tensors
+contiguous, so it sees what it would see in eager.
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ _MISSING = object()
 # (they would otherwise be recorded into it).
 _TRACE_LOCK = threading.RLock()
 _tracing_thread: Optional[int] = None
+# Set while this thread runs a captured model channels_last (see the module docstring).
+_run_layout = threading.local()
 _HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _WEIGHTED = (CONV, LINEAR, BATCHNORM, BATCHNORM2D)
 
@@ -212,6 +223,33 @@ def _make_call(chain: Chain, index: int):
     return seqfuse_chain
 
 
+def _in_nhwc_run() -> bool:
+    return getattr(_run_layout, "active", False)
+
+
+def _eager_layout(x):
+    """``x`` as eager would hold it in a channels_last run: a 4-D tensor made
+    contiguous (the run's input was)."""
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and not x.is_contiguous():
+        return x.contiguous()
+    return x
+
+
+def seqfuse_view(x, *shape):
+    """``x.view(*shape)`` in a captured forward: a channels_last activation of
+    a channels_last run is viewed in eager's (contiguous) layout."""
+    if _in_nhwc_run():
+        x = _eager_layout(x)
+    return x.view(*shape)
+
+
+seqfuse_view.__module__ = "seqfuse.capture"
+
+
+def _has_convolution(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
 class _LeafTracer(fx.Tracer):
     """Traces one module's own forward: every submodule is a leaf."""
 
@@ -297,6 +335,12 @@ def capture_module(module: nn.Module) -> Traced:
         return Traced(None, [], guard, empty, error="its forward assigns attributes of the module (not traced)")
 
     chains, leftovers = _rewrite(module, graph, guard, empty)
+    for node in list(graph.nodes):
+        if node.op == "call_method" and node.target == "view":
+            with graph.inserting_before(node):
+                call = graph.call_function(seqfuse_view, node.args, node.kwargs)
+            node.replace_all_uses_with(call)
+            graph.erase_node(node)
     graph.lint()
     code = graph.python_code(root_module="self")
     filename = f"<seqfuse: captured {type(module).__qualname__}.forward #{id(module):x}>"
@@ -422,6 +466,7 @@ class CapturedForward:
     def __init__(self, module: nn.Module, trace_now: bool = True):
         self.module = module
         self._traced: Dict[bool, Traced] = {}
+        self._nhwc: Optional[bool] = None  # whether inference calls run channels_last (the model convolves)
         if trace_now:
             self.traced()
 
@@ -450,9 +495,28 @@ class CapturedForward:
             with _TRACE_LOCK:  # another thread is tracing: wait until nn.Module is restored
                 pass
         t = self.traced()
+        if _in_nhwc_run():
+            if t.fn is None:  # the module's own code: eager's layout
+                args = tuple(_eager_layout(a) for a in args)
+                kwargs = {k: _eager_layout(v) for k, v in kwargs.items()}
+                return type(m).forward(m, *args, **kwargs)
+            return t.fn(m, *args, **kwargs)
         if t.fn is None:
             return type(m).forward(m, *args, **kwargs)
-        return t.fn(m, *args, **kwargs)
+        if m.training or torch.is_grad_enabled() or not self._runs_nhwc(args):
+            return t.fn(m, *args, **kwargs)
+        args = tuple(a.contiguous(memory_format=torch.channels_last) if _nchw_input(a) else a for a in args)
+        _run_layout.active = True
+        try:
+            out = t.fn(m, *args, **kwargs)
+        finally:
+            _run_layout.active = False
+        return torch.utils._pytree.tree_map(_eager_layout, out)
+
+    def _runs_nhwc(self, args) -> bool:
+        if self._nhwc is None:
+            self._nhwc = _has_convolution(self.module)
+        return self._nhwc and any(_nchw_input(a) for a in args)
 
     def __getattr__(self, name: str):
         # What tools read off a forward (torch.export: __code__; inspect:
@@ -471,6 +535,11 @@ class CapturedForward:
 
     def __repr__(self) -> str:
         return f"<seqfuse captured forward of {type(self.module).__name__}>"
+
+
+def _nchw_input(a) -> bool:
+    return (isinstance(a, torch.Tensor) and a.dim() == 4 and a.is_floating_point() and a.device.type == "cpu"
+            and a.is_contiguous() and not a.is_contiguous(memory_format=torch.channels_last))
 
 
 def _restore_captured(module: nn.Module) -> CapturedForward:

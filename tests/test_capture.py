@@ -163,6 +163,65 @@ def test_channels_last_and_noncontiguous_inputs():
     _check_eval(model, torch.randn(2, 3, 13, 22)[..., ::2])
 
 
+class Seen(nn.Module):
+    """Records the contiguity of what it is given; fx cannot trace it (the
+    branch on a value), so it runs as written."""
+
+    def __init__(self):
+        super().__init__()
+        self.contiguous = []
+
+    def forward(self, x):
+        self.contiguous.append(x.is_contiguous())
+        return x * 1.0 if x.sum() != 0 else x
+
+
+class ViewHead(nn.Module):
+    """Old-style code: ``x.view(N, -1)`` on a 4-D map, and a 4-D map returned beside the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                                  nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = Residual(4, 4)
+        self.seen = Seen()
+        self.fc = nn.Linear(4 * 5 * 6, 3)
+
+    def forward(self, x):
+        feat = self.seen(self.block(self.body(x)))
+        return self.fc(feat.view(feat.size(0), -1)), {"features": feat}
+
+
+def test_inference_runs_channels_last_inside_and_returns_eagers_layout():
+    model = _make(ViewHead)
+    fused = seqfuse.fuse(model)
+    fused.seen.contiguous.clear()  # what the failed trace of its forward appended
+    x = torch.randn(2, 3, 5, 6)
+    layouts = []
+    block_forward = fused.block.forward
+    fused.block.forward = lambda t: layouts.append(t.is_contiguous(memory_format=torch.channels_last)) or \
+        block_forward(t)
+    with torch.no_grad():
+        ref_logits, ref = model(x)
+        with forbid_eager(*FUSED_TYPES):
+            logits, out = fused(x)
+    torch.testing.assert_close(logits, ref_logits)
+    torch.testing.assert_close(out["features"], ref["features"])
+    assert layouts == [True]  # the activations between chains are NHWC
+    assert out["features"].is_contiguous()  # eager's layout for an NCHW input
+    assert fused.seen.contiguous == [True]  # code that is not seqfuse's sees eager's layout
+    # with autograd, and for a channels_last input, nothing is converted
+    layouts.clear()
+    logits, out = fused(x)
+    torch.testing.assert_close(logits, ref_logits)
+    assert layouts == [False]
+    x = torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out, ref = fused.block(x), model.block(x)
+    torch.testing.assert_close(out, ref)
+    assert out.is_contiguous(memory_format=torch.channels_last) and ref.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_empty_batch_and_special_values():
     model = _make()
     fused = seqfuse.fuse(model)
