@@ -99,7 +99,74 @@ void conv_gemm(const ConvStage& st, const StageShape& g, const uint8_t* packed, 
   }
 }
 
-// Direct depthwise convolution: per output pixel, one vector of channels at a time.
+// Direct depthwise convolution over output rows: per row segment, one vector
+// of channels at a time across the segment's pixels, so the channel block's
+// taps stay in L1 (in registers for the 3x3 and 5x5 instantiations, whose tap
+// loops unroll). Pixels whose window lies inside the input take the unchecked
+// path; only the border pixels test each tap. Activations other than ReLU
+// run over the finished row segment while it is cache-hot.
+template <typename A, int KH, int KW>
+void depthwise_row(const ConvStage& st, const StageShape& g, const A* weight, int64_t cpad, const A* scale,
+                   const A* shift, bool relu, const A* image, int64_t oy, int64_t ox0, int64_t ox1, A* out) {
+  constexpr int L = kLanes<A>;
+  const int64_t C = g.out_c, W = g.in_w, kh_n = KH ? KH : st.kernel_h, kw_n = KW ? KW : st.kernel_w;
+  const int64_t sw = st.stride_w, dh = st.dilation_h, dw = st.dilation_w;
+  const int64_t iy0 = oy * st.stride_h - st.pad_top;
+  // Taps whose input row exists.
+  int64_t kh_lo = 0, kh_hi = kh_n;
+  while (kh_lo < kh_n && iy0 + kh_lo * dh < 0) ++kh_lo;
+  while (kh_hi > kh_lo && iy0 + (kh_hi - 1) * dh >= g.in_h) --kh_hi;
+  // Output columns whose whole window is inside the input: [in_lo, in_hi).
+  int64_t in_lo = ox0, in_hi = ox1;
+  while (in_lo < ox1 && in_lo * sw - st.pad_left < 0) ++in_lo;
+  while (in_hi > in_lo && (in_hi - 1) * sw - st.pad_left + (kw_n - 1) * dw >= W) --in_hi;
+  for (int64_t c0 = 0; c0 < C; c0 += L) {
+    const int64_t len = C - c0 < L ? C - c0 : L;
+    const A* wc = weight + c0;
+    const Vec<A> sc = load_vec<A>(scale + c0), sh = load_vec<A>(shift + c0);
+    auto finish = [&](Vec<A> acc, A* dst) SEQFUSE_INLINE {
+      Vec<A> v = acc * sc + sh;
+      if (relu) v = v < A(0) ? Vec<A>{} : v;  // NaN stays NaN
+      if (len == L)
+        store_vec(dst, v);
+      else
+        store_partial(dst, v, len);
+    };
+    auto border = [&](int64_t ox) SEQFUSE_INLINE {
+      const int64_t ix0 = ox * sw - st.pad_left;
+      Vec<A> acc = {};
+      for (int64_t kh = kh_lo; kh < kh_hi; ++kh)
+        for (int64_t kw = 0; kw < kw_n; ++kw) {
+          const int64_t ix = ix0 + kw * dw;
+          if (ix < 0 || ix >= W) continue;
+          const A* src = image + ((iy0 + kh * dh) * W + ix) * C + c0;
+          acc += (len == L ? load_vec<A>(src) : load_partial(src, len)) * load_vec<A>(wc + (kh * kw_n + kw) * cpad);
+        }
+      finish(acc, out + (ox - ox0) * C + c0);
+    };
+    int64_t ox = ox0;
+    for (; ox < in_lo; ++ox) border(ox);
+    if (len == L) {
+      for (; ox < in_hi; ++ox) {
+        const A* src = image + (iy0 * W + ox * sw - st.pad_left) * C + c0;
+        Vec<A> acc = {};
+        if (kh_lo == 0 && kh_hi == kh_n) {  // the common case: every tap (unrolled when KH, KW are fixed)
+          for (int64_t kh = 0; kh < kh_n; ++kh)
+            for (int64_t kw = 0; kw < kw_n; ++kw)
+              acc += load_vec<A>(src + (kh * dh * W + kw * dw) * C) * load_vec<A>(wc + (kh * kw_n + kw) * cpad);
+        } else {
+          for (int64_t kh = kh_lo; kh < kh_hi; ++kh)
+            for (int64_t kw = 0; kw < kw_n; ++kw)
+              acc += load_vec<A>(src + (kh * dh * W + kw * dw) * C) * load_vec<A>(wc + (kh * kw_n + kw) * cpad);
+        }
+        finish(acc, out + (ox - ox0) * C + c0);
+      }
+    }
+    for (; ox < ox1; ++ox) border(ox);
+  }
+  if (!relu) activate_row(out, (ox1 - ox0) * C, st.activation, st.alpha);
+}
+
 template <typename A>
 void conv_depthwise(const ConvStage& st, const StageShape& g, const uint8_t* packed, const A* in, A* out,
                     int64_t p0, int64_t p1) {
@@ -108,32 +175,16 @@ void conv_depthwise(const ConvStage& st, const StageShape& g, const uint8_t* pac
   const A* scale = reinterpret_cast<const A*>(packed + st.scale_offset);
   const A* shift = reinterpret_cast<const A*>(packed + st.shift_offset);
   const bool relu = st.activation == Activation::ReLU;
-  PixelCursor px(p0, g.out_h, g.out_w);
-  for (int64_t p = p0; p < p1; ++p, px.next()) {
-    const A* image = in + px.n * g.in_h * g.in_w * C;
-    A* dst = out + p * C;
-    for (int64_t c0 = 0; c0 < C; c0 += kLanes<A>) {
-      const int64_t len = C - c0 < kLanes<A> ? C - c0 : kLanes<A>;
-      Vec<A> acc = {};
-      for (int64_t kh = 0; kh < st.kernel_h; ++kh) {
-        const int64_t iy = px.y * st.stride_h - st.pad_top + kh * st.dilation_h;
-        if (iy < 0 || iy >= g.in_h) continue;
-        for (int64_t kw = 0; kw < st.kernel_w; ++kw) {
-          const int64_t ix = px.x * st.stride_w - st.pad_left + kw * st.dilation_w;
-          if (ix < 0 || ix >= g.in_w) continue;
-          const A* src = image + (iy * g.in_w + ix) * C + c0;
-          const Vec<A> x = len == kLanes<A> ? load_vec<A>(src) : load_partial(src, len);
-          acc += x * load_vec<A>(weight + (kh * st.kernel_w + kw) * cpad + c0);
-        }
-      }
-      Vec<A> v = acc * load_vec<A>(scale + c0) + load_vec<A>(shift + c0);
-      if (relu) v = v < A(0) ? Vec<A>{} : v;
-      if (len == kLanes<A>)
-        store_vec(dst + c0, v);
-      else
-        store_partial(dst + c0, v, len);
-    }
-    if (!relu) activate_row(dst, C, st.activation, st.alpha);
+  auto row = depthwise_row<A, 0, 0>;
+  if (st.kernel_h == 3 && st.kernel_w == 3) row = depthwise_row<A, 3, 3>;
+  if (st.kernel_h == 5 && st.kernel_w == 5) row = depthwise_row<A, 5, 5>;
+  const int64_t plane = g.out_h * g.out_w;
+  for (int64_t p = p0; p < p1;) {  // row segments of the pixel range
+    const int64_t n = p / plane, oy = (p - n * plane) / g.out_w, ox = p - n * plane - oy * g.out_w;
+    const int64_t stop = std::min(p1, p - ox + g.out_w);
+    row(st, g, weight, cpad, scale, shift, relu, in + n * g.in_h * g.in_w * C, oy, ox, ox + (stop - p),
+        out + p * C);
+    p = stop;
   }
 }
 
