@@ -568,11 +568,13 @@ def test_random_chains_every_engine_and_kernel_variant(seed, cpu_capability, eng
         check_fused(mods, x)
 
 
+@pytest.mark.parametrize("grouping", ["depthwise", "grouped"])
 @pytest.mark.parametrize("kernel", [3, 5, (3, 5), 2])
-def test_depthwise_geometries_in_the_fused_kernel(kernel, cpu_capability):
-    """The direct depthwise kernel's row segments, border columns and rows,
-    partial channel vectors and unrolled 3x3 / 5x5 taps, on every kernel
-    variant, with the pixel range split mid-row across threads."""
+def test_direct_grouped_geometries_in_the_fused_kernel(kernel, grouping, cpu_capability):
+    """The direct depthwise and grouped kernels (groups of at most 16 output
+    channels): row segments, border columns and rows, partial channel vectors,
+    pixel blocks, unrolled 3x3 / 5x5 taps, on every kernel variant, with the
+    pixel range split mid-row across threads."""
     from seqfuse import ops
 
     rng = stable_rng("depthwise", kernel, cpu_capability)
@@ -582,19 +584,25 @@ def test_depthwise_geometries_in_the_fused_kernel(kernel, cpu_capability):
     try:
         for i in range(10):
             c = rng.choice([3, 8, 13, 24, 40])
+            groups, c_out = c, c
+            if grouping == "grouped":
+                groups = rng.choice([2, 3, 5])
+                c, c_out = groups * rng.choice([1, 2, 8]), groups * rng.choice([1, 3, 8, 9, 16])
             stride, dilation = rng.choice([1, 1, 2]), rng.choice([1, 1, 2])
             padding = "same" if stride == 1 and rng.random() < 0.3 else rng.choice([0, 1, 2])
-            h, w = rng.randint(1, 12), rng.randint(1, 12)
+            h, w = rng.randint(1, 12), rng.randint(1, 14)
             kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
             if (h + 2 * (padding if isinstance(padding, int) else kh) - dilation * (kh - 1) - 1 < 0
                     or w + 2 * (padding if isinstance(padding, int) else kw) - dilation * (kw - 1) - 1 < 0):
                 continue
-            conv = nn.Conv2d(c, c, kernel, stride, padding, dilation, groups=c, bias=rng.random() < 0.5)
+            conv = nn.Conv2d(c, c_out, kernel, stride, padding, dilation, groups=groups, bias=rng.random() < 0.5)
             act = rng.choice([nn.ReLU(), nn.ReLU6(), nn.Hardswish(), nn.SiLU()])
-            mods = prepared([conv, nn.BatchNorm2d(c), act], seed=i)
+            mods = prepared([conv, nn.BatchNorm2d(c_out), act], seed=i)
             torch.set_num_threads(rng.choice([1, 2, 3]))
             layout = rng.choice(["contiguous", "channels_last"])
-            check_fused(mods, make_input((rng.choice([1, 2]), c, h, w), torch.float32, layout, gen))
+            dtype = rng.choice([torch.float32, torch.float32, torch.float64])
+            mods = [m.to(dtype) for m in mods]
+            check_fused(mods, make_input((rng.choice([1, 2]), c, h, w), dtype, layout, gen))
     finally:
         torch.set_num_threads(threads)
         ops.set_engine_override(None)

@@ -99,6 +99,17 @@ void conv_gemm(const ConvStage& st, const StageShape& g, const uint8_t* packed, 
   }
 }
 
+// Calls row(n, oy, ox0, ox1, p) for the output-row segments of pixels [p0, p1).
+template <typename F> inline void for_each_row_segment(const StageShape& g, int64_t p0, int64_t p1, F&& row) {
+  const int64_t plane = g.out_h * g.out_w;
+  for (int64_t p = p0; p < p1;) {
+    const int64_t n = p / plane, oy = (p - n * plane) / g.out_w, ox = p - n * plane - oy * g.out_w;
+    const int64_t stop = std::min(p1, p - ox + g.out_w);
+    row(n, oy, ox, ox + (stop - p), p);
+    p = stop;
+  }
+}
+
 // Direct depthwise convolution over output rows: per row segment, one vector
 // of channels at a time across the segment's pixels, so the channel block's
 // taps stay in L1 (in registers for the 3x3 and 5x5 instantiations, whose tap
@@ -178,14 +189,94 @@ void conv_depthwise(const ConvStage& st, const StageShape& g, const uint8_t* pac
   auto row = depthwise_row<A, 0, 0>;
   if (st.kernel_h == 3 && st.kernel_w == 3) row = depthwise_row<A, 3, 3>;
   if (st.kernel_h == 5 && st.kernel_w == 5) row = depthwise_row<A, 5, 5>;
-  const int64_t plane = g.out_h * g.out_w;
-  for (int64_t p = p0; p < p1;) {  // row segments of the pixel range
-    const int64_t n = p / plane, oy = (p - n * plane) / g.out_w, ox = p - n * plane - oy * g.out_w;
-    const int64_t stop = std::min(p1, p - ox + g.out_w);
-    row(st, g, weight, cpad, scale, shift, relu, in + n * g.in_h * g.in_w * C, oy, ox, ox + (stop - p),
-        out + p * C);
-    p = stop;
+  for_each_row_segment(g, p0, p1, [&](int64_t n, int64_t oy, int64_t ox0, int64_t ox1, int64_t p) {
+    row(st, g, weight, cpad, scale, shift, relu, in + n * g.in_h * g.in_w * C, oy, ox0, ox1, out + p * C);
+  });
+}
+
+template <typename A, int NV>
+void grouped_row(const ConvStage& st, const StageShape& g, const A* weight, const A* scale, const A* shift,
+                 bool relu, const A* image, int64_t oy, int64_t ox0, int64_t ox1, A* out) {
+  constexpr int L = kLanes<A>;
+  constexpr int64_t kPixels = 4;
+  const int64_t G = st.groups, cin_g = st.in_channels / G, cout_g = st.out_channels / G, K = st.reduction();
+  const int64_t C = g.out_c, Cin = g.in_c, W = g.in_w, kw_n = st.kernel_w, sw = st.stride_w;
+  const int64_t dh = st.dilation_h, dw = st.dilation_w, iy0 = oy * st.stride_h - st.pad_top;
+  int64_t kh_lo = 0, kh_hi = st.kernel_h;
+  while (kh_lo < kh_hi && iy0 + kh_lo * dh < 0) ++kh_lo;
+  while (kh_hi > kh_lo && iy0 + (kh_hi - 1) * dh >= g.in_h) --kh_hi;
+  int64_t in_lo = ox0, in_hi = ox1;
+  while (in_lo < ox1 && in_lo * sw - st.pad_left < 0) ++in_lo;
+  while (in_hi > in_lo && (in_hi - 1) * sw - st.pad_left + (kw_n - 1) * dw >= W) --in_hi;
+  for (int64_t grp = 0; grp < G; ++grp) {
+    const A* wg = weight + grp * K * kPanelWidth;  // one panel per group: [k][16]
+    const A* sc = scale + grp * cout_g;
+    const A* sh = shift + grp * cout_g;
+    // P pixels starting at ox; `checked`: test each tap's column.
+    auto block = [&]<int P>(int64_t ox, bool checked) SEQFUSE_INLINE {
+      Vec<A> acc[P][NV];
+      unroll<P>([&](auto i) SEQFUSE_INLINE { unroll<NV>([&](auto q) SEQFUSE_INLINE { acc[i][q] = Vec<A>{}; }); });
+      for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+        const A* row = image + (iy0 + kh * dh) * W * Cin + grp * cin_g;
+        for (int64_t kw = 0; kw < kw_n; ++kw) {
+          const int64_t ix = ox * sw - st.pad_left + kw * dw;
+          if (checked && (ix < 0 || ix >= W)) continue;
+          const A* src = row + ix * Cin;
+          const A* wk = wg + (kh * kw_n + kw) * cin_g * kPanelWidth;
+          for (int64_t c = 0; c < cin_g; ++c) {
+            Vec<A> wv[NV];
+            unroll<NV>([&](auto q) SEQFUSE_INLINE { wv[q] = load_vec<A>(wk + c * kPanelWidth + q * L); });
+            unroll<P>([&](auto i) SEQFUSE_INLINE {
+              const A a = src[i * sw * Cin + c];
+              unroll<NV>([&](auto q) SEQFUSE_INLINE { acc[i][q] += a * wv[q]; });
+            });
+          }
+        }
+      }
+      unroll<NV>([&](auto q) SEQFUSE_INLINE {
+        const int64_t valid = cout_g - q * L < L ? cout_g - q * L : L;
+        if (valid <= 0) return;
+        const Vec<A> s = load_vec<A>(sc + q * L), t = load_vec<A>(sh + q * L);
+        unroll<P>([&](auto i) SEQFUSE_INLINE {
+          Vec<A> v = acc[i][q] * s + t;
+          if (relu) v = v < A(0) ? Vec<A>{} : v;  // NaN stays NaN
+          A* dst = out + (ox + i - ox0) * C + grp * cout_g + q * L;
+          if (valid == L)
+            store_vec(dst, v);
+          else
+            store_partial(dst, v, valid);
+        });
+      });
+    };
+    int64_t ox = ox0;
+    for (; ox < in_lo; ++ox) block.template operator()<1>(ox, true);
+    for (; ox + kPixels <= in_hi; ox += kPixels) block.template operator()<kPixels>(ox, false);
+    for (; ox < in_hi; ++ox) block.template operator()<1>(ox, false);
+    for (; ox < ox1; ++ox) block.template operator()<1>(ox, true);
   }
+  if (!relu) activate_row(out, (ox1 - ox0) * C, st.activation, st.alpha);
+}
+
+// Whether conv_grouped serves a stage: groups of at most one panel of outputs.
+inline bool grouped_direct(const ConvStage& st) {
+  return st.groups > 1 && !st.depthwise && st.out_channels / st.groups <= kPanelWidth;
+}
+
+template <typename A>
+void conv_grouped(const ConvStage& st, const StageShape& g, const uint8_t* packed, const A* in, A* out, int64_t p0,
+                  int64_t p1) {
+  const A* weight = reinterpret_cast<const A*>(packed + st.weight_offset);
+  const A* scale = reinterpret_cast<const A*>(packed + st.scale_offset);
+  const A* shift = reinterpret_cast<const A*>(packed + st.shift_offset);
+  const bool relu = st.activation == Activation::ReLU;
+  // Vectors per group's outputs: 1, 2 or a whole panel's.
+  const int64_t nv = (st.out_channels / st.groups + kLanes<A> - 1) / kLanes<A>;
+  auto row = grouped_row<A, kVecsPerPanel<A>>;
+  if (nv == 1) row = grouped_row<A, 1>;
+  if (nv == 2 && kVecsPerPanel<A> >= 2) row = grouped_row<A, (kVecsPerPanel<A> >= 2 ? 2 : 1)>;
+  for_each_row_segment(g, p0, p1, [&](int64_t n, int64_t oy, int64_t ox0, int64_t ox1, int64_t p) {
+    row(st, g, weight, scale, shift, relu, in + n * g.in_h * g.in_w * g.in_c, oy, ox0, ox1, out + p * g.out_c);
+  });
 }
 
 // Max or average over each window, one vector of channels at a time, as ATen's CPU
@@ -273,6 +364,8 @@ void conv_stage(const ConvDesc& d, const ConvGeometry& geom, size_t i, const uin
     case ConvStageKind::Linear:
       if (st.depthwise)
         conv_depthwise(st, g, packed, in, out, p0, p1);
+      else if (grouped_direct(st))
+        conv_grouped(st, g, packed, in, out, p0, p1);
       else
         conv_gemm(st, g, packed, in, out, p0, p1, scratch);
       break;
