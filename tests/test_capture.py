@@ -222,6 +222,39 @@ def test_inference_runs_channels_last_inside_and_returns_eagers_layout():
     assert out.is_contiguous(memory_format=torch.channels_last) and ref.is_contiguous(memory_format=torch.channels_last)
 
 
+class Shuffle(nn.Module):
+    """ShuffleNet's block tail: split, one branch convolved, concatenation, channel shuffle."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.branch = nn.Sequential(nn.Conv2d(c // 2, c // 2, 1), nn.BatchNorm2d(c // 2), nn.ReLU())
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        y = torch.cat((a, self.branch(b)), dim=1)
+        n, c, h, w = y.size()
+        y = torch.transpose(y.view(n, 2, c // 2, h, w), 1, 2).contiguous()
+        return y.view(n, c, h, w).contiguous()
+
+
+def test_channel_shuffle_keeps_channels_last_and_matches():
+    model = _make(Shuffle)
+    fused = _check_eval(model, torch.randn(2, 6, 5, 7))
+    assert "seqfuse_channel_shuffle" in fused.forward.traced().fn.__code__.co_names or \
+        "seqfuse_capture_seqfuse_channel_shuffle" in fused.forward.traced().fn.__globals__
+    from seqfuse import capture
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    capture._run_layout.active = True
+    try:
+        with torch.no_grad():
+            out = fused(x)
+    finally:
+        capture._run_layout.active = False
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+
 def test_empty_batch_and_special_values():
     model = _make()
     fused = seqfuse.fuse(model)
