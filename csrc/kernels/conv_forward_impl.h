@@ -51,8 +51,17 @@ void im2col(const ConvStage& st, const StageShape& g, const A* in, int64_t group
   for (int64_t r = 0; r < rows; ++r, px.next()) {
     A* dst = patches + r * K;
     const A* image = in + px.n * g.in_h * g.in_w * g.in_c + group * cin_g;
+    const int64_t ix0 = px.x * st.stride_w - st.pad_left;
+    // One group spanning the pixel and undilated columns all inside the
+    // input: a kernel row's taps are adjacent pixels, one copy.
+    const bool row_copy = cin_g == g.in_c && st.dilation_w == 1 && ix0 >= 0 && ix0 + st.kernel_w <= g.in_w;
     for (int64_t kh = 0; kh < st.kernel_h; ++kh) {
       const int64_t iy = px.y * st.stride_h - st.pad_top + kh * st.dilation_h;
+      if (row_copy && iy >= 0 && iy < g.in_h) {
+        __builtin_memcpy(dst, image + (iy * g.in_w + ix0) * g.in_c, st.kernel_w * cin_g * sizeof(A));
+        dst += st.kernel_w * cin_g;
+        continue;
+      }
       for (int64_t kw = 0; kw < st.kernel_w; ++kw, dst += cin_g) {
         const int64_t ix = px.x * st.stride_w - st.pad_left + kw * st.dilation_w;
         if (iy < 0 || iy >= g.in_h || ix < 0 || ix >= g.in_w)
