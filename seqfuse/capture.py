@@ -121,6 +121,8 @@ def _functional_module(node: fx.Node) -> Optional[nn.Module]:
         return nn.SiLU(inplace=_inplace(node, 1))
     if t is F.hardswish:
         return nn.Hardswish(inplace=_inplace(node, 1))
+    if t is F.hardsigmoid:
+        return nn.Hardsigmoid(inplace=_inplace(node, 1))
     if t is F.gelu:
         approximate = node.kwargs.get("approximate", "none")
         return nn.GELU(approximate=approximate) if isinstance(approximate, str) else None

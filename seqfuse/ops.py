@@ -72,6 +72,7 @@ class Activation(enum.IntEnum):
     GELU_TANH = 7
     SILU = 8
     HARDSWISH = 9
+    HARDSIGMOID = 10
 
 
 @dataclass

@@ -42,6 +42,7 @@ _ACTIVATIONS = {
     nn.GELU: None,  # depends on `approximate`
     nn.SiLU: Activation.SILU,
     nn.Hardswish: Activation.HARDSWISH,
+    nn.Hardsigmoid: Activation.HARDSIGMOID,
 }
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOK_DICTS = (

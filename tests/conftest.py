@@ -26,6 +26,7 @@ FUSIBLE_TYPES = (
     nn.GELU,
     nn.SiLU,
     nn.Hardswish,
+    nn.Hardsigmoid,
     nn.Identity,
     nn.Dropout,
     nn.Flatten,
@@ -68,6 +69,7 @@ ACTIVATIONS = [
     lambda: nn.GELU(approximate="tanh"),
     lambda: nn.SiLU(),
     lambda: nn.Hardswish(),
+    lambda: nn.Hardsigmoid(),
 ]
 
 

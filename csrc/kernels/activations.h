@@ -114,6 +114,10 @@ __attribute__((always_inline)) inline VF activate_vec(VF x, Activation act, floa
       t = select(t < 0.0f, splat(0.0f), select(t > 6.0f, splat(6.0f), t));
       return x * t / 6.0f;
     }
+    case Activation::Hardsigmoid: {  // as ATen: min(max(x + 3, 0), 6) / 6
+      VF t = x + 3.0f;
+      return select(t < 0.0f, splat(0.0f), select(t > 6.0f, splat(6.0f), t)) / 6.0f;
+    }
   }
   return x;
 }
@@ -139,6 +143,10 @@ inline double activate_scalar(double x, Activation act, double alpha) {
       double t = x + 3.0;
       t = t < 0.0 ? 0.0 : (t > 6.0 ? 6.0 : t);
       return x * t / 6.0;
+    }
+    case Activation::Hardsigmoid: {
+      const double t = x + 3.0;
+      return (t < 0.0 ? 0.0 : (t > 6.0 ? 6.0 : t)) / 6.0;
     }
   }
   return x;
@@ -180,6 +188,7 @@ inline void activate_row(float* p, int64_t n, seqfuse::kernels::Activation act, 
     case A::GeluTanh: return activate_row_as<A::GeluTanh>(p, n, alpha);
     case A::SiLU: return activate_row_as<A::SiLU>(p, n, alpha);
     case A::Hardswish: return activate_row_as<A::Hardswish>(p, n, alpha);
+    case A::Hardsigmoid: return activate_row_as<A::Hardsigmoid>(p, n, alpha);
   }
 }
 

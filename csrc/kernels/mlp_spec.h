@@ -49,8 +49,9 @@ enum class Activation : int64_t {
   GeluTanh = 7,
   SiLU = 8,
   Hardswish = 9,
+  Hardsigmoid = 10,
 };
-constexpr int64_t kNumActivations = 10;
+constexpr int64_t kNumActivations = 11;
 
 // Stage flags: which inputs the packing op receives for the stage.
 constexpr int64_t kHasBias = 1;       // Linear bias

@@ -29,6 +29,7 @@ template <typename Fn> inline void with_activation(Activation act, Fn&& fn) {
     case Activation::GeluTanh: return fn(ActTag<Activation::GeluTanh>{});
     case Activation::SiLU: return fn(ActTag<Activation::SiLU>{});
     case Activation::Hardswish: return fn(ActTag<Activation::Hardswish>{});
+    case Activation::Hardsigmoid: return fn(ActTag<Activation::Hardsigmoid>{});
   }
 }
 
@@ -73,8 +74,11 @@ template <Activation A, typename T> inline T activation_grad(T g, T v, T alpha) 
   } else if constexpr (A == Activation::SiLU) {
     const T s = T(1) / (T(1) + exp_of(-v));
     return g * s * (T(1) + v * (T(1) - s));
-  } else {  // Hardswish
+  } else if constexpr (A == Activation::Hardswish) {
     return v < T(-3) ? T(0) : v <= T(3) ? g * (v / T(3) + T(0.5)) : g;
+  } else {  // Hardsigmoid: hardsigmoid_backward's open interval, and its
+             // slope 1/6 rounded to float even for double (eager's values)
+    return (v > T(-3) && v < T(3)) ? g * T(1.0f / 6.0f) : T(0);
   }
 }
 
@@ -147,7 +151,7 @@ namespace train_detail {
 // falls through every comparison, as in eager's kernels.
 inline bool is_piecewise(Activation a) {
   return a == Activation::None || a == Activation::ReLU || a == Activation::ReLU6 || a == Activation::LeakyReLU ||
-         a == Activation::Hardswish;
+         a == Activation::Hardswish || a == Activation::Hardsigmoid;
 }
 
 template <Activation A, typename T> inline T piecewise(T v, T alpha) {
@@ -160,6 +164,9 @@ template <Activation A, typename T> inline T piecewise(T v, T alpha) {
   } else if constexpr (A == Activation::Hardswish) {
     const T t = v + T(3);
     return v * (t < T(0) ? T(0) : t > T(6) ? T(6) : t) / T(6);
+  } else if constexpr (A == Activation::Hardsigmoid) {
+    const T t = v + T(3);
+    return (t < T(0) ? T(0) : t > T(6) ? T(6) : t) / T(6);
   } else {
     return v;
   }
@@ -178,7 +185,7 @@ void epilogue_forward(const ChannelLayout& l, const T* z, const T* center, const
     with_activation(act, [&](auto tag) {
       constexpr Activation A = decltype(tag)::value;
       if constexpr (A == Activation::None || A == Activation::ReLU || A == Activation::ReLU6 ||
-                    A == Activation::LeakyReLU || A == Activation::Hardswish) {
+                    A == Activation::LeakyReLU || A == Activation::Hardswish || A == Activation::Hardsigmoid) {
         for_each_run(l, o0, o1, [&](auto, int64_t off, int64_t n, int64_t c) {
           const T sc = scale ? scale[c] : T(1), sh = shift ? shift[c] : T(0);
           const T* zin = z + off;
