@@ -239,7 +239,7 @@ struct ScopedIsa {
 
 inline const char* activation_name(Activation a) {
   static const char* const names[] = {"None",   "ReLU",    "LeakyReLU", "ReLU6", "Sigmoid",
-                                      "Tanh",   "GeluErf", "GeluTanh",  "SiLU",  "Hardswish"};
+                                      "Tanh",   "GeluErf", "GeluTanh",  "SiLU",  "Hardswish", "Hardsigmoid"};
   return names[static_cast<int>(a)];
 }
 
@@ -268,6 +268,7 @@ inline double activation_reference(Activation act, double x, double alpha, bool 
     case Activation::GeluTanh: return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / kPi) * (x + 0.044715 * x * x * x)));
     case Activation::SiLU: return x / (1.0 + std::exp(-x));
     case Activation::Hardswish: return std::isnan(x) ? x : x * std::clamp(x + 3.0, 0.0, 6.0) / 6.0;
+    case Activation::Hardsigmoid: return std::isnan(x) ? x : std::clamp(x + 3.0, 0.0, 6.0) / 6.0;
   }
   return kNaN;
 }

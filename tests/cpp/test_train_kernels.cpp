@@ -16,6 +16,7 @@ using sk::ChannelLayout;
 constexpr Activation kActivations[] = {
     Activation::None,    Activation::ReLU,    Activation::LeakyReLU, Activation::ReLU6, Activation::Sigmoid,
     Activation::Tanh,    Activation::GeluErf, Activation::GeluTanh,  Activation::SiLU,  Activation::Hardswish,
+    Activation::Hardsigmoid,
 };
 
 int64_t channel_of(const ChannelLayout& l, int64_t i) { return (i / l.inner) % l.channels; }
@@ -33,6 +34,7 @@ double act_ref(Activation a, double x, double alpha) {
       return 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
     case Activation::SiLU: return x / (1 + std::exp(-x));
     case Activation::Hardswish: return x * std::min(std::max(x + 3, 0.0), 6.0) / 6;
+    case Activation::Hardsigmoid: return std::min(std::max(x + 3, 0.0), 6.0) / 6;
   }
   return x;
 }
@@ -60,6 +62,7 @@ double act_grad_ref(Activation a, double x, double alpha) {
       return s * (1 + x * (1 - s));
     }
     case Activation::Hardswish: return x < -3 ? 0 : x <= 3 ? x / 3 + 0.5 : 1;
+    case Activation::Hardsigmoid: return x > -3 && x < 3 ? 1.0f / 6.0f : 0;  // eager's slope, rounded to float
   }
   return 1;
 }
