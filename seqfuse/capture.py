@@ -237,6 +237,15 @@ def _eager_layout(x):
     return x
 
 
+def _nchw_output(x):
+    """A channels_last activation leaving a channels_last run, in the layout
+    eager gives for the run's NCHW input; any other output as it is."""
+    if (isinstance(x, torch.Tensor) and x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return x.contiguous()
+    return x
+
+
 def seqfuse_view(x, *shape):
     """``x.view(*shape)`` in a captured forward: in a channels_last run, a view
     the NHWC strides cannot express is taken of eager's (contiguous) layout."""
@@ -572,7 +581,7 @@ class CapturedForward:
             out = t.fn(m, *args, **kwargs)
         finally:
             _run_layout.active = False
-        return torch.utils._pytree.tree_map(_eager_layout, out)
+        return torch.utils._pytree.tree_map(_nchw_output, out)
 
     def _runs_nhwc(self, args) -> bool:
         if self._nhwc is None:
