@@ -119,6 +119,21 @@ template <typename F> inline void for_each_row_segment(const StageShape& g, int6
   }
 }
 
+// For output row oy, columns [ox0, ox1): the kernel rows whose input row
+// exists, [kh_lo, kh_hi), and the columns whose whole window lies inside the
+// input, [in_lo, in_hi) (the direct kernels' unchecked path).
+struct RowWindow {
+  int64_t iy0, kh_lo, kh_hi, in_lo, in_hi;
+  RowWindow(const ConvStage& st, const StageShape& g, int64_t oy, int64_t ox0, int64_t ox1)
+      : iy0(oy * st.stride_h - st.pad_top), kh_lo(0), kh_hi(st.kernel_h), in_lo(ox0), in_hi(ox1) {
+    while (kh_lo < kh_hi && iy0 + kh_lo * st.dilation_h < 0) ++kh_lo;
+    while (kh_hi > kh_lo && iy0 + (kh_hi - 1) * st.dilation_h >= g.in_h) --kh_hi;
+    const int64_t span = (st.kernel_w - 1) * st.dilation_w;
+    while (in_lo < ox1 && in_lo * st.stride_w - st.pad_left < 0) ++in_lo;
+    while (in_hi > in_lo && (in_hi - 1) * st.stride_w - st.pad_left + span >= g.in_w) --in_hi;
+  }
+};
+
 // Direct depthwise convolution over output rows: per row segment, one vector
 // of channels at a time across the segment's pixels, so the channel block's
 // taps stay in L1 (in registers for the 3x3 and 5x5 instantiations, whose tap
@@ -131,15 +146,8 @@ void depthwise_row(const ConvStage& st, const StageShape& g, const A* weight, in
   constexpr int L = kLanes<A>;
   const int64_t C = g.out_c, W = g.in_w, kh_n = KH ? KH : st.kernel_h, kw_n = KW ? KW : st.kernel_w;
   const int64_t sw = st.stride_w, dh = st.dilation_h, dw = st.dilation_w;
-  const int64_t iy0 = oy * st.stride_h - st.pad_top;
-  // Taps whose input row exists.
-  int64_t kh_lo = 0, kh_hi = kh_n;
-  while (kh_lo < kh_n && iy0 + kh_lo * dh < 0) ++kh_lo;
-  while (kh_hi > kh_lo && iy0 + (kh_hi - 1) * dh >= g.in_h) --kh_hi;
-  // Output columns whose whole window is inside the input: [in_lo, in_hi).
-  int64_t in_lo = ox0, in_hi = ox1;
-  while (in_lo < ox1 && in_lo * sw - st.pad_left < 0) ++in_lo;
-  while (in_hi > in_lo && (in_hi - 1) * sw - st.pad_left + (kw_n - 1) * dw >= W) --in_hi;
+  const RowWindow rw(st, g, oy, ox0, ox1);
+  const int64_t iy0 = rw.iy0, kh_lo = rw.kh_lo, kh_hi = rw.kh_hi, in_lo = rw.in_lo, in_hi = rw.in_hi;
   for (int64_t c0 = 0; c0 < C; c0 += L) {
     const int64_t len = C - c0 < L ? C - c0 : L;
     const A* wc = weight + c0;
@@ -210,13 +218,9 @@ void grouped_row(const ConvStage& st, const StageShape& g, const A* weight, cons
   constexpr int64_t kPixels = 4;
   const int64_t G = st.groups, cin_g = st.in_channels / G, cout_g = st.out_channels / G, K = st.reduction();
   const int64_t C = g.out_c, Cin = g.in_c, W = g.in_w, kw_n = st.kernel_w, sw = st.stride_w;
-  const int64_t dh = st.dilation_h, dw = st.dilation_w, iy0 = oy * st.stride_h - st.pad_top;
-  int64_t kh_lo = 0, kh_hi = st.kernel_h;
-  while (kh_lo < kh_hi && iy0 + kh_lo * dh < 0) ++kh_lo;
-  while (kh_hi > kh_lo && iy0 + (kh_hi - 1) * dh >= g.in_h) --kh_hi;
-  int64_t in_lo = ox0, in_hi = ox1;
-  while (in_lo < ox1 && in_lo * sw - st.pad_left < 0) ++in_lo;
-  while (in_hi > in_lo && (in_hi - 1) * sw - st.pad_left + (kw_n - 1) * dw >= W) --in_hi;
+  const int64_t dh = st.dilation_h, dw = st.dilation_w;
+  const RowWindow rw(st, g, oy, ox0, ox1);
+  const int64_t iy0 = rw.iy0, kh_lo = rw.kh_lo, kh_hi = rw.kh_hi, in_lo = rw.in_lo, in_hi = rw.in_hi;
   for (int64_t grp = 0; grp < G; ++grp) {
     const A* wg = weight + grp * K * kPanelWidth;  // one panel per group: [k][16]
     const A* sc = scale + grp * cout_g;
