@@ -1,13 +1,14 @@
 # The two commands the README promises, on a fresh machine with Python 3.11 and pip:
 #   make bench   set up .venv, build seqfuse, run the quick benchmark table
 #   make test    set up .venv, build seqfuse, run the C++ kernel tests and the whole pytest suite
+#   make gpu-check  (on a GPU machine) confirm the CUDA kernels: tools/gpu_check.sh
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 CMAKE_BUILD := build/cmake
 
-.PHONY: all build test test-python test-cpp bench wheel wheel-check clean
+.PHONY: all build test test-python test-cpp bench wheel wheel-check gpu-check clean
 
 all: test
 
@@ -48,6 +49,11 @@ wheel-check: wheel
 	$(PYTHON) -m venv build/wheel-venv
 	build/wheel-venv/bin/python -m pip install --quiet dist/seqfuse-*.whl
 	cd build && wheel-venv/bin/python ../.ci/smoke_installed.py
+
+# On a machine with a GPU and a CUDA torch (no virtualenv, no network): build for
+# the local GPU, CUDA tests, compute-sanitizer, the GPU table; summary in build/gpu-check.
+gpu-check:
+	tools/gpu_check.sh
 
 clean:
 	rm -rf build dist $(CMAKE_BUILD) seqfuse/_C*.so seqfuse/_build_info.py *.egg-info

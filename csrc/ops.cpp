@@ -34,14 +34,15 @@ TORCH_LIBRARY(seqfuse, m) {
   // or a Conv weight is). engine 0: the fused kernels (each image carried
   // through every stage when the batch splits evenly over the threads);
   // engine 1: each Conv by ATen's convolution on `weights` (the Conv weights
-  // in stage order), its epilogue and every other stage by the fused kernels
+  // in stage order, then the Linear head's: the CUDA kernels multiply them
+  // too), its epilogue and every other stage by the fused kernels
   // (for bfloat16, the activations are rounded to bfloat16 around it).
   m.def(
       "conv_forward(Tensor input, Tensor packed, Tensor[] weights, int[] spec, float[] fparams, int engine=0) -> Tensor");
 
   // Training. A run's forward with the parameters as they are (nothing folded
   // or packed), returning the output and what the backward needs (`saved`;
-  // layout in cpu/train_cpu.cpp). The spec is the run's mlp / conv spec; a
+  // layout in train_run.h). The spec is the run's mlp / conv spec; a
   // BatchNorm stage flagged kBatchStats normalizes with the batch's
   // statistics, otherwise with its running statistics from `running`.
   //   params:  per stage, Linear/Conv weight, [bias], [bn_weight, bn_bias]

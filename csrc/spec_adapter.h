@@ -34,6 +34,7 @@ inline at::ScalarType scalar_type_of(kernels::DType d) {
     case kernels::DType::Float32: return at::kFloat;
     case kernels::DType::Float64: return at::kDouble;
     case kernels::DType::BFloat16: return at::kBFloat16;
+    case kernels::DType::Float16: return at::kHalf;
   }
   return at::kFloat;
 }
@@ -41,16 +42,27 @@ inline at::ScalarType scalar_type_of(kernels::DType d) {
 // Kernel storage type for a torch scalar type.
 template <typename T> struct KernelType { using type = T; };
 template <> struct KernelType<at::BFloat16> { using type = kernels::bf16; };
+template <> struct KernelType<at::Half> { using type = kernels::fp16; };
 static_assert(sizeof(at::BFloat16) == sizeof(kernels::bf16), "bf16 must be bit-compatible with at::BFloat16");
+static_assert(sizeof(at::Half) == sizeof(kernels::fp16), "fp16 must be bit-compatible with at::Half");
 
-// Calls fn.template operator()<T>() with T the kernel storage type of `d`.
+// Calls fn.template operator()<T>() with T the kernel storage type of `d`:
+// the dtypes of the CPU kernels (float16 is rejected: CUDA serves it).
 template <typename Fn> decltype(auto) dispatch_mlp_dtype(kernels::DType d, Fn&& fn) {
   switch (d) {
     case kernels::DType::Float64: return fn.template operator()<double>();
     case kernels::DType::BFloat16: return fn.template operator()<kernels::bf16>();
+    case kernels::DType::Float16:
+      TORCH_CHECK_NOT_IMPLEMENTED(false, "seqfuse: the CPU kernels have no float16 (it runs fused on CUDA only)");
     case kernels::DType::Float32: break;
   }
   return fn.template operator()<float>();
+}
+
+// The same over the dtypes packing serves: every dtype of every device.
+template <typename Fn> decltype(auto) dispatch_pack_dtype(kernels::DType d, Fn&& fn) {
+  if (d == kernels::DType::Float16) return fn.template operator()<kernels::fp16>();
+  return dispatch_mlp_dtype(d, std::forward<Fn>(fn));
 }
 
 // Reads a packing op's `tensors` list in order, checking each tensor's

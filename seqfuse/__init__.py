@@ -10,7 +10,7 @@ BatchNorm1d and activations as single fused C++ kernel calls.
 torch.Size([8, 4])
 """
 
-from . import ops
+from . import ops, verify
 from ._loader import BUILD_INFO
 from .container import Explanation, FusedSequential, SeqfuseWarning
 from .convert import fuse
@@ -18,4 +18,15 @@ from .explain import ModelExplanation, explain
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedSequential", "fuse", "explain", "ModelExplanation", "Explanation", "SeqfuseWarning", "ops", "BUILD_INFO", "__version__"]
+__all__ = [
+    "FusedSequential",
+    "fuse",
+    "explain",
+    "ModelExplanation",
+    "Explanation",
+    "SeqfuseWarning",
+    "ops",
+    "verify",
+    "BUILD_INFO",
+    "__version__",
+]

@@ -37,6 +37,17 @@ def _load():
 
 _C = _load()
 
+
+def _match_eager_gelu_at_inf() -> None:
+    """Eager's float32 GELU(+inf) depends on the CPU kernel ATen runs (NaN
+    with its AVX-512 erf, +inf with AVX2's); the fused kernels follow it."""
+    with torch.inference_mode():
+        v = torch.nn.functional.gelu(torch.full((64,), float("inf")))[0].item()
+    _C.set_gelu_erf_at_pos_inf(v)
+
+
+_match_eager_gelu_at_inf()
+
 try:  # an invalid SEQFUSE_CPU_CAPABILITY fails here, once, not on every call
     _C.cpu_capability()
 except ValueError as err:

@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, verify
 from ._loader import _C
 from .planner import Segment, global_hook_dicts, plan_segments
 
@@ -50,7 +50,7 @@ def _with_context(err: BaseException, key: str, m, x) -> BaseException:
     return type(err)(f"FusedSequential child '{key}' ({_describe(m)}) failed on input of shape {_shape_of(x)}: {err}")
 
 
-# Plan-guard routes (PlanGuard.check in csrc/python_bindings.cpp).
+# Plan-guard routes (PlanGuard::check in csrc/runtime/plan_guard.cpp).
 _STALE, _INFERENCE, _EAGER, _TRAIN = 0, 1, 2, 3
 
 
@@ -114,6 +114,9 @@ class _FusedRun:
                 return self.run_eager(x)
             if self.on_packed is not None:
                 self.on_packed(self.call)
+        mode = _check_mode(x)
+        if mode != "off":
+            return self.run_checked(x, mode, "inference")
         try:
             y = self.call(x)
         except Exception as err:
@@ -126,11 +129,56 @@ class _FusedRun:
         run eagerly, as in inference."""
         if self.train_call is None:
             return self.run_eager(x)
+        mode = _check_mode(x)
+        if mode != "off":
+            return self.run_checked(x, mode, "train")
         try:
             y = self.train_call(x)
         except Exception as err:
             return self.recover(x, err)  # the op mutates nothing: eager can repeat the call
         return self.run_eager(x) if y is None else y
+
+    def run_checked(self, x, mode: str, route: str):
+        """A call on a device whose kernels are checked against eager
+        (seqfuse.verify): the fused result when it matches eager's, else
+        eager's, with a warning, and eagerly from then on."""
+        seg = self.segment
+        if verify.failed(seg.modules, seg.spec):
+            return self.run_eager(x)
+        call = self.call if route == "inference" else self.train_call
+        if not verify.needs_check(mode, seg.modules, seg.spec, route, x):
+            try:
+                y = call(x)
+            except Exception as err:
+                return self.recover(x, err)
+            return self.run_eager(x) if y is None else y
+        restore = verify.batchnorm_state(seg.modules) if route == "train" else None
+        try:
+            y = call(x)
+        except Exception as err:
+            return self.recover(x, err)
+        if y is None:
+            return self.run_eager(x)
+        # Inference: the modules themselves (eval BatchNorm mutates nothing);
+        # training: copies, so running statistics are updated once, by the fused call.
+        eager = self.run_eager(x) if route == "inference" else verify.eager_copy_output(seg.modules, x)
+        why = verify.mismatch(y.detach(), eager, seg.modules, x.detach())
+        verify.record(seg.modules, seg.spec, route, x, why is None)
+        if why is None:
+            return y
+        warnings.warn(
+            f"seqfuse: the fused {x.device.type} kernel of children [{seg.start}:{seg.stop}] "
+            f"({', '.join(type(m).__name__ for m in seg.modules)}) disagrees with eager on input of shape "
+            f"{tuple(x.shape)} {x.dtype}: {why}. This segment runs eagerly from now on; please report it "
+            "with FusedSequential.explain() and the GPU model.",
+            SeqfuseWarning,
+            stacklevel=4,
+        )
+        if route == "inference":
+            return eager
+        restore()  # the fused call's running-statistics update is undone; eager does its own
+        self.train_call = None
+        return self.run_eager(x)
 
     def run_eager(self, x):
         """The segment's modules one by one; an error names the failing child
@@ -153,6 +201,16 @@ class _FusedRun:
             stacklevel=3,
         )
         return x
+
+
+def _check_mode(x) -> str:
+    return verify.kernel_check(x.device.type) if isinstance(x, torch.Tensor) else "off"
+
+
+def _segment_checked(segment: Segment) -> bool:
+    """Whether the calls of a segment's device are checked against eager."""
+    devices = {t.device.type for t in segment.watched_tensors()}
+    return any(verify.kernel_check(d) != "off" for d in devices)
 
 
 class _EagerRun:
@@ -193,7 +251,9 @@ class Plan:
         self.guard = _C.PlanGuard(
             container._modules, modules, fused_tensors, list(container.parameters()), global_hook_dicts(), batch_stats
         )
-        if len(self.runs) == 1 and self.segments[0].fused:
+        # The guard's direct call skips the Python run: not for segments whose
+        # calls are checked against eager (seqfuse.verify).
+        if len(self.runs) == 1 and self.segments[0].fused and not _segment_checked(self.segments[0]):
             self.runs[0].on_packed = self.guard.set_single_fused
             if self.runs[0].call is not None:
                 self.guard.set_single_fused(self.runs[0].call)
@@ -288,7 +348,7 @@ class FusedSequential(nn.Sequential):
         the training op where the call needs autograd or batch statistics."""
         keys = list(self._modules.keys())
         modules = list(self._modules.values())
-        autocast = torch.is_autocast_enabled("cpu")
+        autocast = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
         needs_grad = torch.is_grad_enabled() and (
             (isinstance(input, torch.Tensor) and input.requires_grad)
             or any(p.requires_grad for p in self.parameters())

@@ -44,8 +44,10 @@ SPEC_VERSION = 1
 _SPEC_HEADER = 4
 _SPEC_PER_STAGE = 4
 
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 SUPPORTED_DTYPES = tuple(_DTYPE_CODES)
+# Dtypes only some devices' kernels serve.
+DEVICE_ONLY_DTYPES = {torch.float16: ("cuda",)}
 
 HAS_BIAS = 1
 HAS_BATCHNORM = 2
@@ -340,7 +342,7 @@ def _conv_forward_fake(input, packed, weights, spec, fparams, engine=ENGINE_FUSE
 
 
 def _conv_output_channels_last(spec, input, weights) -> bool:
-    """The Python twin of output_channels_last in csrc/cpu/conv_cpu.cpp:
+    """The Python twin of output_channels_last in csrc/conv_output_layout.h:
     eager's output memory format, followed stage by stage."""
     from torch._prims_common import suggest_memory_format
 
@@ -449,7 +451,7 @@ _MLP_KINDS = {StageKind.LINEAR: ConvStageKind.LINEAR, StageKind.SCALE_SHIFT: Con
 
 def _train_stages(spec: Sequence[int], conv: bool):
     """(kind, out_channels, activation, flags, window, param, options) of
-    each stage, MLP stages in conv-run terms (as csrc/cpu/train_cpu.cpp)."""
+    each stage, MLP stages in conv-run terms (as csrc/train_run.h)."""
     if conv:
         for st in _conv_stages(spec):
             yield ConvStageKind(int(st[0])), int(st[1]), int(st[2]), int(st[3]), [int(v) for v in st[4:14]], int(st[14]), int(st[15])
@@ -466,7 +468,7 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def _train_forward_fake(conv: bool, input, params, running, spec, fparams):
-    """The Python twin of train_forward_impl's walk (csrc/cpu/train_cpu.cpp):
+    """The Python twin of train_forward_impl's walk (csrc/train_run.h):
     the same ATen ops on fake tensors give the same shapes and strides."""
     aten = torch.ops.aten
     x = input if conv else input.reshape(-1, int(spec[3]))

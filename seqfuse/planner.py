@@ -20,6 +20,7 @@ from .ops import (
     BATCHNORM_AFFINE,
     CEIL_MODE,
     COUNT_INCLUDE_PAD,
+    DEVICE_ONLY_DTYPES,
     HAS_BATCHNORM,
     HAS_BIAS,
     RUNNING_STATS,
@@ -93,9 +94,11 @@ def _tensor_home(m: nn.Module, names: Sequence[str]):
         return None, None, "its tensors do not share one dtype and device"
     dtype, device = dtypes.pop(), devices.pop()
     if dtype not in SUPPORTED_DTYPES:
-        return None, None, f"no fused kernel for {dtype} (supported: float32, float64, bfloat16)"
+        return None, None, f"no fused kernel for {dtype} (supported: float32, float64, bfloat16, float16 on CUDA)"
     if device.type not in FUSED_DEVICES:
         return None, None, f"no fused kernel for device '{device.type}' in this build"
+    if device.type not in DEVICE_ONLY_DTYPES.get(dtype, (device.type,)):
+        return None, None, f"no fused {device.type} kernel for {dtype} (it runs fused on CUDA)"
     return dtype, device, ""
 
 
@@ -111,8 +114,9 @@ def _classify_batchnorm(m, role: str) -> Classified:
     dtype, device, why = _tensor_home(m, ("weight", "bias", "running_mean", "running_var"))
     if why:
         return Classified(None, why)
-    if _batchnorm_flags(m) & BATCH_STATS and dtype == torch.bfloat16:
-        return Classified(None, f"{name} with batch statistics in bfloat16 (fused training runs float32 and float64)")
+    if _batchnorm_flags(m) & BATCH_STATS and dtype in (torch.bfloat16, torch.float16):
+        return Classified(None, f"{name} with batch statistics in {str(dtype).replace('torch.', '')} "
+                                "(fused training runs float32 and float64)")
     n = m.num_features
     if (m.weight is None) != (m.bias is None) or (m.weight is None) == m.affine:
         return Classified(None, f"{name} with only one of weight and bias (not fused)")
@@ -255,9 +259,10 @@ class Segment:
 
     def engine_weights(self) -> List[torch.Tensor]:
         """What engine 1 multiplies with: the Linear weights of an MLP run, the
-        Conv2d weights of a conv run, in stage order."""
+        Conv2d and then the Linear (head) weights of a conv run, in stage order."""
         if self.op == "conv":
-            return [st.modules[0].weight for st in self.stages if st.kind == ConvStageKind.CONV]
+            kinds = (ConvStageKind.CONV, ConvStageKind.LINEAR)
+            return [st.modules[0].weight for st in self.stages if st.kind in kinds]
         return [st.modules[0].weight for st in self.stages if st.kind == StageKind.LINEAR]
 
     def watched_tensors(self) -> List[torch.Tensor]:

@@ -9,8 +9,9 @@
 #include <vector>
 
 #include "../kernels/conv_forward.h"
-#include "channel_layout.h"
+#include "../conv_output_layout.h"
 #include "../spec_adapter.h"
+#include "channel_layout.h"
 
 namespace seqfuse {
 namespace {
@@ -32,7 +33,7 @@ at::Tensor conv_pack_cpu(at::TensorList tensors, at::IntArrayRef spec, at::Array
   at::Tensor packed = at::zeros({d.packed_bytes}, at::TensorOptions().dtype(at::kByte));
   uint8_t* base = packed.data_ptr<uint8_t>();
   PackInputs inputs("seqfuse::conv_pack", tensors, dtype);
-  dispatch_mlp_dtype(d.dtype, [&]<typename T>() {
+  dispatch_pack_dtype(d.dtype, [&]<typename T>() {
     for (size_t i = 0; i < d.stages.size(); ++i) {
       const ConvStage& s = d.stages[i];
       const int64_t si = static_cast<int64_t>(i), n = s.out_channels;
@@ -56,34 +57,6 @@ template <typename F> void parallel_range(int64_t n, int64_t work, const F& f) {
     at::parallel_for(0, n, (n + threads - 1) / threads, f);
   else if (n > 0)
     f(0, n);
-}
-
-// The output memory format eager gives, found by following the layout of
-// eager's intermediate tensors stage by stage: a convolution's output is
-// channels_last when its input or its weight is (ATen's oneDNN rule); pools
-// keep their input's layout; an elementwise op (BatchNorm, activation) on a
-// channels_last tensor that is also contiguous (one channel, or a 1x1 map)
-// produces a contiguous one. Tested against eager on random chains.
-bool output_channels_last(const ConvDesc& d, const ConvGeometry& g, const at::Tensor& input, at::TensorList weights) {
-  bool cl = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  size_t conv_index = 0;
-  for (size_t i = 0; i < d.stages.size(); ++i) {
-    const ConvStage& st = d.stages[i];
-    const kernels::StageShape& s = g.stages[i];
-    if (st.kind == ConvStageKind::Flatten || st.kind == ConvStageKind::Linear) break;
-    if (st.kind == ConvStageKind::Conv) {
-      const bool weight_cl = conv_index < weights.size() && weights[conv_index].dim() == 4 &&
-                             weights[conv_index].suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-      ++conv_index;
-      cl = cl || weight_cl;
-      // ATen's float64 depthwise kernel returns a 1x1 map contiguous.
-      if (d.dtype == kernels::DType::Float64 && st.depthwise && s.out_h * s.out_w == 1) cl = false;
-    }
-    const bool elementwise = st.kind == ConvStageKind::ScaleShift || st.kind == ConvStageKind::Pointwise ||
-                             (st.flags & kernels::kHasBatchNorm) || st.activation != kernels::Activation::None;
-    if (elementwise && (s.out_c == 1 || s.out_h * s.out_w == 1)) cl = false;
-  }
-  return cl;
 }
 
 struct RunContext {

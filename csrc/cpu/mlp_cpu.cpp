@@ -32,7 +32,7 @@ at::Tensor mlp_pack_cpu(at::TensorList tensors, at::IntArrayRef spec, at::ArrayR
   at::Tensor packed = at::zeros({d.packed_bytes}, at::TensorOptions().dtype(at::kByte));
   uint8_t* base = packed.data_ptr<uint8_t>();
   PackInputs inputs("seqfuse::mlp_pack", tensors, dtype);
-  dispatch_mlp_dtype(d.dtype, [&]<typename T>() {
+  dispatch_pack_dtype(d.dtype, [&]<typename T>() {
     using A = kernels::acc_t<T>;
     for (size_t i = 0; i < d.stages.size(); ++i) {
       const StageDesc& s = d.stages[i];

@@ -101,7 +101,8 @@ __attribute__((always_inline)) inline VF activate_vec(VF x, Activation act, floa
       // float as in float64; pinned here so no contraction or erf rounding
       // near the limits changes either.
       VF y = 0.5f * x * (1.0f + erf_vec(x * 0.70710678118654752f));
-      y = select(x == __builtin_inff(), x, y);
+      y = select(x == __builtin_inff(),
+                 splat(::seqfuse::kernels::gelu_erf_at_pos_inf.load(std::memory_order_relaxed)), y);
       return select(x == -__builtin_inff(), splat(__builtin_nanf("")), y);
     }
     case Activation::GeluTanh: {

@@ -42,6 +42,7 @@ void pack_conv_stage(const ConvStage& st, const T* weight, const T* bias, const 
 SEQFUSE_INSTANTIATE_PACK(float)
 SEQFUSE_INSTANTIATE_PACK(double)
 SEQFUSE_INSTANTIATE_PACK(bf16)
+SEQFUSE_INSTANTIATE_PACK(fp16)
 #undef SEQFUSE_INSTANTIATE_PACK
 
 }  // namespace seqfuse::kernels

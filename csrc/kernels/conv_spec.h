@@ -122,7 +122,7 @@ inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const dou
   auto fail = [](const std::string& m) { throw std::invalid_argument("seqfuse: malformed conv spec: " + m); };
   if (spec_len < static_cast<size_t>(kConvSpecHeader)) fail("too short");
   if (spec[0] != kConvSpecVersion) fail("version " + std::to_string(spec[0]));
-  if (spec[1] < 0 || spec[1] > 2) fail("dtype code " + std::to_string(spec[1]));
+  if (spec[1] < 0 || spec[1] > 3) fail("dtype code " + std::to_string(spec[1]));
   ConvDesc d{};
   d.dtype = static_cast<DType>(spec[1]);
   d.flatten_stage = -1;

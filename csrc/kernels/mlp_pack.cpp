@@ -53,6 +53,7 @@ void fold_scale_shift(int64_t channels, const T* bias, const T* bn_weight, const
 SEQFUSE_INSTANTIATE_PACK(float)
 SEQFUSE_INSTANTIATE_PACK(double)
 SEQFUSE_INSTANTIATE_PACK(bf16)
+SEQFUSE_INSTANTIATE_PACK(fp16)
 #undef SEQFUSE_INSTANTIATE_PACK
 
 }  // namespace seqfuse::kernels

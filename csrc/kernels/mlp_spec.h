@@ -13,6 +13,7 @@
 //   Pointwise   y = act(x)                           (an activation not after a stage)
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
@@ -36,7 +37,8 @@ constexpr int64_t kMaxStages = int64_t{1} << 16;
 constexpr int64_t kPanelWidth = 16;
 constexpr int64_t kSectionAlign = 64;
 
-enum class DType : int64_t { Float32 = 0, Float64 = 1, BFloat16 = 2 };
+// Float16 is served by the CUDA kernels only (the CPU adapters reject it; packing accepts it).
+enum class DType : int64_t { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
 enum class StageKind : int64_t { Linear = 0, ScaleShift = 1, Pointwise = 2 };
 enum class Activation : int64_t {
   None = 0,
@@ -52,6 +54,13 @@ enum class Activation : int64_t {
   Hardsigmoid = 10,
 };
 constexpr int64_t kNumActivations = 11;
+
+// float32 GELU (erf form) at +inf: eager's value depends on the CPU kernel
+// ATen dispatches to (its AVX-512 erf gives NaN there, its AVX2 one and the
+// exact formula +inf). The Python front asks eager once at import and sets
+// it, so the fused kernels give eager's value on every machine. (float64 and
+// the CUDA kernels give +inf, as eager does.)
+inline std::atomic<float> gelu_erf_at_pos_inf{__builtin_inff()};
 
 // Stage flags: which inputs the packing op receives for the stage.
 constexpr int64_t kHasBias = 1;       // Linear bias
@@ -109,7 +118,7 @@ inline MlpDesc decode_mlp_spec(const int64_t* spec, size_t spec_len, const doubl
   auto fail = [](const std::string& m) { throw std::invalid_argument("seqfuse: malformed mlp spec: " + m); };
   if (spec_len < static_cast<size_t>(kSpecHeader)) fail("too short");
   if (spec[0] != kSpecVersion) fail("version " + std::to_string(spec[0]));
-  if (spec[1] < 0 || spec[1] > 2) fail("dtype code " + std::to_string(spec[1]));
+  if (spec[1] < 0 || spec[1] > 3) fail("dtype code " + std::to_string(spec[1]));
   MlpDesc d{};
   d.dtype = static_cast<DType>(spec[1]);
   const int64_t n = spec[2];

@@ -907,7 +907,7 @@ TEST(conv_decode_rejects_malformed_specs) {
       {"version 2", [](EncodedSpec& e) { e.spec[0] = sk::kConvSpecVersion + 1; }},
       {"the MLP spec's layout", [](EncodedSpec& e) { e.spec.resize(4 + 4); }},
       {"dtype code -1", [](EncodedSpec& e) { e.spec[1] = -1; }},
-      {"dtype code 3", [](EncodedSpec& e) { e.spec[1] = 3; }},
+      {"dtype code 4", [](EncodedSpec& e) { e.spec[1] = 4; }},
       {"empty", [](EncodedSpec& e) { e.spec.clear(); }},
       {"header only", [](EncodedSpec& e) { e.spec.resize(4); }},
       {"zero stages", [](EncodedSpec& e) { e.spec[2] = 0; }},

@@ -495,7 +495,7 @@ TEST(decode_rejects_malformed_specs) {
       {"version 0", [](EncodedSpec& e) { e.spec[0] = 0; }},
       {"too short", [](EncodedSpec& e) { e.spec.resize(3); }},
       {"empty", [](EncodedSpec& e) { e.spec.clear(); }},
-      {"dtype code 3", [](EncodedSpec& e) { e.spec[1] = 3; }},
+      {"dtype code 4", [](EncodedSpec& e) { e.spec[1] = 4; }},
       {"dtype code -1", [](EncodedSpec& e) { e.spec[1] = -1; }},
       {"zero stages", [](EncodedSpec& e) { e.spec[2] = 0; }},
       {"negative stage count", [](EncodedSpec& e) { e.spec[2] = -1; }},

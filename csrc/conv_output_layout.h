@@ -1,0 +1,42 @@
+// The memory format of a conv run's output: the one eager's chain of modules
+// would give. Shared by the CPU and CUDA adapters of seqfuse::conv_forward
+// (and mirrored in Python by seqfuse/ops.py's fake kernel).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "kernels/conv_spec.h"
+
+namespace seqfuse {
+
+// The output memory format eager gives, found by following the layout of
+// eager's intermediate tensors stage by stage: a convolution's output is
+// channels_last when its input or its weight is (ATen's oneDNN rule); pools
+// keep their input's layout; an elementwise op (BatchNorm, activation) on a
+// channels_last tensor that is also contiguous (one channel, or a 1x1 map)
+// produces a contiguous one. Tested against eager on random chains.
+inline bool output_channels_last(const kernels::ConvDesc& d, const kernels::ConvGeometry& g, const at::Tensor& input,
+                                 at::TensorList weights) {
+  bool cl = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  size_t conv_index = 0;
+  for (size_t i = 0; i < d.stages.size(); ++i) {
+    const kernels::ConvStage& st = d.stages[i];
+    const kernels::StageShape& s = g.stages[i];
+    if (st.kind == kernels::ConvStageKind::Flatten || st.kind == kernels::ConvStageKind::Linear) break;
+    if (st.kind == kernels::ConvStageKind::Conv) {
+      const bool weight_cl = conv_index < weights.size() && weights[conv_index].dim() == 4 &&
+                             weights[conv_index].suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+      ++conv_index;
+      cl = cl || weight_cl;
+      // ATen's float64 depthwise kernel returns a 1x1 map contiguous.
+      if (d.dtype == kernels::DType::Float64 && st.depthwise && s.out_h * s.out_w == 1) cl = false;
+    }
+    const bool elementwise = st.kind == kernels::ConvStageKind::ScaleShift ||
+                             st.kind == kernels::ConvStageKind::Pointwise || (st.flags & kernels::kHasBatchNorm) ||
+                             st.activation != kernels::Activation::None;
+    if (elementwise && (s.out_c == 1 || s.out_h * s.out_w == 1)) cl = false;
+  }
+  return cl;
+}
+
+}  // namespace seqfuse

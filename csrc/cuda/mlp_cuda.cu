@@ -1,0 +1,161 @@
+// CUDA adapters of the fused MLP ops: checks, device guard, current stream,
+// launch; the device code is in kernels/cuda/.
+//
+// engine 0: the fully fused kernel (kernels/cuda/mlp_fused.cuh) when the
+//           chain's widths fit in shared memory, otherwise engine 1;
+// engine 1: each Linear's product by ATen's GEMM (cuBLAS), each epilogue by
+//           the fused per-channel epilogue kernel, in place on the product.
+#include <torch/library.h>
+
+#include "../kernels/cuda/epilogue.cuh"
+#include "../kernels/cuda/mlp_fused.cuh"
+#include "launch.cuh"
+
+namespace seqfuse {
+namespace {
+
+using kernels::MlpDesc;
+using kernels::StageDesc;
+using kernels::StageKind;
+namespace dev = seqfuse::cuda;
+
+// Shared memory the fused kernel may ask for: what every sm_80+ part grants
+// with the opt-in (sm_86/89 allow 99 KB per block).
+constexpr int64_t kFusedSmemLimit = 99 * 1024;
+
+at::Tensor mlp_pack_cuda(at::TensorList tensors, at::IntArrayRef spec, at::ArrayRef<double> fparams) {
+  c10::Device device(at::kCUDA);
+  const std::vector<at::Tensor> host = cuda_adapter::host_copies("seqfuse::mlp_pack", tensors, &device);
+  static const auto pack = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("seqfuse::mlp_pack", "")
+                               .typed<at::Tensor(at::TensorList, at::IntArrayRef, at::ArrayRef<double>)>();
+  return pack.call(host, spec, fparams).to(device);
+}
+
+template <typename T> bool fused_kernel_serves(const MlpDesc& d) {
+  return static_cast<int64_t>(d.stages.size()) <= dev::kFusedMaxStages &&
+         dev::fused_mlp_smem_bytes<T>(static_cast<int>(d.max_width)) <= kFusedSmemLimit;
+}
+
+template <typename T>
+void launch_fused(const MlpDesc& d, const uint8_t* packed, const T* x, int64_t ld_x, T* y, int64_t rows) {
+  dev::FusedMlpArgs a{};
+  a.x = x;
+  a.ld_x = ld_x;
+  a.y = y;
+  a.ld_y = d.out_features;
+  a.rows = rows;
+  a.packed = packed;
+  a.n_stages = static_cast<int32_t>(d.stages.size());
+  a.width = static_cast<int32_t>(d.max_width);
+  for (size_t i = 0; i < d.stages.size(); ++i) {
+    const StageDesc& s = d.stages[i];
+    a.stages[i] = dev::FusedStage{static_cast<int32_t>(s.kind),       static_cast<int32_t>(s.in_features),
+                                  static_cast<int32_t>(s.out_features), static_cast<int32_t>(s.activation),
+                                  s.alpha,                              s.weight_offset,
+                                  s.scale_offset,                       s.shift_offset};
+  }
+  const int64_t smem = dev::fused_mlp_smem_bytes<T>(a.width);
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(dev::fused_mlp_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  const unsigned blocks = static_cast<unsigned>(dev::ceil_div(rows, dev::kFusedRowsPerBlock));
+  dev::fused_mlp_kernel<T><<<blocks, dev::kFusedWarps * dev::kWarpSize, smem, at::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_epilogue(const StageDesc& s, const uint8_t* packed, const T* in, int64_t ld_in, T* out, int64_t ld_out,
+                     int64_t rows) {
+  using A = dev::acc_of<T>;
+  dev::ChannelEpilogueArgs<T> a{};
+  a.in = in;
+  a.ld_in = ld_in;
+  a.out = out;
+  a.ld_out = ld_out;
+  a.rows = rows;
+  a.channels = s.out_features;
+  a.scale = s.scale_offset >= 0 ? reinterpret_cast<const A*>(packed + s.scale_offset) : nullptr;
+  a.shift = s.shift_offset >= 0 ? reinterpret_cast<const A*>(packed + s.shift_offset) : nullptr;
+  a.activation = static_cast<int32_t>(s.activation);
+  a.alpha = static_cast<A>(s.alpha);
+  constexpr int kThreads = 256;
+  dev::channel_epilogue_kernel<T>
+      <<<cuda_adapter::grid_for(rows * s.out_features, kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+at::Tensor gemm_epilogue(const MlpDesc& d, const uint8_t* pk, const at::Tensor& x, at::TensorList weights,
+                         int64_t rows) {
+  at::Tensor cur = x;
+  size_t next_weight = 0;
+  for (size_t i = 0; i < d.stages.size(); ++i) {
+    const StageDesc& s = d.stages[i];
+    at::Tensor out;
+    if (s.kind == StageKind::Linear) {
+      TORCH_CHECK_VALUE(next_weight < weights.size(), "seqfuse::mlp_forward: engine 1 needs the weight of stage ", i);
+      const at::Tensor& w = weights[next_weight++];
+      TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == s.out_features && w.size(1) == s.in_features &&
+                            w.scalar_type() == x.scalar_type() && w.device() == x.device(),
+                        "seqfuse::mlp_forward: weight of stage ", i, " has shape ", w.sizes(), ", dtype ",
+                        w.scalar_type(), " and device ", w.device(), ", expected [", s.out_features, ", ",
+                        s.in_features, "] ", x.scalar_type(), " on ", x.device());
+      out = at::mm(cur, w.t());
+      cur = out;  // the epilogue runs in place on the product
+    } else {
+      out = cur.is_same(x) ? at::empty({rows, s.out_features}, x.options()) : cur;
+    }
+    launch_epilogue<T>(s, pk, static_cast<const T*>(cur.const_data_ptr()), cur.stride(0),
+                       static_cast<T*>(out.mutable_data_ptr()), out.stride(0), rows);
+    cur = out;
+  }
+  return cur;
+}
+
+at::Tensor mlp_forward_cuda(const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,
+                            at::IntArrayRef spec, at::ArrayRef<double> fparams, int64_t engine) {
+  const MlpDesc d = decode_mlp_spec(spec, fparams);
+  const at::ScalarType dtype = scalar_type_of(d.dtype);
+  TORCH_CHECK(input.scalar_type() == dtype, "seqfuse::mlp_forward: input dtype ", input.scalar_type(),
+              " does not match the fused parameters' dtype ", dtype);
+  TORCH_CHECK(input.dim() >= 1, "seqfuse::mlp_forward: input must have at least 1 dimension, got shape ",
+              input.sizes());
+  TORCH_CHECK(input.size(-1) == d.in_features, "seqfuse::mlp_forward: input shape ", input.sizes(),
+              " does not end in in_features=", d.in_features);
+  cuda_adapter::check_packed("seqfuse::mlp_forward", packed, input, d.packed_bytes);
+  TORCH_CHECK_VALUE(engine == 0 || engine == 1, "seqfuse::mlp_forward: unknown engine ", engine);
+  const c10::cuda::CUDAGuard guard(input.device());
+
+  const int64_t K = d.in_features, N = d.out_features;
+  at::Tensor x = input;
+  const bool row_major = input.stride(-1) == 1 && (input.dim() == 1 || input.is_contiguous() ||
+                                                   (input.dim() == 2 && input.stride(0) >= K));
+  if (!row_major) x = input.contiguous();
+  const int64_t rows = x.numel() / K;
+  const int64_t ld_x = x.dim() == 2 ? x.stride(0) : K;
+  c10::SmallVector<int64_t, 6> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = N;
+  if (rows == 0) return at::empty(out_shape, input.options());
+
+  return cuda_adapter::dispatch_device_dtype(d.dtype, [&]<typename T>() {
+    const uint8_t* pk = packed.const_data_ptr<uint8_t>();
+    if (engine == 0 && fused_kernel_serves<T>(d)) {
+      at::Tensor y = at::empty(out_shape, input.options());
+      launch_fused<T>(d, pk, static_cast<const T*>(x.const_data_ptr()), ld_x, static_cast<T*>(y.mutable_data_ptr()),
+                      rows);
+      return y;
+    }
+    const at::Tensor x2 = x.dim() == 2 ? x : x.view({rows, K});
+    return gemm_epilogue<T>(d, pk, x2, weights, rows).view(out_shape);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seqfuse, CUDA, m) {
+  m.impl("mlp_pack", &mlp_pack_cuda);
+  m.impl("mlp_forward", &mlp_forward_cuda);
+}
+
+}  // namespace seqfuse

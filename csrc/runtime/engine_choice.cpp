@@ -1,0 +1,90 @@
+// Engine choice by measurement (see engine_choice.h).
+#include "runtime/engine_choice.h"
+
+#include <c10/core/Stream.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <chrono>
+#include <optional>
+
+namespace seqfuse {
+
+std::atomic<int>& engine_override() {
+  static std::atomic<int> value{-1};
+  return value;
+}
+
+int EngineChoices::get(const Key& key) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = choices_.find(key);
+  return it == choices_.end() ? -1 : it->second;
+}
+
+void EngineChoices::set(const Key& key, int engine) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  choices_[key] = engine;
+}
+
+std::vector<std::tuple<std::vector<int64_t>, int, int, int>> EngineChoices::with_prefix(
+    int op, c10::DeviceType device_type, const std::vector<int64_t>& prefix) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::tuple<std::vector<int64_t>, int, int, int>> out;
+  for (const auto& [key, engine] : choices_) {
+    const auto& shape = std::get<2>(key);
+    if (std::get<0>(key) == op && std::get<1>(key) == device_type && shape.size() >= prefix.size() &&
+        std::equal(prefix.begin(), prefix.end(), shape.begin()))
+      out.emplace_back(shape, std::get<3>(key), std::get<4>(key), engine);
+  }
+  return out;
+}
+
+EngineChoices& EngineChoices::global() {
+  static EngineChoices instance;
+  return instance;
+}
+
+int measure_fastest_engine(c10::Device device, int engine_count, const std::function<void(int)>& run) {
+  TORCH_INTERNAL_ASSERT(engine_count >= 1 && engine_count <= kMaxEngines, "seqfuse: ", engine_count,
+                        " engines to measure, at most ", kMaxEngines);
+  // CPU calls are done when they return; other devices' calls are queued on
+  // the device's current stream, which is waited for around each timing (the
+  // guard implementation is the device type's own, found at run time: no
+  // device library is linked).
+  std::optional<c10::impl::VirtualGuardImpl> guard;
+  std::optional<c10::Stream> stream;
+  if (!device.is_cpu()) {
+    guard.emplace(device.type());
+    stream = guard->getStream(device);
+    if (guard->isStreamCapturing(*stream)) return -1;
+  }
+  auto sync = [&] {
+    if (guard) guard->synchronizeStream(*stream);
+  };
+  // Measure: alternate the engines after one warm-up each; median of 3, or
+  // one timing each for calls long enough (> 20 ms) to be stable.
+  using clock = std::chrono::steady_clock;
+  auto timed = [&](int e) {
+    sync();  // work queued before this call is not its time
+    const auto t0 = clock::now();
+    run(e);
+    sync();
+    return std::chrono::duration<double>(clock::now() - t0).count();
+  };
+  const int n = engine_count;
+  double warm = 0;
+  for (int e = 0; e < n; ++e) warm = std::max(warm, timed(e));
+  const int reps = warm > 0.02 ? 1 : 3;
+  double times[kMaxEngines][3];
+  for (int rep = 0; rep < reps; ++rep)
+    for (int e = 0; e < n; ++e) times[e][rep] = timed(e);
+  int best = 0;
+  for (int e = 0; e < n; ++e) {
+    std::sort(times[e], times[e] + reps);
+    if (times[e][reps / 2] < times[best][reps / 2]) best = e;
+  }
+  return best;
+}
+
+}  // namespace seqfuse
