@@ -241,6 +241,7 @@ class Plan:
         keys = list(container._modules.keys())
         modules = list(container._modules.values())
         self.segments: List[Segment] = plan_segments(keys, modules)
+        self.graphs: dict = {}  # input signature -> _GraphReplay (cuda_graph=True)
         pack_now = not container.training  # an eval-mode plan serves inference calls
         self.runs = [self._bind(s, pack_now) if s.fused else _EagerRun(s) for s in self.segments]
         self.segments = [r.segment for r in self.runs]
@@ -280,6 +281,39 @@ class Plan:
         return x
 
 
+# Input signatures a plan keeps CUDA graphs for (each holds its own memory pool).
+_MAX_GRAPHS_PER_PLAN = 8
+
+
+class _GraphReplay:
+    """The inference forward of one plan captured as a CUDA graph for one
+    input signature (shape, strides, dtype, device): a static input buffer
+    the caller's input is copied into, and a static output a copy of which
+    each call returns. Belongs to its plan: when the guard re-plans (a
+    parameter update, an edit), the graph goes with the old plan."""
+
+    __slots__ = ("graph", "static_in", "static_out")
+
+    def __init__(self, plan: Plan, x: torch.Tensor, route: int):
+        # Outside the capture first: packing, engine measurements and the
+        # first-call check against eager (which synchronizes) all happen here.
+        plan.run(x, route)
+        self.static_in = x.clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            plan.run(self.static_in, route)  # allocations of a warm run, as the capture will make them
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = plan.run(self.static_in, route)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.static_in.copy_(x)
+        self.graph.replay()
+        return self.static_out.clone()
+
+
 class FusedSequential(nn.Sequential):
     r"""A drop-in :class:`torch.nn.Sequential` that runs chains of Linear,
     BatchNorm1d and activations, and chains of Conv2d, BatchNorm2d,
@@ -303,6 +337,13 @@ class FusedSequential(nn.Sequential):
     Under ``torch.autocast``, which changes eager's compute dtype, fused
     segments run eagerly.
 
+    ``cuda_graph=True`` (or setting the ``cuda_graph`` attribute) replays
+    inference calls on CUDA tensors as CUDA graphs, one per input signature
+    (shape, strides, dtype, device; at most 8 per plan), captured at the
+    signature's first call after one ordinary call; each call returns a new
+    tensor. A re-plan (parameters updated or edited) captures anew; training
+    calls, and calls while another capture is under way, run as usual.
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -313,9 +354,16 @@ class FusedSequential(nn.Sequential):
         ...     torch.testing.assert_close(model(x), ref(x))
     """
 
+    def __init__(self, *args, cuda_graph: bool = False):
+        super().__init__(*args)
+        if cuda_graph:
+            self.cuda_graph = True
+
     def forward(self, input):
         if torch.compiler.is_compiling():
             return self._forward_traceable(input)
+        if self.__dict__.get("cuda_graph") and isinstance(input, torch.Tensor) and input.is_cuda:
+            return self._forward_graphed(input)
         plan = self.__dict__.get(_PLAN_ATTR)
         if plan is not None:
             y = plan.guard.run(input)  # the whole forward of a one-segment plan, in C++
@@ -328,6 +376,31 @@ class FusedSequential(nn.Sequential):
             plan = self._replan()
             route = plan.guard.check(input)
         return plan.run(input, route)
+
+    def _forward_graphed(self, input):
+        """The forward with CUDA-graph replay of inference calls (``cuda_graph=True``)."""
+        plan = self.__dict__.get(_PLAN_ATTR)
+        route = plan.guard.check(input) if plan is not None else 0
+        if not route:
+            if _C.needs_eager_context(input):
+                return super().forward(input)
+            plan = self._replan()
+            route = plan.guard.check(input)
+        if (route != _INFERENCE or torch.cuda.is_current_stream_capturing()
+                or verify.kernel_check(input.device.type) == "always"):
+            return plan.run(input, route)
+        key = (tuple(input.shape), input.stride(), input.dtype, input.device)
+        if key not in plan.graphs:
+            if len(plan.graphs) >= _MAX_GRAPHS_PER_PLAN:
+                return plan.run(input, route)
+            try:
+                plan.graphs[key] = _GraphReplay(plan, input, route)
+            except Exception as err:  # e.g. an eager child that synchronizes
+                plan.graphs[key] = None
+                warnings.warn(f"seqfuse: this forward cannot be captured as a CUDA graph ({err}); "
+                              f"input {tuple(input.shape)} runs without one", SeqfuseWarning, stacklevel=3)
+        replay = plan.graphs[key]
+        return plan.run(input, route) if replay is None else replay(input)
 
     def _replan(self) -> Plan:
         plan = Plan(self)

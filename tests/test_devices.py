@@ -207,6 +207,30 @@ def test_fuse_keeps_classes_on_device(device):
         torch.testing.assert_close(fused(x), model(x))
 
 
+def test_cuda_graph_option(device):
+    """cuda_graph=True: CUDA inference calls replay a captured graph (re-captured
+    after a parameter update); elsewhere the option changes nothing."""
+    torch.manual_seed(7)
+    mods = _on([nn.Linear(10, 32), nn.GELU(), nn.Linear(32, 4)], device, torch.float32)
+    fused = FusedSequential(*mods, cuda_graph=True).eval()
+    assert fused.cuda_graph and list(fused.state_dict()) == list(nn.Sequential(*mods).state_dict())
+    eager = nn.Sequential(*mods)
+    with torch.no_grad():
+        for batch in (3, 3, 3, 5, 3):
+            x = torch.randn(batch, 10, device=device)
+            y = fused(x)
+            torch.testing.assert_close(y, eager(x))
+            assert y.data_ptr() != fused(x).data_ptr()  # a new tensor per call
+        mods[0].weight.mul_(2)  # the plan is rebuilt, and with it the graphs
+        x = torch.randn(3, 10, device=device)
+        torch.testing.assert_close(fused(x), eager(x))
+    plan = fused.__dict__["_seqfuse_plan"]
+    assert [type(g).__name__ for g in plan.graphs.values()] == (["_GraphReplay"] if device.type == "cuda" else [])
+    x = torch.randn(6, 10, device=device, requires_grad=True)  # training route: no graph
+    fused(x).sum().backward()
+    assert x.grad is not None
+
+
 # ---- fake tensors: shapes and devices of every op, CUDA inputs without a GPU ----
 
 FAKE_DEVICES = ["cpu", "cuda"]

@@ -4,8 +4,12 @@
 // engine 0: the fully fused kernel (kernels/cuda/mlp_fused.cuh) when the
 //           chain's widths fit in shared memory, otherwise engine 1;
 // engine 1: each Linear's product by ATen's GEMM (cuBLAS), each epilogue by
-//           the fused per-channel epilogue kernel, in place on the product.
+//           the fused per-channel epilogue kernel, in place on the product;
+//           a bias alone goes into cuBLASLt's epilogue (at::addmm).
 #include <torch/library.h>
+
+#include <array>
+#include <mutex>
 
 #include "../kernels/cuda/epilogue.cuh"
 #include "../kernels/cuda/mlp_fused.cuh"
@@ -56,9 +60,17 @@ void launch_fused(const MlpDesc& d, const uint8_t* packed, const T* x, int64_t l
                                   s.scale_offset,                       s.shift_offset};
   }
   const int64_t smem = dev::fused_mlp_smem_bytes<T>(a.width);
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(dev::fused_mlp_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+  if (smem > 48 * 1024) {
+    // The opt-in is per kernel and device; raised once to the limit, not per
+    // launch (so a launch under CUDA-graph capture makes no such call).
+    static std::array<std::once_flag, 64> raised;
+    const int device = static_cast<int>(c10::cuda::current_device());
+    TORCH_CHECK(device < static_cast<int>(raised.size()), "seqfuse: device index ", device, " out of range");
+    std::call_once(raised[device], [] {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(dev::fused_mlp_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(kFusedSmemLimit)));
+    });
+  }
   const unsigned blocks = static_cast<unsigned>(dev::ceil_div(rows, dev::kFusedRowsPerBlock));
   dev::fused_mlp_kernel<T><<<blocks, dev::kFusedWarps * dev::kWarpSize, smem, at::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -85,9 +97,21 @@ void launch_epilogue(const StageDesc& s, const uint8_t* packed, const T* in, int
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+using kernels::Activation;
+
+// A Linear stage whose whole epilogue is its bias: at::addmm, the very call
+// eager's nn.Linear makes (cuBLASLt adds the bias in the GEMM's epilogue).
+// cuBLASLt's ReLU/GELU epilogues are not used: their NaN handling is not
+// eager's (a NaN must pass a ReLU), so activations stay in our epilogue.
+bool bias_only(const StageDesc& s) {
+  return s.kind == StageKind::Linear && (s.flags & kernels::kHasBias) && !(s.flags & kernels::kHasBatchNorm) &&
+         s.activation == Activation::None;
+}
+
 template <typename T>
-at::Tensor gemm_epilogue(const MlpDesc& d, const uint8_t* pk, const at::Tensor& x, at::TensorList weights,
+at::Tensor gemm_epilogue(const MlpDesc& d, const at::Tensor& packed, const at::Tensor& x, at::TensorList weights,
                          int64_t rows) {
+  const uint8_t* pk = packed.const_data_ptr<uint8_t>();
   at::Tensor cur = x;
   size_t next_weight = 0;
   for (size_t i = 0; i < d.stages.size(); ++i) {
@@ -101,6 +125,14 @@ at::Tensor gemm_epilogue(const MlpDesc& d, const uint8_t* pk, const at::Tensor& 
                         "seqfuse::mlp_forward: weight of stage ", i, " has shape ", w.sizes(), ", dtype ",
                         w.scalar_type(), " and device ", w.device(), ", expected [", s.out_features, ", ",
                         s.in_features, "] ", x.scalar_type(), " on ", x.device());
+      if (bias_only(s)) {
+        // The bias is the packed shift (no BatchNorm: the scale is 1).
+        const at::Tensor bias = packed.narrow(0, s.shift_offset, s.out_features * int64_t(sizeof(dev::acc_of<T>)))
+                                    .view(c10::CppTypeToScalarType<dev::acc_of<T>>::value)
+                                    .to(x.scalar_type());
+        cur = at::addmm(bias, cur, w.t());
+        continue;
+      }
       out = at::mm(cur, w.t());
       cur = out;  // the epilogue runs in place on the product
     } else {
@@ -147,7 +179,7 @@ at::Tensor mlp_forward_cuda(const at::Tensor& input, const at::Tensor& packed, a
       return y;
     }
     const at::Tensor x2 = x.dim() == 2 ? x : x.view({rows, K});
-    return gemm_epilogue<T>(d, pk, x2, weights, rows).view(out_shape);
+    return gemm_epilogue<T>(d, packed, x2, weights, rows).view(out_shape);
   });
 }
 
