@@ -11,7 +11,8 @@ namespace seqfuse {
 
 // The output memory format eager gives, found by following the layout of
 // eager's intermediate tensors stage by stage: a convolution's output is
-// channels_last when its input or its weight is (ATen's oneDNN rule); pools
+// channels_last when its input or its weight is (ATen's oneDNN and cuDNN
+// rule, but for float64 on CUDA); pools
 // keep their input's layout; an elementwise op (BatchNorm, activation) on a
 // channels_last tensor that is also contiguous (one channel, or a 1x1 map)
 // produces a contiguous one. Tested against eager on random chains.
@@ -28,8 +29,10 @@ inline bool output_channels_last(const kernels::ConvDesc& d, const kernels::Conv
                              weights[conv_index].suggest_memory_format() == at::MemoryFormat::ChannelsLast;
       ++conv_index;
       cl = cl || weight_cl;
-      // ATen's float64 depthwise kernel returns a 1x1 map contiguous.
+      // ATen's float64 depthwise kernel returns a 1x1 map contiguous; on
+      // CUDA every float64 convolution returns NCHW (cuDNN's format rule).
       if (d.dtype == kernels::DType::Float64 && st.depthwise && s.out_h * s.out_w == 1) cl = false;
+      if (d.dtype == kernels::DType::Float64 && input.is_cuda()) cl = false;
     }
     const bool elementwise = st.kind == kernels::ConvStageKind::ScaleShift ||
                              st.kind == kernels::ConvStageKind::Pointwise || (st.flags & kernels::kHasBatchNorm) ||

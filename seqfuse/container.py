@@ -8,6 +8,7 @@ cache in its instance ``__dict__``, which is dropped from pickles and copies.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import List, Optional
 
@@ -106,6 +107,8 @@ class _FusedRun:
         if route != _INFERENCE or not self.packable:
             return self.run_eager(x)
         if self.call is None:
+            if isinstance(x, torch.Tensor) and x.is_cuda and _capturing(x):  # packing copies to the host: not inside a caller's capture
+                return self.run_eager(x)
             try:
                 self.call = self.pack()
             except Exception as err:
@@ -203,8 +206,23 @@ class _FusedRun:
         return x
 
 
+def _has_hooks(container: nn.Module) -> bool:
+    """Whether a child has hooks: a graph would run them only at its capture."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in container.modules())
+
+
 def _check_mode(x) -> str:
-    return verify.kernel_check(x.device.type) if isinstance(x, torch.Tensor) else "off"
+    if not isinstance(x, torch.Tensor):
+        return "off"
+    mode = verify.kernel_check(x.device.type)
+    if mode != "off" and x.is_cuda and _capturing(x):
+        return "off"  # a comparison synchronizes, which a caller's CUDA-graph capture forbids
+    return mode
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    with torch.cuda.device(x.device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def _segment_checked(segment: Segment) -> bool:
@@ -292,26 +310,34 @@ class _GraphReplay:
     each call returns. Belongs to its plan: when the guard re-plans (a
     parameter update, an edit), the graph goes with the old plan."""
 
-    __slots__ = ("graph", "static_in", "static_out")
+    __slots__ = ("graph", "static_in", "static_out", "lock")
 
     def __init__(self, plan: Plan, x: torch.Tensor, route: int):
         # Outside the capture first: packing, engine measurements and the
         # first-call check against eager (which synchronizes) all happen here.
         plan.run(x, route)
-        self.static_in = x.clone()
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            plan.run(self.static_in, route)  # allocations of a warm run, as the capture will make them
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_out = plan.run(self.static_in, route)
+        # Static buffers are ordinary tensors (not inference tensors), on the
+        # input's device, captured on a stream of that device; only this
+        # thread's CUDA calls are restricted while the capture runs.
+        with torch.cuda.device(x.device), torch.inference_mode(False), torch.no_grad():
+            self.static_in = x.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                plan.run(self.static_in, route)  # a warm run's allocations, as the capture will make them
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+                self.static_out = plan.run(self.static_in, route)
+            torch.cuda.current_stream().wait_stream(side)
+        if not isinstance(self.static_out, torch.Tensor):
+            raise TypeError(f"the forward returns {type(self.static_out).__name__}, not a tensor")
+        self.lock = threading.Lock()  # the static buffers are shared by every caller
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.static_in.copy_(x)
-        self.graph.replay()
-        return self.static_out.clone()
+        with self.lock, torch.cuda.device(x.device):
+            self.static_in.copy_(x)
+            self.graph.replay()
+            return self.static_out.clone()
 
 
 class FusedSequential(nn.Sequential):
@@ -354,8 +380,8 @@ class FusedSequential(nn.Sequential):
         ...     torch.testing.assert_close(model(x), ref(x))
     """
 
-    def __init__(self, *args, cuda_graph: bool = False):
-        super().__init__(*args)
+    def __init__(self, *args, cuda_graph: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)  # kwargs: a Sequential subclass's own (fuse() makes such classes)
         if cuda_graph:
             self.cuda_graph = True
 
@@ -386,8 +412,9 @@ class FusedSequential(nn.Sequential):
                 return super().forward(input)
             plan = self._replan()
             route = plan.guard.check(input)
-        if (route != _INFERENCE or torch.cuda.is_current_stream_capturing()
-                or verify.kernel_check(input.device.type) == "always"):
+        with torch.cuda.device(input.device):
+            capturing = torch.cuda.is_current_stream_capturing()
+        if route != _INFERENCE or capturing or verify.kernel_check(input.device.type) == "always" or _has_hooks(self):
             return plan.run(input, route)
         key = (tuple(input.shape), input.stride(), input.dtype, input.device)
         if key not in plan.graphs:

@@ -362,6 +362,8 @@ def _conv_output_channels_last(spec, input, weights) -> bool:
         depthwise = kind == ConvStageKind.CONV and st[14] == shape_in_c == st[1]
         if depthwise and input.dtype == torch.float64 and shape[2] * shape[3] == 1:
             cl = False  # ATen's float64 depthwise kernel returns a 1x1 map contiguous
+        if kind == ConvStageKind.CONV and input.dtype == torch.float64 and input.device.type == "cuda":
+            cl = False  # every float64 convolution on CUDA returns NCHW (cuDNN's format rule)
         elementwise = kind in (ConvStageKind.SCALE_SHIFT, ConvStageKind.POINTWISE) or flags & HAS_BATCHNORM or activation
         if elementwise and (shape[1] == 1 or shape[2] * shape[3] == 1):
             cl = False

@@ -43,7 +43,12 @@ def device(request):
         # calls inside fused segments): the first-call check stays out.
         before = verify.kernel_check("cuda")
         verify.set_kernel_check("off", "cuda")
+        # Exact float32 on both sides: eager and the fused path may pick
+        # different cuDNN algorithms (one TF32, one not) for the same conv.
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         yield torch.device("cuda")
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         verify.set_kernel_check(before, "cuda")
         return
     yield torch.device("cpu")

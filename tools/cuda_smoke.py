@@ -12,6 +12,8 @@ from torch import nn
 import seqfuse
 from seqfuse import ops
 
+torch.backends.cudnn.allow_tf32 = False  # eager and the fused path may pick different cuDNN kernels
+torch.backends.cuda.matmul.allow_tf32 = False
 seqfuse.verify.set_kernel_check("off", "cuda")  # compared below, once, without the sanitizer's cost twice
 dev = torch.device("cuda")
 bad = []

@@ -52,8 +52,9 @@ inline std::vector<at::Tensor> host_copies(const char* op, at::TensorList tensor
 // The packed buffer a forward receives: bytes of the spec's layout on the input's device.
 inline void check_packed(const char* op, const at::Tensor& packed, const at::Tensor& input, int64_t bytes) {
   TORCH_CHECK(packed.device() == input.device() && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.numel() == bytes,
-              op, ": packed buffer does not match the spec and the input's device (", packed.numel(), " bytes on ",
+                  packed.numel() == bytes && reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 64 == 0,
+              op, ": packed buffer does not match the spec and the input's device, or is not 64-byte aligned (",
+              packed.numel(), " bytes on ",
               packed.device(), ", ", bytes, " expected on ", input.device(), ")");
 }
 

@@ -45,6 +45,18 @@ EngineChoices& EngineChoices::global() {
   return instance;
 }
 
+// Whether a capture (CUDA graph) is recording the stream: timing would
+// synchronize it, which a capture forbids. Torch releases whose guard
+// interface predates isStreamCapturing report no capture.
+namespace {
+template <typename Guard> bool stream_capturing(const Guard& guard, const c10::Stream& stream) {
+  if constexpr (requires { guard.isStreamCapturing(stream); })
+    return guard.isStreamCapturing(stream);
+  else
+    return false;
+}
+}  // namespace
+
 int measure_fastest_engine(c10::Device device, int engine_count, const std::function<void(int)>& run) {
   TORCH_INTERNAL_ASSERT(engine_count >= 1 && engine_count <= kMaxEngines, "seqfuse: ", engine_count,
                         " engines to measure, at most ", kMaxEngines);
@@ -57,7 +69,7 @@ int measure_fastest_engine(c10::Device device, int engine_count, const std::func
   if (!device.is_cpu()) {
     guard.emplace(device.type());
     stream = guard->getStream(device);
-    if (guard->isStreamCapturing(*stream)) return -1;
+    if (stream_capturing(*guard, *stream)) return -1;
   }
   auto sync = [&] {
     if (guard) guard->synchronizeStream(*stream);

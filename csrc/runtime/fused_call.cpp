@@ -140,6 +140,10 @@ std::optional<FusedCall::Shape> FusedConvCall::prepare(at::Tensor& x) const {
   return Shape{macs, x.size(0), {h, w, channels_last}, has_conv_};
 }
 
-int FusedConvCall::engine_count() const { return desc_.dtype == kernels::DType::BFloat16 ? 2 : 3; }
+// On CUDA every engine number runs the one path (cuDNN + epilogue): nothing to measure.
+int FusedConvCall::engine_count() const {
+  if (!packed().device().is_cpu()) return 1;
+  return desc_.dtype == kernels::DType::BFloat16 ? 2 : 3;
+}
 
 }  // namespace seqfuse
