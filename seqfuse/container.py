@@ -216,7 +216,9 @@ def _check_mode(x) -> str:
         return "off"
     mode = verify.kernel_check(x.device.type)
     if mode != "off" and x.is_cuda and _capturing(x):
-        return "off"  # a comparison synchronizes, which a caller's CUDA-graph capture forbids
+        # A comparison synchronizes, which a CUDA-graph capture forbids: no
+        # new check, but a segment that failed one still runs eagerly.
+        return "capturing"
     return mode
 
 

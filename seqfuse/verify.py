@@ -9,9 +9,12 @@ two, the other dimensions exactly), also runs the segment's modules eagerly
 and compares the two outputs with the test suite's numerics rule
 (:func:`mismatch`). On a mismatch, a :class:`~seqfuse.SeqfuseWarning` names the
 segment, the input and the error, the call returns eager's result, and that
-segment runs eagerly from then on (until its plan is rebuilt). In training,
-the fused forward is checked the same way (BatchNorm running statistics are
-restored around the eager run, so they are updated once).
+segment runs eagerly from then on (a rebuilt plan remembers it). In training,
+the fused forward is checked the same way, the eager run on copies of the
+modules (so BatchNorm running statistics are updated once, by the fused call;
+after a mismatch they are restored and eager's call updates them). While a CUDA graph
+is being captured nothing is compared (a comparison synchronizes): a segment
+that failed a check still runs eagerly, an unchecked one runs fused.
 
 :func:`set_kernel_check` (or the ``SEQFUSE_KERNEL_CHECK`` environment
 variable, read at import) chooses per device type: ``"first"`` (the default on
@@ -169,7 +172,7 @@ def failed(modules: Sequence[nn.Module], spec: Sequence[int]) -> bool:
 
 
 def needs_check(mode: str, modules: Sequence[nn.Module], spec: Sequence[int], route: str, x: torch.Tensor) -> bool:
-    if mode == "off":
+    if mode in ("off", "capturing"):  # capturing: a CUDA graph is being recorded (no synchronizing)
         return False
     if mode == "always":
         return True

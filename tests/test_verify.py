@@ -168,3 +168,18 @@ def test_mismatch_rule(dtype):
 
 def test_public_api():
     assert seqfuse.verify is verify
+
+
+def test_a_failed_segment_stays_eager_while_checks_are_paused(checked_cpu, wrong_inference_kernel, monkeypatch):
+    """During a CUDA-graph capture checks pause ("capturing"); a segment whose
+    check failed before must still run eagerly, never its fused kernel."""
+    model = _mlp()
+    eager = nn.Sequential(*model)
+    x = torch.randn(4, 6)
+    with torch.no_grad(), pytest.warns(SeqfuseWarning):
+        model(x)
+    monkeypatch.setattr(container_mod, "_check_mode", lambda x: "capturing")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x))
+        model(torch.randn(50, 6))  # an unchecked shape class: still eager
+    assert wrong_inference_kernel == [(4, 6)]
