@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <vector>
 
@@ -63,6 +64,61 @@ template <typename Fn> decltype(auto) dispatch_mlp_dtype(kernels::DType d, Fn&& 
 template <typename Fn> decltype(auto) dispatch_pack_dtype(kernels::DType d, Fn&& fn) {
   if (d == kernels::DType::Float16) return fn.template operator()<kernels::fp16>();
   return dispatch_mlp_dtype(d, std::forward<Fn>(fn));
+}
+
+// The packed buffer a forward op receives: the spec's bytes on the input's
+// device, 64-byte aligned (the kernels read sections as vectors). Every
+// device's forward checks it the same way.
+inline void check_packed(const char* op, const at::Tensor& packed, const at::Tensor& input, int64_t bytes) {
+  TORCH_CHECK(packed.device() == input.device() && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() == bytes && reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 64 == 0,
+              op, ": packed buffer does not match the spec and the input's device, or is not 64-byte aligned (",
+              packed.numel(), " bytes on ", packed.device(), ", ", bytes, " expected on ", input.device(), ")");
+}
+
+// seqfuse::mlp_forward's input on every device: checked against the spec and
+// seen as `rows` rows of in_features values `ld` apart (copied once when
+// they are not). No reshape/view on the common path: each costs a TensorImpl.
+struct MlpRows {
+  at::Tensor x;
+  int64_t rows;
+  int64_t ld;
+  c10::SmallVector<int64_t, 6> out_shape;
+};
+inline MlpRows mlp_rows(const kernels::MlpDesc& d, const at::Tensor& input) {
+  const at::ScalarType dtype = scalar_type_of(d.dtype);
+  TORCH_CHECK(input.scalar_type() == dtype, "seqfuse::mlp_forward: input dtype ", input.scalar_type(),
+              " does not match the fused parameters' dtype ", dtype);
+  TORCH_CHECK(input.dim() >= 1, "seqfuse::mlp_forward: input must have at least 1 dimension, got shape ",
+              input.sizes());
+  TORCH_CHECK(input.size(-1) == d.in_features, "seqfuse::mlp_forward: input shape ", input.sizes(),
+              " does not end in in_features=", d.in_features);
+  const int64_t K = d.in_features;
+  const bool row_major = input.stride(-1) == 1 && (input.dim() == 1 || input.is_contiguous() ||
+                                                   (input.dim() == 2 && input.stride(0) >= K));
+  MlpRows r{row_major ? input : input.contiguous(), 0, K, {}};
+  r.rows = r.x.numel() / K;
+  if (r.x.dim() == 2) r.ld = r.x.stride(0);
+  r.out_shape.assign(input.sizes().begin(), input.sizes().end());
+  r.out_shape.back() = d.out_features;
+  return r;
+}
+
+// seqfuse::conv_forward's input on every device, checked against the spec;
+// returns the per-stage geometry for its spatial size.
+inline kernels::ConvGeometry conv_geometry(const kernels::ConvDesc& d, const at::Tensor& input) {
+  const at::ScalarType dtype = scalar_type_of(d.dtype);
+  TORCH_CHECK(input.scalar_type() == dtype, "seqfuse::conv_forward: input dtype ", input.scalar_type(),
+              " does not match the fused parameters' dtype ", dtype);
+  TORCH_CHECK_VALUE(input.dim() == 4, "seqfuse::conv_forward: expected 4-D (N, C, H, W) input, got shape ",
+                    input.sizes());
+  TORCH_CHECK(input.size(1) == d.in_channels, "seqfuse::conv_forward: expected input with ", d.in_channels,
+              " channels, got shape ", input.sizes());
+  try {
+    return kernels::resolve_conv_geometry(d, input.size(2), input.size(3));
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what(), " (input shape ", input.sizes(), ")");
+  }
 }
 
 // Reads a packing op's `tensors` list in order, checking each tensor's

@@ -240,25 +240,10 @@ at::Tensor run_stages_aten_layout(const RunContext& ctx, size_t stop, const at::
 at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,
                             at::IntArrayRef spec, at::ArrayRef<double> fparams, int64_t engine) {
   const ConvDesc d = decode_conv_spec(spec, fparams);
-  const at::ScalarType dtype = scalar_type_of(d.dtype);
-  TORCH_CHECK(input.scalar_type() == dtype, "seqfuse::conv_forward: input dtype ", input.scalar_type(),
-              " does not match the fused parameters' dtype ", dtype);
-  TORCH_CHECK_VALUE(input.dim() == 4, "seqfuse::conv_forward: expected 4-D (N, C, H, W) input, got shape ",
-                    input.sizes());
-  TORCH_CHECK(input.size(1) == d.in_channels, "seqfuse::conv_forward: expected input with ", d.in_channels,
-              " channels, got shape ", input.sizes());
-  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.numel() == d.packed_bytes,
-              "seqfuse::conv_forward: packed buffer does not match the spec (", packed.numel(), " bytes, ",
-              d.packed_bytes, " expected)");
+  const ConvGeometry g = conv_geometry(d, input);
+  check_packed("seqfuse::conv_forward", packed, input, d.packed_bytes);
   TORCH_CHECK_VALUE(engine >= 0 && engine <= 2, "seqfuse::conv_forward: unknown engine ", engine);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  ConvGeometry g;
-  try {
-    g = kernels::resolve_conv_geometry(d, H, W);
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK(false, e.what(), " (input shape ", input.sizes(), ")");
-  }
   const kernels::StageShape& last = g.stages.back();
   const bool flat = d.flatten_stage >= 0;
   const bool channels_last = !flat && output_channels_last(d, g, input, weights);

@@ -90,29 +90,12 @@ at::Tensor mlp_forward_gemm_epilogue(const MlpDesc& d, const uint8_t* pk, const 
 at::Tensor mlp_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,
                            at::IntArrayRef spec, at::ArrayRef<double> fparams, int64_t engine) {
   const MlpDesc d = decode_mlp_spec(spec, fparams);
-  const at::ScalarType dtype = scalar_type_of(d.dtype);
-  TORCH_CHECK(input.scalar_type() == dtype, "seqfuse::mlp_forward: input dtype ", input.scalar_type(),
-              " does not match the fused parameters' dtype ", dtype);
-  TORCH_CHECK(input.dim() >= 1, "seqfuse::mlp_forward: input must have at least 1 dimension, got shape ",
-              input.sizes());
-  TORCH_CHECK(input.size(-1) == d.in_features, "seqfuse::mlp_forward: input shape ", input.sizes(),
-              " does not end in in_features=", d.in_features);
-  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.numel() == d.packed_bytes,
-              "seqfuse::mlp_forward: packed buffer does not match the spec (", packed.numel(), " bytes, ",
-              d.packed_bytes, " expected)");
-
+  const MlpRows in = mlp_rows(d, input);
+  check_packed("seqfuse::mlp_forward", packed, input, d.packed_bytes);
   const int64_t K = d.in_features, N = d.out_features;
-  // Rows must be K contiguous values at a fixed stride; anything else is copied
-  // once. (No reshape/view on the common path: each costs a TensorImpl.)
-  at::Tensor x = input;
-  const bool row_major = input.stride(-1) == 1 && (input.dim() == 1 || input.is_contiguous() ||
-                                                   (input.dim() == 2 && input.stride(0) >= K));
-  if (!row_major) x = input.contiguous();
-  const int64_t rows = K ? x.numel() / K : 0;
-  const int64_t ld_x = x.dim() == 2 ? x.stride(0) : K;
-  c10::SmallVector<int64_t, 6> out_shape(input.sizes().begin(), input.sizes().end());
-  out_shape.back() = N;
+  const at::Tensor& x = in.x;
+  const int64_t rows = in.rows, ld_x = in.ld;
+  const auto& out_shape = in.out_shape;
   TORCH_CHECK_VALUE(engine == 0 || engine == 1, "seqfuse::mlp_forward: unknown engine ", engine);
   if (engine == 1 && rows > 0) {
     const at::Tensor x2 = x.dim() == 2 ? x : x.view({rows, K});

@@ -27,14 +27,9 @@ namespace dev = seqfuse::cuda;
 constexpr int kThreads = 256;
 
 at::Tensor conv_pack_cuda(at::TensorList tensors, at::IntArrayRef spec, at::ArrayRef<double> fparams) {
-  c10::Device device(at::kCUDA);
-  const std::vector<at::Tensor> host = cuda_adapter::host_copies("seqfuse::conv_pack", tensors, &device);
-  static const auto pack = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("seqfuse::conv_pack", "")
-                               .typed<at::Tensor(at::TensorList, at::IntArrayRef, at::ArrayRef<double>)>();
   // The weight sections are unused here (cuDNN and cuBLAS read the weights
   // themselves); the buffer keeps the one layout every device shares.
-  return pack.call(host, spec, fparams).to(device);
+  return cuda_adapter::pack_on_host("seqfuse::conv_pack", tensors, spec, fparams);
 }
 
 // y = act(x * scale + shift) over `rows` rows of `channels` (scale/shift of the stage, if any).
@@ -102,23 +97,12 @@ at::Tensor pool_stage(const ConvStage& st, const kernels::StageShape& s, const a
 at::Tensor conv_forward_cuda(const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,
                              at::IntArrayRef spec, at::ArrayRef<double> fparams, int64_t engine) {
   const ConvDesc d = decode_conv_spec(spec, fparams);
-  const at::ScalarType dtype = scalar_type_of(d.dtype);
-  TORCH_CHECK(input.scalar_type() == dtype, "seqfuse::conv_forward: input dtype ", input.scalar_type(),
-              " does not match the fused parameters' dtype ", dtype);
-  TORCH_CHECK_VALUE(input.dim() == 4, "seqfuse::conv_forward: expected 4-D (N, C, H, W) input, got shape ",
-                    input.sizes());
-  TORCH_CHECK(input.size(1) == d.in_channels, "seqfuse::conv_forward: expected input with ", d.in_channels,
-              " channels, got shape ", input.sizes());
-  cuda_adapter::check_packed("seqfuse::conv_forward", packed, input, d.packed_bytes);
+  const ConvGeometry g = conv_geometry(d, input);
+  check_packed("seqfuse::conv_forward", packed, input, d.packed_bytes);
   TORCH_CHECK_VALUE(engine >= 0 && engine <= 2, "seqfuse::conv_forward: unknown engine ", engine);
   const c10::cuda::CUDAGuard guard(input.device());
+  const at::ScalarType dtype = scalar_type_of(d.dtype);
   const int64_t N = input.size(0);
-  ConvGeometry g;
-  try {
-    g = kernels::resolve_conv_geometry(d, input.size(2), input.size(3));
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK(false, e.what(), " (input shape ", input.sizes(), ")");
-  }
   const kernels::StageShape& last = g.stages.back();
   const bool flat = d.flatten_stage >= 0;
   const bool channels_last = !flat && output_channels_last(d, g, input, weights);

@@ -36,26 +36,23 @@ inline unsigned grid_for(int64_t total, int threads) {
   return static_cast<unsigned>(std::min<int64_t>(want, sms * 16));
 }
 
-// The tensors of a packing call, all on one CUDA device, copied to the host.
-inline std::vector<at::Tensor> host_copies(const char* op, at::TensorList tensors, c10::Device* device) {
+// A packing op on CUDA: its tensors (all on one CUDA device) copied to the
+// host, packed there by the op's CPU kernel (the torch-free packing cores every
+// device shares), and the buffer moved to that device. Once per plan.
+inline at::Tensor pack_on_host(const char* op, at::TensorList tensors, at::IntArrayRef spec,
+                               at::ArrayRef<double> fparams) {
   TORCH_CHECK_VALUE(!tensors.empty(), op, ": no tensors");
-  *device = tensors[0].device();
+  const c10::Device device = tensors[0].device();
   std::vector<at::Tensor> host;
   host.reserve(tensors.size());
   for (const at::Tensor& t : tensors) {
-    TORCH_CHECK_VALUE(t.device() == *device, op, ": tensors on ", *device, " and ", t.device());
+    TORCH_CHECK_VALUE(t.device() == device, op, ": tensors on ", device, " and ", t.device());
     host.push_back(t.to(at::kCPU));
   }
-  return host;
-}
-
-// The packed buffer a forward receives: bytes of the spec's layout on the input's device.
-inline void check_packed(const char* op, const at::Tensor& packed, const at::Tensor& input, int64_t bytes) {
-  TORCH_CHECK(packed.device() == input.device() && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.numel() == bytes && reinterpret_cast<uintptr_t>(packed.const_data_ptr()) % 64 == 0,
-              op, ": packed buffer does not match the spec and the input's device, or is not 64-byte aligned (",
-              packed.numel(), " bytes on ",
-              packed.device(), ", ", bytes, " expected on ", input.device(), ")");
+  const auto pack = c10::Dispatcher::singleton()
+                        .findSchemaOrThrow(op, "")
+                        .typed<at::Tensor(at::TensorList, at::IntArrayRef, at::ArrayRef<double>)>();
+  return pack.call(host, spec, fparams).to(device);
 }
 
 }  // namespace seqfuse::cuda_adapter

@@ -28,12 +28,7 @@ namespace dev = seqfuse::cuda;
 constexpr int64_t kFusedSmemLimit = 99 * 1024;
 
 at::Tensor mlp_pack_cuda(at::TensorList tensors, at::IntArrayRef spec, at::ArrayRef<double> fparams) {
-  c10::Device device(at::kCUDA);
-  const std::vector<at::Tensor> host = cuda_adapter::host_copies("seqfuse::mlp_pack", tensors, &device);
-  static const auto pack = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("seqfuse::mlp_pack", "")
-                               .typed<at::Tensor(at::TensorList, at::IntArrayRef, at::ArrayRef<double>)>();
-  return pack.call(host, spec, fparams).to(device);
+  return cuda_adapter::pack_on_host("seqfuse::mlp_pack", tensors, spec, fparams);
 }
 
 template <typename T> bool fused_kernel_serves(const MlpDesc& d) {
@@ -148,26 +143,14 @@ at::Tensor gemm_epilogue(const MlpDesc& d, const at::Tensor& packed, const at::T
 at::Tensor mlp_forward_cuda(const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,
                             at::IntArrayRef spec, at::ArrayRef<double> fparams, int64_t engine) {
   const MlpDesc d = decode_mlp_spec(spec, fparams);
-  const at::ScalarType dtype = scalar_type_of(d.dtype);
-  TORCH_CHECK(input.scalar_type() == dtype, "seqfuse::mlp_forward: input dtype ", input.scalar_type(),
-              " does not match the fused parameters' dtype ", dtype);
-  TORCH_CHECK(input.dim() >= 1, "seqfuse::mlp_forward: input must have at least 1 dimension, got shape ",
-              input.sizes());
-  TORCH_CHECK(input.size(-1) == d.in_features, "seqfuse::mlp_forward: input shape ", input.sizes(),
-              " does not end in in_features=", d.in_features);
-  cuda_adapter::check_packed("seqfuse::mlp_forward", packed, input, d.packed_bytes);
+  check_packed("seqfuse::mlp_forward", packed, input, d.packed_bytes);
   TORCH_CHECK_VALUE(engine == 0 || engine == 1, "seqfuse::mlp_forward: unknown engine ", engine);
   const c10::cuda::CUDAGuard guard(input.device());
-
-  const int64_t K = d.in_features, N = d.out_features;
-  at::Tensor x = input;
-  const bool row_major = input.stride(-1) == 1 && (input.dim() == 1 || input.is_contiguous() ||
-                                                   (input.dim() == 2 && input.stride(0) >= K));
-  if (!row_major) x = input.contiguous();
-  const int64_t rows = x.numel() / K;
-  const int64_t ld_x = x.dim() == 2 ? x.stride(0) : K;
-  c10::SmallVector<int64_t, 6> out_shape(input.sizes().begin(), input.sizes().end());
-  out_shape.back() = N;
+  const MlpRows in = mlp_rows(d, input);
+  const int64_t K = d.in_features;
+  const at::Tensor& x = in.x;
+  const int64_t rows = in.rows, ld_x = in.ld;
+  const auto& out_shape = in.out_shape;
   if (rows == 0) return at::empty(out_shape, input.options());
 
   return cuda_adapter::dispatch_device_dtype(d.dtype, [&]<typename T>() {
