@@ -14,9 +14,9 @@ namespace seqfuse::kernels {
   namespace ns {                                                                                                  \
   int64_t conv_im2col_budget();                                                                                   \
   void conv_stage_f32(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const float*, float*, int64_t, \
-                      int64_t, float*);                                                                           \
+                      int64_t, float*, int64_t, int64_t);                                                         \
   void conv_stage_f64(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const double*, double*,       \
-                      int64_t, int64_t, double*);                                                                 \
+                      int64_t, int64_t, double*, int64_t, int64_t);                                               \
   void conv_epilogue_io(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const float*, float*,        \
                         int64_t, int64_t);                                                                        \
   void conv_epilogue_io(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const double*, double*,      \
@@ -52,7 +52,8 @@ SEQFUSE_DECLARE_LAYOUTS(avx512::conv)
 namespace {
 
 template <typename A> struct ConvKernels {
-  void (*stage)(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const A*, A*, int64_t, int64_t, A*);
+  void (*stage)(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const A*, A*, int64_t, int64_t, A*,
+                int64_t, int64_t);
 };
 
 template <typename A> ConvKernels<A> kernels_for(Isa isa) {
@@ -95,9 +96,15 @@ int64_t scratch_elems(const ConvDesc& d, size_t i) {
 
 template <typename A>
 void conv_stage_forward(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* packed, const A* in,
-                        A* out, int64_t p0, int64_t p1) {
+                        A* out, int64_t p0, int64_t p1, int64_t panel0, int64_t panel1) {
   A* scratch = thread_workspace<A>(static_cast<size_t>(scratch_elems(d, i)));
-  kernels_for<A>(active_isa()).stage(d, g, i, packed, in, out, p0, p1, scratch);
+  kernels_for<A>(active_isa()).stage(d, g, i, packed, in, out, p0, p1, scratch, panel0, panel1);
+}
+
+bool gemm_splits_channels(const ConvDesc& d, const ConvGeometry& g, size_t i, int64_t pixels, int64_t parts) {
+  const ConvStage& st = d.stages[i];
+  if (!st.has_weights() || st.depthwise || st.groups != 1 || parts < 2) return false;
+  return st.out_channels > pixels && panel_count(st.out_channels) >= parts && g.stages[i].out_c == st.out_channels;
 }
 
 template <typename TI, typename TO>
@@ -145,7 +152,7 @@ void conv_forward_images(const ConvDesc& d, const ConvGeometry& g, const uint8_t
     }
     for (size_t i = 0; i < stop; ++i) {
       A* next = i + 1 == stop && out_direct ? reinterpret_cast<A*>(out) + n * out_strides[0] : buffers[i % 2];
-      k.stage(d, g, i, packed, cur, next, 0, g.stages[i].out_pixels(), ws + 2 * image);
+      k.stage(d, g, i, packed, cur, next, 0, g.stages[i].out_pixels(), ws + 2 * image, 0, -1);
       cur = next;
     }
     if (!out_direct) store_nhwc<A, TO>(cur, last.out_c, out_h, out_w, out_strides, 0, 1, out + n * out_strides[0]);
@@ -164,7 +171,7 @@ void store_nhwc(const A* y, int64_t C, int64_t H, int64_t W, const int64_t* s, i
 
 #define SEQFUSE_INSTANTIATE_ACC(A)                                                                               \
   template void conv_stage_forward<A>(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const A*, A*, \
-                                      int64_t, int64_t);                                                          \
+                                      int64_t, int64_t, int64_t, int64_t);                                        \
   template void conv_stage_epilogue<A, A>(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const A*, \
                                           A*, int64_t, int64_t);
 SEQFUSE_INSTANTIATE_ACC(float)

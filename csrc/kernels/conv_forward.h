@@ -25,12 +25,21 @@ void pack_conv_stage(const ConvStage& st, const T* weight, const T* bias, const 
 // ---- forward (conv_forward.cpp) ----------------------------------------------
 
 // Stage i over output pixels [p0, p1) of a batch (pixel = image * out_h *
-// out_w + y * out_w + x; one pixel per image after GlobalAvgPool and Flatten).
-// in and out are compact NHWC in the accumulate type A (float or double) and
-// must not overlap. Thread-safe; uses a thread-local scratch.
+// out_w + y * out_w + x; one pixel per image after GlobalAvgPool and Flatten)
+// and, for a stage gemm_splits_channels accepts, only its output channels
+// [16 * panel0, 16 * panel1) (panel1 < 0: all of them; other stages ignore the
+// range). in and out are compact NHWC in the accumulate type A (float or
+// double) and must not overlap. Thread-safe; uses a thread-local scratch.
 template <typename A>
 void conv_stage_forward(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* packed, const A* in,
-                        A* out, int64_t p0, int64_t p1);
+                        A* out, int64_t p0, int64_t p1, int64_t panel0 = 0, int64_t panel1 = -1);
+
+// Whether stage i, over `pixels` output pixels split into `parts` tasks, is
+// better split by output channels than by pixels: an ungrouped Conv/Linear
+// whose weights are larger than its pixels' values (out_channels > pixels),
+// so that each task streams only its share of the weights (late 7x7 layers,
+// batch-1 Linear heads). Its channel panels then go to the tasks.
+bool gemm_splits_channels(const ConvDesc& d, const ConvGeometry& g, size_t i, int64_t pixels, int64_t parts);
 
 // Applies a Conv stage's epilogue (folded bias/BatchNorm, activation) to
 // pixels [p0, p1) of a convolution computed elsewhere, compact NHWC: TI -> TO,

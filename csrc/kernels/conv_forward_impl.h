@@ -73,18 +73,25 @@ void im2col(const ConvStage& st, const StageShape& g, const A* in, int64_t group
   }
 }
 
+// Output channels [16 * panel0, 16 * panel1) of pixels [p0, p1) (panel1 < 0:
+// every channel). A channel range splits a stage whose weights outweigh its
+// pixels between threads by weights instead of by pixels (see
+// gemm_splits_channels); it is for ungrouped stages only.
 template <typename A>
 void conv_gemm(const ConvStage& st, const StageShape& g, const uint8_t* packed, const A* in, A* out, int64_t p0,
-               int64_t p1, A* scratch) {
+               int64_t p1, A* scratch, int64_t panel0, int64_t panel1) {
   constexpr int MR = rows_per_tile<A>();
   const int64_t G = st.groups, cout_g = st.out_channels / G;
   const int64_t K = st.reduction(), np = panel_count(cout_g), C = g.out_c;
+  if (panel1 < 0 || G != 1) panel0 = 0, panel1 = np;
+  const int64_t col0 = panel0 * kPanelWidth, cols = std::min(cout_g, panel1 * kPanelWidth) - col0;
+  if (cols <= 0) return;
   const bool direct = st.kernel_h == 1 && st.kernel_w == 1 && st.stride_h == 1 && st.stride_w == 1 &&
                       !st.pad_top && !st.pad_left && !st.pad_bottom && !st.pad_right && G == 1;
   const A* weight = reinterpret_cast<const A*>(packed + st.weight_offset);
   const A* scale = reinterpret_cast<const A*>(packed + st.scale_offset);
   const A* shift = reinterpret_cast<const A*>(packed + st.shift_offset);
-  const bool relu = st.activation == Activation::ReLU;
+  const Clamp<A> clamp(st.activation);
   int64_t tile = kIm2colBudget / K / MR * MR;
   if (tile < MR) tile = MR;
   for (int64_t t0 = p0; t0 < p1; t0 += tile) {
@@ -96,15 +103,17 @@ void conv_gemm(const ConvStage& st, const StageShape& g, const uint8_t* packed, 
         im2col(st, g, in, grp, t0, rows, scratch);
         a = scratch, lda = K;
       }
-      const A* w = weight + grp * np * K * kPanelWidth;
+      const A* w = weight + (grp * np + panel0) * K * kPanelWidth;
+      const int64_t c = grp * cout_g + col0;
       for (int64_t r0 = 0; r0 < rows; r0 += MR) {
         const int mr = static_cast<int>(rows - r0 < MR ? rows - r0 : MR);
-        gemm_rows<MR>(mr, relu, a + r0 * lda, lda, w, K, cout_g, scale + grp * cout_g, shift + grp * cout_g,
-                      out + (t0 + r0) * C + grp * cout_g, C);
+        gemm_rows<MR>(mr, clamp, a + r0 * lda, lda, w, K, cols, scale + c, shift + c, out + (t0 + r0) * C + c, C);
       }
     }
-    if (!relu)
-      for (int64_t r = 0; r < rows; ++r) activate_row(out + (t0 + r) * C, C, st.activation, st.alpha);
+    if (!clamp.on) {
+      const int64_t c = G == 1 ? col0 : 0, n = G == 1 ? cols : C;
+      for (int64_t r = 0; r < rows; ++r) activate_row(out + (t0 + r) * C + c, n, st.activation, st.alpha);
+    }
   }
 }
 
@@ -138,11 +147,11 @@ struct RowWindow {
 // of channels at a time across the segment's pixels, so the channel block's
 // taps stay in L1 (in registers for the 3x3 and 5x5 instantiations, whose tap
 // loops unroll). Pixels whose window lies inside the input take the unchecked
-// path; only the border pixels test each tap. Activations other than ReLU
-// run over the finished row segment while it is cache-hot.
+// path; only the border pixels test each tap. Activations other than the
+// clamps (ReLU, ReLU6) run over the finished row segment while it is cache-hot.
 template <typename A, int KH, int KW>
 void depthwise_row(const ConvStage& st, const StageShape& g, const A* weight, int64_t cpad, const A* scale,
-                   const A* shift, bool relu, const A* image, int64_t oy, int64_t ox0, int64_t ox1, A* out) {
+                   const A* shift, const Clamp<A>& clamp, const A* image, int64_t oy, int64_t ox0, int64_t ox1, A* out) {
   constexpr int L = kLanes<A>;
   const int64_t C = g.out_c, W = g.in_w, kh_n = KH ? KH : st.kernel_h, kw_n = KW ? KW : st.kernel_w;
   const int64_t sw = st.stride_w, dh = st.dilation_h, dw = st.dilation_w;
@@ -154,7 +163,7 @@ void depthwise_row(const ConvStage& st, const StageShape& g, const A* weight, in
     const Vec<A> sc = load_vec<A>(scale + c0), sh = load_vec<A>(shift + c0);
     auto finish = [&](Vec<A> acc, A* dst) SEQFUSE_INLINE {
       Vec<A> v = acc * sc + sh;
-      if (relu) v = v < A(0) ? Vec<A>{} : v;  // NaN stays NaN
+      if (clamp.on) v = clamp(v);
       if (len == L)
         store_vec(dst, v);
       else
@@ -192,7 +201,7 @@ void depthwise_row(const ConvStage& st, const StageShape& g, const A* weight, in
     }
     for (; ox < ox1; ++ox) border(ox);
   }
-  if (!relu) activate_row(out, (ox1 - ox0) * C, st.activation, st.alpha);
+  if (!clamp.on) activate_row(out, (ox1 - ox0) * C, st.activation, st.alpha);
 }
 
 template <typename A>
@@ -202,18 +211,18 @@ void conv_depthwise(const ConvStage& st, const StageShape& g, const uint8_t* pac
   const A* weight = reinterpret_cast<const A*>(packed + st.weight_offset);
   const A* scale = reinterpret_cast<const A*>(packed + st.scale_offset);
   const A* shift = reinterpret_cast<const A*>(packed + st.shift_offset);
-  const bool relu = st.activation == Activation::ReLU;
+  const Clamp<A> clamp(st.activation);
   auto row = depthwise_row<A, 0, 0>;
   if (st.kernel_h == 3 && st.kernel_w == 3) row = depthwise_row<A, 3, 3>;
   if (st.kernel_h == 5 && st.kernel_w == 5) row = depthwise_row<A, 5, 5>;
   for_each_row_segment(g, p0, p1, [&](int64_t n, int64_t oy, int64_t ox0, int64_t ox1, int64_t p) {
-    row(st, g, weight, cpad, scale, shift, relu, in + n * g.in_h * g.in_w * C, oy, ox0, ox1, out + p * C);
+    row(st, g, weight, cpad, scale, shift, clamp, in + n * g.in_h * g.in_w * C, oy, ox0, ox1, out + p * C);
   });
 }
 
 template <typename A, int NV>
 void grouped_row(const ConvStage& st, const StageShape& g, const A* weight, const A* scale, const A* shift,
-                 bool relu, const A* image, int64_t oy, int64_t ox0, int64_t ox1, A* out) {
+                 const Clamp<A>& clamp, const A* image, int64_t oy, int64_t ox0, int64_t ox1, A* out) {
   constexpr int L = kLanes<A>;
   constexpr int64_t kPixels = 4;
   const int64_t G = st.groups, cin_g = st.in_channels / G, cout_g = st.out_channels / G, K = st.reduction();
@@ -252,7 +261,7 @@ void grouped_row(const ConvStage& st, const StageShape& g, const A* weight, cons
         const Vec<A> s = load_vec<A>(sc + q * L), t = load_vec<A>(sh + q * L);
         unroll<P>([&](auto i) SEQFUSE_INLINE {
           Vec<A> v = acc[i][q] * s + t;
-          if (relu) v = v < A(0) ? Vec<A>{} : v;  // NaN stays NaN
+          if (clamp.on) v = clamp(v);
           A* dst = out + (ox + i - ox0) * C + grp * cout_g + q * L;
           if (valid == L)
             store_vec(dst, v);
@@ -267,7 +276,7 @@ void grouped_row(const ConvStage& st, const StageShape& g, const A* weight, cons
     for (; ox < in_hi; ++ox) block.template operator()<1>(ox, false);
     for (; ox < ox1; ++ox) block.template operator()<1>(ox, true);
   }
-  if (!relu) activate_row(out, (ox1 - ox0) * C, st.activation, st.alpha);
+  if (!clamp.on) activate_row(out, (ox1 - ox0) * C, st.activation, st.alpha);
 }
 
 // Whether conv_grouped serves a stage: groups of at most one panel of outputs.
@@ -281,14 +290,14 @@ void conv_grouped(const ConvStage& st, const StageShape& g, const uint8_t* packe
   const A* weight = reinterpret_cast<const A*>(packed + st.weight_offset);
   const A* scale = reinterpret_cast<const A*>(packed + st.scale_offset);
   const A* shift = reinterpret_cast<const A*>(packed + st.shift_offset);
-  const bool relu = st.activation == Activation::ReLU;
+  const Clamp<A> clamp(st.activation);
   // Vectors per group's outputs: 1, 2 or a whole panel's.
   const int64_t nv = (st.out_channels / st.groups + kLanes<A> - 1) / kLanes<A>;
   auto row = grouped_row<A, kVecsPerPanel<A>>;
   if (nv == 1) row = grouped_row<A, 1>;
   if (nv == 2 && kVecsPerPanel<A> >= 2) row = grouped_row<A, (kVecsPerPanel<A> >= 2 ? 2 : 1)>;
   for_each_row_segment(g, p0, p1, [&](int64_t n, int64_t oy, int64_t ox0, int64_t ox1, int64_t p) {
-    row(st, g, weight, scale, shift, relu, in + n * g.in_h * g.in_w * g.in_c, oy, ox0, ox1, out + p * g.out_c);
+    row(st, g, weight, scale, shift, clamp, in + n * g.in_h * g.in_w * g.in_c, oy, ox0, ox1, out + p * g.out_c);
   });
 }
 
@@ -368,7 +377,7 @@ template <typename A> void flatten_nchw(const StageShape& g, const A* in, A* out
 // in and out never alias.
 template <typename A>
 void conv_stage(const ConvDesc& d, const ConvGeometry& geom, size_t i, const uint8_t* packed, const A* in, A* out,
-                int64_t p0, int64_t p1, A* scratch) {
+                int64_t p0, int64_t p1, A* scratch, int64_t panel0 = 0, int64_t panel1 = -1) {
   using namespace conv_detail;
   const ConvStage& st = d.stages[i];
   const StageShape& g = geom.stages[i];
@@ -380,7 +389,7 @@ void conv_stage(const ConvDesc& d, const ConvGeometry& geom, size_t i, const uin
       else if (grouped_direct(st))
         conv_grouped(st, g, packed, in, out, p0, p1);
       else
-        conv_gemm(st, g, packed, in, out, p0, p1, scratch);
+        conv_gemm(st, g, packed, in, out, p0, p1, scratch, panel0, panel1);
       break;
     case ConvStageKind::ScaleShift:
     case ConvStageKind::Pointwise: {
@@ -415,12 +424,12 @@ void conv_epilogue(const ConvDesc& d, const ConvGeometry& geom, size_t i, const 
 int64_t conv_im2col_budget() { return conv_detail::kIm2colBudget; }
 
 void conv_stage_f32(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* pk, const float* in,
-                    float* out, int64_t p0, int64_t p1, float* scratch) {
-  conv_stage<float>(d, g, i, pk, in, out, p0, p1, scratch);
+                    float* out, int64_t p0, int64_t p1, float* scratch, int64_t panel0, int64_t panel1) {
+  conv_stage<float>(d, g, i, pk, in, out, p0, p1, scratch, panel0, panel1);
 }
 void conv_stage_f64(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* pk, const double* in,
-                    double* out, int64_t p0, int64_t p1, double* scratch) {
-  conv_stage<double>(d, g, i, pk, in, out, p0, p1, scratch);
+                    double* out, int64_t p0, int64_t p1, double* scratch, int64_t panel0, int64_t panel1) {
+  conv_stage<double>(d, g, i, pk, in, out, p0, p1, scratch, panel0, panel1);
 }
 #define SEQFUSE_EPILOGUE_ENTRY(TI, TO)                                                                         \
   void conv_epilogue_io(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* pk, const TI* in,      \

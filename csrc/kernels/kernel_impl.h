@@ -78,13 +78,30 @@ template <int N, typename F> SEQFUSE_INLINE inline void unroll(F&& f) {
   }(std::make_integer_sequence<int, N>{});
 }
 
+// The activations an epilogue applies while the values are still in
+// registers: ReLU (a clamp below at 0) and ReLU6 (a clamp to [0, 6]). The
+// others run as one pass over the finished, cache-hot rows (activate_row).
+// NaN passes through both clamps, as in eager.
+template <typename A> struct Clamp {
+  bool on;
+  A lo, hi;
+  explicit Clamp(Activation a)
+      : on(a == Activation::ReLU || a == Activation::ReLU6),
+        lo(0),
+        hi(a == Activation::ReLU6 ? A(6) : A(__builtin_inf())) {}
+  SEQFUSE_INLINE Vec<A> operator()(Vec<A> v) const {
+    v = v < lo ? splat<A>(lo) : v;
+    return v > hi ? splat<A>(hi) : v;
+  }
+};
+
 // out[r][16p + j] = epilogue(sum_k in[r][k] * panel_p[k][j]) for r < MR, p < NP.
 // The last panel stores only its first `cols_last` columns (1..16), so outputs
 // need no padding columns (conv channels are stored compact).
-template <int MR, int NP, bool kReLU, typename TI, typename TW, typename A>
+template <int MR, int NP, bool kClamp, typename TI, typename TW, typename A>
 inline void gemm_micro_tile(const TI* __restrict in, int64_t ld_in, const TW* __restrict panels, int64_t K,
                             const A* __restrict scale, const A* __restrict shift, A* __restrict out,
-                            int64_t ld_out, int64_t cols_last) {
+                            int64_t ld_out, int64_t cols_last, const Clamp<A>& clamp) {
   constexpr int V = kVecsPerPanel<A>, L = kLanes<A>, Q = NP * V;  // Q registers per row
   Vec<A> acc[MR][Q];
   unroll<MR>([&](auto r) SEQFUSE_INLINE { unroll<Q>([&](auto q) SEQFUSE_INLINE { acc[r][q] = Vec<A>{}; }); });
@@ -107,7 +124,7 @@ inline void gemm_micro_tile(const TI* __restrict in, int64_t ld_in, const TW* __
     const Vec<A> sh = load_vec<A>(shift + col);
     unroll<MR>([&](auto r) SEQFUSE_INLINE {
       Vec<A> v = acc[r][q] * sc + sh;
-      if constexpr (kReLU) v = v < A(0) ? Vec<A>{} : v;  // NaN stays NaN, as in eager
+      if constexpr (kClamp) v = clamp(v);
       if (valid >= L)
         store_vec(out + r * ld_out + col, v);
       else
@@ -129,19 +146,19 @@ template <typename A> constexpr int panels_for_rows(int mr) {
 // All panels of an `MR`-row tile, NP panels at a time, then single panels.
 // Columns at and beyond n_cols are not stored.
 template <int MR, typename TI, typename TW, typename A>
-inline void gemm_row_block(bool relu, const TI* in, int64_t ld_in, const TW* weight, int64_t K, int64_t n_cols,
+inline void gemm_row_block(const Clamp<A>& clamp, const TI* in, int64_t ld_in, const TW* weight, int64_t K, int64_t n_cols,
                            const A* scale, const A* shift, A* out, int64_t ld_out) {
   constexpr int NP = panels_for_rows<A>(MR);
   const int64_t n_panels = panel_count(n_cols);
   auto tile = [&]<int P>(int64_t p) SEQFUSE_INLINE {
     const int64_t cols_last = n_cols - (p + P - 1) * kPanelWidth;
     const TW* w = weight + p * K * kPanelWidth;
-    if (relu)
+    if (clamp.on)
       gemm_micro_tile<MR, P, true>(in, ld_in, w, K, scale + p * kPanelWidth, shift + p * kPanelWidth,
-                                   out + p * kPanelWidth, ld_out, cols_last);
+                                   out + p * kPanelWidth, ld_out, cols_last, clamp);
     else
       gemm_micro_tile<MR, P, false>(in, ld_in, w, K, scale + p * kPanelWidth, shift + p * kPanelWidth,
-                                    out + p * kPanelWidth, ld_out, cols_last);
+                                    out + p * kPanelWidth, ld_out, cols_last, clamp);
   };
   int64_t p = 0;
   for (; p + NP <= n_panels; p += NP) tile.template operator()<NP>(p);
@@ -150,13 +167,13 @@ inline void gemm_row_block(bool relu, const TI* in, int64_t ld_in, const TW* wei
 
 // Picks the row-block instantiation for `mr` rows at run time.
 template <int MR, typename TI, typename TW, typename A>
-inline void gemm_rows(int mr, bool relu, const TI* in, int64_t ld_in, const TW* weight, int64_t K, int64_t n_cols,
+inline void gemm_rows(int mr, const Clamp<A>& clamp, const TI* in, int64_t ld_in, const TW* weight, int64_t K, int64_t n_cols,
                       const A* scale, const A* shift, A* out, int64_t ld_out) {
   if constexpr (MR > 0) {
     if (mr == MR)
-      gemm_row_block<MR>(relu, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
+      gemm_row_block<MR>(clamp, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
     else
-      gemm_rows<MR - 1>(mr, relu, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
+      gemm_rows<MR - 1>(mr, clamp, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
   }
 }
 

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <limits>
 #include <optional>
 
 namespace seqfuse {
@@ -74,8 +75,12 @@ int measure_fastest_engine(c10::Device device, int engine_count, const std::func
   auto sync = [&] {
     if (guard) guard->synchronizeStream(*stream);
   };
-  // Measure: alternate the engines after one warm-up each; median of 3, or
-  // one timing each for calls long enough (> 20 ms) to be stable.
+  // Measure: alternate the engines after one warm-up each and keep each
+  // one's fastest time: interference from the rest of the machine (another
+  // process, a descheduled pool thread) only ever adds time, and one slowed
+  // timing must not pick an engine that is many times slower (a median of 3
+  // did, now and then, on a busy 2-core VM). 5 timings each for short calls,
+  // 3 up to 20 ms, one beyond.
   using clock = std::chrono::steady_clock;
   auto timed = [&](int e) {
     sync();  // work queued before this call is not its time
@@ -87,15 +92,14 @@ int measure_fastest_engine(c10::Device device, int engine_count, const std::func
   const int n = engine_count;
   double warm = 0;
   for (int e = 0; e < n; ++e) warm = std::max(warm, timed(e));
-  const int reps = warm > 0.02 ? 1 : 3;
-  double times[kMaxEngines][3];
+  const int reps = warm > 0.02 ? 1 : warm > 0.002 ? 3 : 5;
+  double fastest[kMaxEngines];
+  std::fill(fastest, fastest + n, std::numeric_limits<double>::infinity());
   for (int rep = 0; rep < reps; ++rep)
-    for (int e = 0; e < n; ++e) times[e][rep] = timed(e);
+    for (int e = 0; e < n; ++e) fastest[e] = std::min(fastest[e], timed(e));
   int best = 0;
-  for (int e = 0; e < n; ++e) {
-    std::sort(times[e], times[e] + reps);
-    if (times[e][reps / 2] < times[best][reps / 2]) best = e;
-  }
+  for (int e = 1; e < n; ++e)
+    if (fastest[e] < fastest[best]) best = e;
   return best;
 }
 

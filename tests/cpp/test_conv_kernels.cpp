@@ -513,6 +513,20 @@ void check_stage_by_stage(const ConvModel<A>& m, const sk::ConvGeometry& g, cons
     CHECK(stray == 0, where.str() << ": " << stray << " values written outside the pixel range");
     const Mismatches bad = compare_nhwc(ref[i], terms, out.data());
     CHECK(bad.count == 0, where.str() << ": " << bad.count << " outputs differ from the reference; first: " << bad.first);
+    // An ungrouped Conv/Linear split by output channels instead: two calls
+    // over channel panels [pq, np) then [0, pq), all pixels, must give the
+    // same bits and write nothing else.
+    const sk::ConvStage& st = m.desc.stages[i];
+    if (st.has_weights() && !st.depthwise && st.groups == 1) {
+      const int64_t np = sk::panel_count(st.out_channels), pq = rng.integer(0, np);
+      std::vector<A> split(out.size(), sentinel<A>());
+      sk::conv_stage_forward<A>(m.desc, g, i, m.packed.data.get(), cur.data(), split.data(), 0, pixels, pq, np);
+      sk::conv_stage_forward<A>(m.desc, g, i, m.packed.data.get(), cur.data(), split.data(), 0, pixels, 0, pq);
+      int64_t differ = count_not_sentinel(split, pixels * C, (pixels + 1) * C);
+      for (int64_t j = 0; j < pixels * C; ++j) differ += !same_bits(split[j], out[j]);
+      CHECK(differ == 0, label << " stage " << i << " (channel panels [" << pq << ", " << np << ") then [0, " << pq
+                                << ")): " << differ << " values differ from the pixel-split run");
+    }
     out.resize(static_cast<size_t>(pixels * C));
     cur = std::move(out);
   }
