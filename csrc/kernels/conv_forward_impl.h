@@ -91,7 +91,7 @@ void conv_gemm(const ConvStage& st, const StageShape& g, const uint8_t* packed, 
   const A* weight = reinterpret_cast<const A*>(packed + st.weight_offset);
   const A* scale = reinterpret_cast<const A*>(packed + st.scale_offset);
   const A* shift = reinterpret_cast<const A*>(packed + st.shift_offset);
-  const Clamp<A> clamp(st.activation);
+  const RegisterActivation<A> act(st.activation, st.alpha);
   int64_t tile = kIm2colBudget / K / MR * MR;
   if (tile < MR) tile = MR;
   for (int64_t t0 = p0; t0 < p1; t0 += tile) {
@@ -107,10 +107,10 @@ void conv_gemm(const ConvStage& st, const StageShape& g, const uint8_t* packed, 
       const int64_t c = grp * cout_g + col0;
       for (int64_t r0 = 0; r0 < rows; r0 += MR) {
         const int mr = static_cast<int>(rows - r0 < MR ? rows - r0 : MR);
-        gemm_rows<MR>(mr, clamp, a + r0 * lda, lda, w, K, cols, scale + c, shift + c, out + (t0 + r0) * C + c, C);
+        gemm_rows<MR>(mr, act, a + r0 * lda, lda, w, K, cols, scale + c, shift + c, out + (t0 + r0) * C + c, C);
       }
     }
-    if (!clamp.on) {
+    if (!act.on) {
       const int64_t c = G == 1 ? col0 : 0, n = G == 1 ? cols : C;
       for (int64_t r = 0; r < rows; ++r) activate_row(out + (t0 + r) * C + c, n, st.activation, st.alpha);
     }
@@ -147,11 +147,12 @@ struct RowWindow {
 // of channels at a time across the segment's pixels, so the channel block's
 // taps stay in L1 (in registers for the 3x3 and 5x5 instantiations, whose tap
 // loops unroll). Pixels whose window lies inside the input take the unchecked
-// path; only the border pixels test each tap. Activations other than the
-// clamps (ReLU, ReLU6) run over the finished row segment while it is cache-hot.
+// path; only the border pixels test each tap. Activations other than those
+// RegisterActivation applies in registers run over the finished row segment while it is cache-hot.
 template <typename A, int KH, int KW>
 void depthwise_row(const ConvStage& st, const StageShape& g, const A* weight, int64_t cpad, const A* scale,
-                   const A* shift, const Clamp<A>& clamp, const A* image, int64_t oy, int64_t ox0, int64_t ox1, A* out) {
+                   const A* shift, const RegisterActivation<A>& act, const A* image, int64_t oy, int64_t ox0,
+                   int64_t ox1, A* out) {
   constexpr int L = kLanes<A>;
   const int64_t C = g.out_c, W = g.in_w, kh_n = KH ? KH : st.kernel_h, kw_n = KW ? KW : st.kernel_w;
   const int64_t sw = st.stride_w, dh = st.dilation_h, dw = st.dilation_w;
@@ -163,7 +164,7 @@ void depthwise_row(const ConvStage& st, const StageShape& g, const A* weight, in
     const Vec<A> sc = load_vec<A>(scale + c0), sh = load_vec<A>(shift + c0);
     auto finish = [&](Vec<A> acc, A* dst) SEQFUSE_INLINE {
       Vec<A> v = acc * sc + sh;
-      if (clamp.on) v = clamp(v);
+      if (act.on) v = act(v);
       if (len == L)
         store_vec(dst, v);
       else
@@ -201,7 +202,7 @@ void depthwise_row(const ConvStage& st, const StageShape& g, const A* weight, in
     }
     for (; ox < ox1; ++ox) border(ox);
   }
-  if (!clamp.on) activate_row(out, (ox1 - ox0) * C, st.activation, st.alpha);
+  if (!act.on) activate_row(out, (ox1 - ox0) * C, st.activation, st.alpha);
 }
 
 template <typename A>
@@ -211,18 +212,18 @@ void conv_depthwise(const ConvStage& st, const StageShape& g, const uint8_t* pac
   const A* weight = reinterpret_cast<const A*>(packed + st.weight_offset);
   const A* scale = reinterpret_cast<const A*>(packed + st.scale_offset);
   const A* shift = reinterpret_cast<const A*>(packed + st.shift_offset);
-  const Clamp<A> clamp(st.activation);
+  const RegisterActivation<A> act(st.activation, st.alpha);
   auto row = depthwise_row<A, 0, 0>;
   if (st.kernel_h == 3 && st.kernel_w == 3) row = depthwise_row<A, 3, 3>;
   if (st.kernel_h == 5 && st.kernel_w == 5) row = depthwise_row<A, 5, 5>;
   for_each_row_segment(g, p0, p1, [&](int64_t n, int64_t oy, int64_t ox0, int64_t ox1, int64_t p) {
-    row(st, g, weight, cpad, scale, shift, clamp, in + n * g.in_h * g.in_w * C, oy, ox0, ox1, out + p * C);
+    row(st, g, weight, cpad, scale, shift, act, in + n * g.in_h * g.in_w * C, oy, ox0, ox1, out + p * C);
   });
 }
 
 template <typename A, int NV>
 void grouped_row(const ConvStage& st, const StageShape& g, const A* weight, const A* scale, const A* shift,
-                 const Clamp<A>& clamp, const A* image, int64_t oy, int64_t ox0, int64_t ox1, A* out) {
+                 const RegisterActivation<A>& act, const A* image, int64_t oy, int64_t ox0, int64_t ox1, A* out) {
   constexpr int L = kLanes<A>;
   constexpr int64_t kPixels = 4;
   const int64_t G = st.groups, cin_g = st.in_channels / G, cout_g = st.out_channels / G, K = st.reduction();
@@ -261,7 +262,7 @@ void grouped_row(const ConvStage& st, const StageShape& g, const A* weight, cons
         const Vec<A> s = load_vec<A>(sc + q * L), t = load_vec<A>(sh + q * L);
         unroll<P>([&](auto i) SEQFUSE_INLINE {
           Vec<A> v = acc[i][q] * s + t;
-          if (clamp.on) v = clamp(v);
+          if (act.on) v = act(v);
           A* dst = out + (ox + i - ox0) * C + grp * cout_g + q * L;
           if (valid == L)
             store_vec(dst, v);
@@ -276,7 +277,7 @@ void grouped_row(const ConvStage& st, const StageShape& g, const A* weight, cons
     for (; ox < in_hi; ++ox) block.template operator()<1>(ox, false);
     for (; ox < ox1; ++ox) block.template operator()<1>(ox, true);
   }
-  if (!clamp.on) activate_row(out, (ox1 - ox0) * C, st.activation, st.alpha);
+  if (!act.on) activate_row(out, (ox1 - ox0) * C, st.activation, st.alpha);
 }
 
 // Whether conv_grouped serves a stage: groups of at most one panel of outputs.
@@ -290,14 +291,14 @@ void conv_grouped(const ConvStage& st, const StageShape& g, const uint8_t* packe
   const A* weight = reinterpret_cast<const A*>(packed + st.weight_offset);
   const A* scale = reinterpret_cast<const A*>(packed + st.scale_offset);
   const A* shift = reinterpret_cast<const A*>(packed + st.shift_offset);
-  const Clamp<A> clamp(st.activation);
+  const RegisterActivation<A> act(st.activation, st.alpha);
   // Vectors per group's outputs: 1, 2 or a whole panel's.
   const int64_t nv = (st.out_channels / st.groups + kLanes<A> - 1) / kLanes<A>;
   auto row = grouped_row<A, kVecsPerPanel<A>>;
   if (nv == 1) row = grouped_row<A, 1>;
   if (nv == 2 && kVecsPerPanel<A> >= 2) row = grouped_row<A, (kVecsPerPanel<A> >= 2 ? 2 : 1)>;
   for_each_row_segment(g, p0, p1, [&](int64_t n, int64_t oy, int64_t ox0, int64_t ox1, int64_t p) {
-    row(st, g, weight, scale, shift, clamp, in + n * g.in_h * g.in_w * g.in_c, oy, ox0, ox1, out + p * g.out_c);
+    row(st, g, weight, scale, shift, act, in + n * g.in_h * g.in_w * g.in_c, oy, ox0, ox1, out + p * g.out_c);
   });
 }
 

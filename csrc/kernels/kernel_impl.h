@@ -78,30 +78,53 @@ template <int N, typename F> SEQFUSE_INLINE inline void unroll(F&& f) {
   }(std::make_integer_sequence<int, N>{});
 }
 
-// The activations an epilogue applies while the values are still in
-// registers: ReLU (a clamp below at 0) and ReLU6 (a clamp to [0, 6]). The
-// others run as one pass over the finished, cache-hot rows (activate_row).
-// NaN passes through both clamps, as in eager.
-template <typename A> struct Clamp {
+// The activation an epilogue applies while the values are still in
+// registers (`on`), with the same vector code activate_row runs, so the values
+// are the same bits either way: in float every activation of the models these
+// kernels serve (ReLU, ReLU6, LeakyReLU, Hardswish, Hardsigmoid, SiLU,
+// Sigmoid); in double the clamps (ReLU, ReLU6). The rest (GELU, Tanh: long
+// polynomials that would bloat every micro-tile) run as one pass over the
+// finished, cache-hot rows (activate_row). NaN passes through, as in eager.
+template <typename A> struct RegisterActivation {
+  Activation act;
+  A alpha;
   bool on;
-  A lo, hi;
-  explicit Clamp(Activation a)
-      : on(a == Activation::ReLU || a == Activation::ReLU6),
-        lo(0),
-        hi(a == Activation::ReLU6 ? A(6) : A(__builtin_inf())) {}
+  explicit RegisterActivation(Activation a, double alpha_ = 0)
+      : act(a), alpha(static_cast<A>(alpha_)), on(in_registers(a)) {}
+  static constexpr bool in_registers(Activation a) {
+    if (a == Activation::ReLU || a == Activation::ReLU6) return true;
+    if constexpr (std::is_same_v<A, float>)
+      return a == Activation::LeakyReLU || a == Activation::Hardswish || a == Activation::Hardsigmoid ||
+             a == Activation::SiLU || a == Activation::Sigmoid;
+    return false;
+  }
   SEQFUSE_INLINE Vec<A> operator()(Vec<A> v) const {
-    v = v < lo ? splat<A>(lo) : v;
-    return v > hi ? splat<A>(hi) : v;
+    if constexpr (std::is_same_v<A, float>) {
+      using activation_detail::activate_vec;
+      switch (act) {  // each case inlines only its own activation
+        case Activation::ReLU: return activate_vec(v, Activation::ReLU, alpha);
+        case Activation::ReLU6: return activate_vec(v, Activation::ReLU6, alpha);
+        case Activation::LeakyReLU: return activate_vec(v, Activation::LeakyReLU, alpha);
+        case Activation::Hardswish: return activate_vec(v, Activation::Hardswish, alpha);
+        case Activation::Hardsigmoid: return activate_vec(v, Activation::Hardsigmoid, alpha);
+        case Activation::SiLU: return activate_vec(v, Activation::SiLU, alpha);
+        case Activation::Sigmoid: return activate_vec(v, Activation::Sigmoid, alpha);
+        default: return v;
+      }
+    } else {  // as activate_scalar: x < 0 ? 0 : (x > 6 ? 6 : x)
+      v = v < A(0) ? Vec<A>{} : v;
+      return act == Activation::ReLU6 ? (v > A(6) ? splat<A>(A(6)) : v) : v;
+    }
   }
 };
 
 // out[r][16p + j] = epilogue(sum_k in[r][k] * panel_p[k][j]) for r < MR, p < NP.
 // The last panel stores only its first `cols_last` columns (1..16), so outputs
 // need no padding columns (conv channels are stored compact).
-template <int MR, int NP, bool kClamp, typename TI, typename TW, typename A>
+template <int MR, int NP, bool kAct, typename TI, typename TW, typename A>
 inline void gemm_micro_tile(const TI* __restrict in, int64_t ld_in, const TW* __restrict panels, int64_t K,
                             const A* __restrict scale, const A* __restrict shift, A* __restrict out,
-                            int64_t ld_out, int64_t cols_last, const Clamp<A>& clamp) {
+                            int64_t ld_out, int64_t cols_last, const RegisterActivation<A>& act) {
   constexpr int V = kVecsPerPanel<A>, L = kLanes<A>, Q = NP * V;  // Q registers per row
   Vec<A> acc[MR][Q];
   unroll<MR>([&](auto r) SEQFUSE_INLINE { unroll<Q>([&](auto q) SEQFUSE_INLINE { acc[r][q] = Vec<A>{}; }); });
@@ -124,7 +147,7 @@ inline void gemm_micro_tile(const TI* __restrict in, int64_t ld_in, const TW* __
     const Vec<A> sh = load_vec<A>(shift + col);
     unroll<MR>([&](auto r) SEQFUSE_INLINE {
       Vec<A> v = acc[r][q] * sc + sh;
-      if constexpr (kClamp) v = clamp(v);
+      if constexpr (kAct) v = act(v);
       if (valid >= L)
         store_vec(out + r * ld_out + col, v);
       else
@@ -146,19 +169,19 @@ template <typename A> constexpr int panels_for_rows(int mr) {
 // All panels of an `MR`-row tile, NP panels at a time, then single panels.
 // Columns at and beyond n_cols are not stored.
 template <int MR, typename TI, typename TW, typename A>
-inline void gemm_row_block(const Clamp<A>& clamp, const TI* in, int64_t ld_in, const TW* weight, int64_t K, int64_t n_cols,
+inline void gemm_row_block(const RegisterActivation<A>& act, const TI* in, int64_t ld_in, const TW* weight, int64_t K, int64_t n_cols,
                            const A* scale, const A* shift, A* out, int64_t ld_out) {
   constexpr int NP = panels_for_rows<A>(MR);
   const int64_t n_panels = panel_count(n_cols);
   auto tile = [&]<int P>(int64_t p) SEQFUSE_INLINE {
     const int64_t cols_last = n_cols - (p + P - 1) * kPanelWidth;
     const TW* w = weight + p * K * kPanelWidth;
-    if (clamp.on)
+    if (act.on)
       gemm_micro_tile<MR, P, true>(in, ld_in, w, K, scale + p * kPanelWidth, shift + p * kPanelWidth,
-                                   out + p * kPanelWidth, ld_out, cols_last, clamp);
+                                   out + p * kPanelWidth, ld_out, cols_last, act);
     else
       gemm_micro_tile<MR, P, false>(in, ld_in, w, K, scale + p * kPanelWidth, shift + p * kPanelWidth,
-                                    out + p * kPanelWidth, ld_out, cols_last, clamp);
+                                    out + p * kPanelWidth, ld_out, cols_last, act);
   };
   int64_t p = 0;
   for (; p + NP <= n_panels; p += NP) tile.template operator()<NP>(p);
@@ -167,13 +190,13 @@ inline void gemm_row_block(const Clamp<A>& clamp, const TI* in, int64_t ld_in, c
 
 // Picks the row-block instantiation for `mr` rows at run time.
 template <int MR, typename TI, typename TW, typename A>
-inline void gemm_rows(int mr, const Clamp<A>& clamp, const TI* in, int64_t ld_in, const TW* weight, int64_t K, int64_t n_cols,
+inline void gemm_rows(int mr, const RegisterActivation<A>& act, const TI* in, int64_t ld_in, const TW* weight, int64_t K, int64_t n_cols,
                       const A* scale, const A* shift, A* out, int64_t ld_out) {
   if constexpr (MR > 0) {
     if (mr == MR)
-      gemm_row_block<MR>(clamp, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
+      gemm_row_block<MR>(act, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
     else
-      gemm_rows<MR - 1>(mr, clamp, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
+      gemm_rows<MR - 1>(mr, act, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
   }
 }
 

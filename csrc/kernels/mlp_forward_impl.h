@@ -4,8 +4,9 @@
 // with its activations in two ping-pong buffers that stay in L1/L2, so no
 // intermediate ever goes back to memory. A Linear stage is a register-blocked
 // GEMM over weights packed into 16-column panels ([panel][k][16]); bias and a
-// folded BatchNorm are one multiply-add in the accumulator registers, and ReLU
-// and ReLU6 are applied there too. Other activations run over the fresh, cache-hot rows.
+// folded BatchNorm are one multiply-add in the accumulator registers, and the
+// cheap activations (RegisterActivation) are applied there too. Other
+// activations run over the fresh, cache-hot rows.
 //
 // Included by mlp_forward_<isa>.cpp inside `namespace seqfuse::kernels::<isa>`
 // after that file set its target pragma and defined:
@@ -25,15 +26,15 @@ void run_linear_stage(const StageDesc& st, const uint8_t* packed, const TI* in, 
   const TW* weight = reinterpret_cast<const TW*>(packed + st.weight_offset);
   const A* scale = reinterpret_cast<const A*>(packed + st.scale_offset);
   const A* shift = reinterpret_cast<const A*>(packed + st.shift_offset);
-  const Clamp<A> clamp(st.activation);
+  const RegisterActivation<A> act(st.activation, st.alpha);
   // Row blocks outer, panels inner: a row block's inputs stay in L1 while the
   // weights stream from L2, which the packed panel layout makes sequential.
   for (int64_t r0 = 0; r0 < rows; r0 += MR) {
     const int mr = static_cast<int>(rows - r0 < MR ? rows - r0 : MR);
-    gemm_rows<MR>(mr, clamp, in + r0 * ld_in, ld_in, weight, K, n_panels * kPanelWidth, scale, shift,
+    gemm_rows<MR>(mr, act, in + r0 * ld_in, ld_in, weight, K, n_panels * kPanelWidth, scale, shift,
                   out + r0 * ld_out, ld_out);
   }
-  if (!clamp.on)
+  if (!act.on)
     for (int64_t r = 0; r < rows; ++r) activate_row(out + r * ld_out, st.out_features, st.activation, st.alpha);
 }
 
