@@ -185,6 +185,29 @@ void depthwise_row(const ConvStage& st, const StageShape& g, const A* weight, in
     int64_t ox = ox0;
     for (; ox < in_lo; ++ox) border(ox);
     if (len == L) {
+      if constexpr (KH > 0 && KW > 0) {
+        // Fixed taps, every kernel row inside the input: the taps' weights
+        // held in registers across the segment and P pixels at a time, P
+        // independent accumulation chains (one chain per pixel is bound by
+        // the FMA latency). Each output sums its taps in the order of the
+        // loop below: the same bits.
+        if (kh_lo == 0 && kh_hi == KH) {
+          constexpr int T = KH * KW, P = T <= 9 ? 4 : 2;
+          Vec<A> wv[T];
+          unroll<T>([&](auto t) SEQFUSE_INLINE { wv[t] = load_vec<A>(wc + t * cpad); });
+          for (; ox + P <= in_hi; ox += P) {
+            const A* src = image + (iy0 * W + ox * sw - st.pad_left) * C + c0;
+            Vec<A> acc[P];
+            unroll<P>([&](auto i) SEQFUSE_INLINE { acc[i] = Vec<A>{}; });
+            unroll<T>([&](auto t) SEQFUSE_INLINE {
+              constexpr int kh = t / KW, kw = t % KW;
+              const A* tap = src + (kh * dh * W + kw * dw) * C;
+              unroll<P>([&](auto i) SEQFUSE_INLINE { acc[i] += load_vec<A>(tap + i * sw * C) * wv[t]; });
+            });
+            unroll<P>([&](auto i) SEQFUSE_INLINE { finish(acc[i], out + (ox + i - ox0) * C + c0); });
+          }
+        }
+      }
       for (; ox < in_hi; ++ox) {
         const A* src = image + (iy0 * W + ox * sw - st.pad_left) * C + c0;
         Vec<A> acc = {};
