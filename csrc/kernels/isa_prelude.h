@@ -5,7 +5,12 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>  // masked partial loads/stores (kernel_impl.h)
+#endif
 
 #include "bf16.h"
 #include "mlp_spec.h"
