@@ -248,7 +248,10 @@ template <typename A, int NV>
 void grouped_row(const ConvStage& st, const StageShape& g, const A* weight, const A* scale, const A* shift,
                  const RegisterActivation<A>& act, const A* image, int64_t oy, int64_t ox0, int64_t ox1, A* out) {
   constexpr int L = kLanes<A>;
-  constexpr int64_t kPixels = 4;
+  // Pixels per block: independent accumulators enough to cover the FMA
+  // latency on two FMA ports (8 chains) whether a group's outputs take one
+  // register or two.
+  constexpr int64_t kPixels = NV == 1 ? 8 : 4;
   const int64_t G = st.groups, cin_g = st.in_channels / G, cout_g = st.out_channels / G, K = st.reduction();
   const int64_t C = g.out_c, Cin = g.in_c, W = g.in_w, kw_n = st.kernel_w, sw = st.stride_w;
   const int64_t dh = st.dilation_h, dw = st.dilation_w;
@@ -297,6 +300,8 @@ void grouped_row(const ConvStage& st, const StageShape& g, const A* weight, cons
     int64_t ox = ox0;
     for (; ox < in_lo; ++ox) block.template operator()<1>(ox, true);
     for (; ox + kPixels <= in_hi; ox += kPixels) block.template operator()<kPixels>(ox, false);
+    if constexpr (kPixels > 4)
+      for (; ox + 4 <= in_hi; ox += 4) block.template operator()<4>(ox, false);
     for (; ox < in_hi; ++ox) block.template operator()<1>(ox, false);
     for (; ox < ox1; ++ox) block.template operator()<1>(ox, true);
   }
