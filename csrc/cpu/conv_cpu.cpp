@@ -141,7 +141,7 @@ at::Tensor run_stages_batched(const RunContext& ctx, size_t first, size_t stop, 
     const A* in = cur.const_data_ptr<A>();
     const int64_t pixels = ctx.images * s.out_pixels();
     const int64_t work = ctx.g.macs_per_image * ctx.images;  // whole-run size: a stage of it is worth splitting
-    if (kernels::gemm_splits_channels(ctx.d, ctx.g, i, pixels, at::get_num_threads())) {
+    if (kernels::gemm_splits_channels(ctx.d, i, pixels, at::get_num_threads())) {
       parallel_range(kernels::panel_count(st.out_channels), work, [&](int64_t b, int64_t e) {
         kernels::conv_stage_forward<A>(ctx.d, ctx.g, i, ctx.packed, in, op, 0, pixels, b, e);
       });

@@ -101,10 +101,10 @@ void conv_stage_forward(const ConvDesc& d, const ConvGeometry& g, size_t i, cons
   kernels_for<A>(active_isa()).stage(d, g, i, packed, in, out, p0, p1, scratch, panel0, panel1);
 }
 
-bool gemm_splits_channels(const ConvDesc& d, const ConvGeometry& g, size_t i, int64_t pixels, int64_t parts) {
+bool gemm_splits_channels(const ConvDesc& d, size_t i, int64_t pixels, int64_t parts) {
   const ConvStage& st = d.stages[i];
   if (!st.has_weights() || st.depthwise || st.groups != 1 || parts < 2) return false;
-  return st.out_channels > pixels && panel_count(st.out_channels) >= parts && g.stages[i].out_c == st.out_channels;
+  return st.out_channels > pixels && panel_count(st.out_channels) >= parts;
 }
 
 template <typename TI, typename TO>

@@ -39,7 +39,7 @@ void conv_stage_forward(const ConvDesc& d, const ConvGeometry& g, size_t i, cons
 // whose weights are larger than its pixels' values (out_channels > pixels),
 // so that each task streams only its share of the weights (late 7x7 layers,
 // batch-1 Linear heads). Its channel panels then go to the tasks.
-bool gemm_splits_channels(const ConvDesc& d, const ConvGeometry& g, size_t i, int64_t pixels, int64_t parts);
+bool gemm_splits_channels(const ConvDesc& d, size_t i, int64_t pixels, int64_t parts);
 
 // Applies a Conv stage's epilogue (folded bias/BatchNorm, activation) to
 // pixels [p0, p1) of a convolution computed elsewhere, compact NHWC: TI -> TO,

@@ -200,8 +200,8 @@ template <typename A> constexpr int panels_for_rows(int mr) {
 // All panels of an `MR`-row tile, NP panels at a time, then single panels.
 // Columns at and beyond n_cols are not stored.
 template <int MR, typename TI, typename TW, typename A>
-inline void gemm_row_block(const RegisterActivation<A>& act, const TI* in, int64_t ld_in, const TW* weight, int64_t K, int64_t n_cols,
-                           const A* scale, const A* shift, A* out, int64_t ld_out) {
+inline void gemm_row_block(const RegisterActivation<A>& act, const TI* in, int64_t ld_in, const TW* weight, int64_t K,
+                           int64_t n_cols, const A* scale, const A* shift, A* out, int64_t ld_out) {
   constexpr int NP = panels_for_rows<A>(MR);
   const int64_t n_panels = panel_count(n_cols);
   auto tile = [&]<int P>(int64_t p) SEQFUSE_INLINE {
@@ -221,8 +221,8 @@ inline void gemm_row_block(const RegisterActivation<A>& act, const TI* in, int64
 
 // Picks the row-block instantiation for `mr` rows at run time.
 template <int MR, typename TI, typename TW, typename A>
-inline void gemm_rows(int mr, const RegisterActivation<A>& act, const TI* in, int64_t ld_in, const TW* weight, int64_t K, int64_t n_cols,
-                      const A* scale, const A* shift, A* out, int64_t ld_out) {
+inline void gemm_rows(int mr, const RegisterActivation<A>& act, const TI* in, int64_t ld_in, const TW* weight,
+                      int64_t K, int64_t n_cols, const A* scale, const A* shift, A* out, int64_t ld_out) {
   if constexpr (MR > 0) {
     if (mr == MR)
       gemm_row_block<MR>(act, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
