@@ -147,8 +147,9 @@ struct RowWindow {
 // of channels at a time across the segment's pixels, so the channel block's
 // taps stay in L1 (in registers for the 3x3 and 5x5 instantiations, whose tap
 // loops unroll). Pixels whose window lies inside the input take the unchecked
-// path; only the border pixels test each tap. Activations other than those
-// RegisterActivation applies in registers run over the finished row segment while it is cache-hot.
+// path; only the border pixels test each tap. Activations RegisterActivation
+// does not apply in registers run over the finished row segment while it is
+// cache-hot.
 template <typename A, int KH, int KW>
 void depthwise_row(const ConvStage& st, const StageShape& g, const A* weight, int64_t cpad, const A* scale,
                    const A* shift, const RegisterActivation<A>& act, const A* image, int64_t oy, int64_t ox0,

@@ -57,39 +57,42 @@ template <typename A> inline void store_vec(A* p, Vec<A> v) { __builtin_memcpy(p
 // a multiple of the vector width (24, 40, 58, 72, 104, 120, 184 in the
 // mobilenets, shufflenet, regnet) take this path once per pixel and vector
 // row; as memcpy it was 10-40% of those layers' time.
+#if (defined(__x86_64__) || defined(_M_X64)) && SEQFUSE_VECTOR_BYTES == 64  // the AVX-512 units (target pragma)
+#define SEQFUSE_PARTIAL_MOVES 512
+inline unsigned first_lanes(int64_t n) { return (1u << n) - 1; }  // lanes [0, n) of a k-mask
+#elif (defined(__x86_64__) || defined(_M_X64)) && SEQFUSE_VECTOR_BYTES == 32  // the AVX2 units
+#define SEQFUSE_PARTIAL_MOVES 256
+template <typename A> inline __m256i first_lanes(int64_t n) {  // lanes [0, n) all ones
+  if constexpr (sizeof(A) == 4)
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  else
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+}
+#endif
+
 template <typename A> inline Vec<A> load_partial(const A* p, int64_t n) {
-#if (defined(__x86_64__) || defined(_M_X64)) && SEQFUSE_VECTOR_BYTES == 64  // the avx512 units (target pragma)
-  if constexpr (std::is_same_v<A, float>)
-    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
-  else if constexpr (std::is_same_v<A, double>)
-    return _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p);
-#elif (defined(__x86_64__) || defined(_M_X64)) && SEQFUSE_VECTOR_BYTES == 32  // the avx2 units
-  if constexpr (std::is_same_v<A, float>)
-    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
-                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-  else if constexpr (std::is_same_v<A, double>)
-    return _mm256_maskload_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)));
+#if SEQFUSE_PARTIAL_MOVES == 512
+  if constexpr (std::is_same_v<A, float>) return _mm512_maskz_loadu_ps(static_cast<__mmask16>(first_lanes(n)), p);
+  if constexpr (std::is_same_v<A, double>) return _mm512_maskz_loadu_pd(static_cast<__mmask8>(first_lanes(n)), p);
+#elif SEQFUSE_PARTIAL_MOVES == 256
+  if constexpr (std::is_same_v<A, float>) return _mm256_maskload_ps(p, first_lanes<A>(n));
+  if constexpr (std::is_same_v<A, double>) return _mm256_maskload_pd(p, first_lanes<A>(n));
 #endif
   Vec<A> r = {};
   __builtin_memcpy(&r, p, n * sizeof(A));
   return r;
 }
 template <typename A> inline void store_partial(A* p, Vec<A> v, int64_t n) {
-#if (defined(__x86_64__) || defined(_M_X64)) && SEQFUSE_VECTOR_BYTES == 64  // the avx512 units (target pragma)
-  if constexpr (std::is_same_v<A, float>)
-    return _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
-  else if constexpr (std::is_same_v<A, double>)
-    return _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), v);
-#elif (defined(__x86_64__) || defined(_M_X64)) && SEQFUSE_VECTOR_BYTES == 32  // the avx2 units
-  if constexpr (std::is_same_v<A, float>)
-    return _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
-                                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
-                               v);
-  else if constexpr (std::is_same_v<A, double>)
-    return _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)), v);
+#if SEQFUSE_PARTIAL_MOVES == 512
+  if constexpr (std::is_same_v<A, float>) return _mm512_mask_storeu_ps(p, static_cast<__mmask16>(first_lanes(n)), v);
+  if constexpr (std::is_same_v<A, double>) return _mm512_mask_storeu_pd(p, static_cast<__mmask8>(first_lanes(n)), v);
+#elif SEQFUSE_PARTIAL_MOVES == 256
+  if constexpr (std::is_same_v<A, float>) return _mm256_maskstore_ps(p, first_lanes<A>(n), v);
+  if constexpr (std::is_same_v<A, double>) return _mm256_maskstore_pd(p, first_lanes<A>(n), v);
 #endif
   __builtin_memcpy(p, &v, n * sizeof(A));
 }
+#undef SEQFUSE_PARTIAL_MOVES
 
 #include "activations.h"
 
