@@ -4,7 +4,9 @@ every custom forward runs its chains as fused calls (seqfuse/capture.py)."""
 from __future__ import annotations
 
 import copy
-from typing import Dict
+from typing import Any, Dict, Optional
+
+import torch
 
 from torch import nn
 
@@ -54,7 +56,8 @@ def fused_subclass(cls: type) -> type:
     return sub
 
 
-def fuse(model: nn.Module, inplace: bool = False, capture: bool = True) -> nn.Module:
+def fuse(model: nn.Module, inplace: bool = False, capture: bool = True,
+         example_inputs: Optional[Any] = None) -> nn.Module:
     """Returns ``model`` running its fusible chains as fused seqfuse calls:
 
     * every ``nn.Sequential``, and every Sequential subclass that keeps
@@ -62,11 +65,18 @@ def fuse(model: nn.Module, inplace: bool = False, capture: bool = True) -> nn.Mo
       becomes a :class:`FusedSequential` (a generated subclass for the latter,
       so ``isinstance`` and the class name hold);
     * with ``capture=True`` (the default), every module with a forward of its
-      own (a ResNet block, the model itself) gets a captured forward: torch.fx
-      finds the chains in it (stock layers, inlined Sequentials, functional
-      activations, the residual addition and activation closing a block) and
-      runs each as one fused call. A forward that cannot be traced runs as it
-      is; :func:`seqfuse.explain` says why.
+      own (a ResNet block, the model itself) gets a captured forward: on its
+      first call with a new kind of arguments it is traced (without patching
+      anything global), the chains in it (stock layers, inlined Sequentials,
+      functional activations, the residual addition and activation closing a
+      block) run as one fused call each, and the trace is guarded on every
+      call. A forward that cannot be traced runs as it is;
+      :func:`seqfuse.explain` says why.
+
+    ``example_inputs`` (a tensor, or a tuple of a forward's arguments, or a
+    list of those) are run once each, without autograd, before ``fuse()``
+    returns: the traces, plans and engine choices of those cases are then
+    ready, and a first call with the same shapes costs what a later one does.
 
     Classes, children, parameters and ``state_dict`` keys are unchanged. With
     ``inplace=False`` (the default) the model is deep-copied first and the
@@ -94,4 +104,9 @@ def fuse(model: nn.Module, inplace: bool = False, capture: bool = True) -> nn.Mo
                 # An instance attribute: the class, and everything that
                 # pickles or compares by class, stays the model's own.
                 m.__dict__["forward"] = CapturedForward(m)
+    if example_inputs is not None:
+        examples = example_inputs if isinstance(example_inputs, list) else [example_inputs]
+        with torch.no_grad():
+            for ex in examples:
+                model(*ex) if isinstance(ex, tuple) else model(ex)
     return model

@@ -118,6 +118,7 @@ def explain(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> M
             for k, m in enumerate(seg.modules):
                 if m is None:
                     continue
+                m = m.__dict__.get("_seqfuse_owner", m)  # a view of a library layer's own tensors
                 if seg.fused:
                     fused.setdefault(id(m), owner)
                 else:
