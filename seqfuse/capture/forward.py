@@ -138,14 +138,18 @@ def capture_module(module: nn.Module, args: tuple = (), kwargs: Optional[dict] =
         _restore(module, before)
         return Traced(None, [], guard, empty, error="its forward assigns attributes of the module (not traced)")
 
-    chains, leftovers = rewrite_chains(module, graph, guard, empty, expand=_as_chain)
-    layout.rewrite_layout_ops(graph)
-    graph.lint()
-    code = graph.python_code(root_module="self")
-    filename = f"<seqfuse: captured {type(module).__qualname__}.forward #{id(module):x}>"
+    try:
+        chains, leftovers = rewrite_chains(module, graph, guard, empty, expand=_as_chain)
+        layout.rewrite_layout_ops(graph)
+        graph.lint()
+        code = graph.python_code(root_module="self")
+        filename = f"<seqfuse: captured {type(module).__qualname__}.forward #{id(module):x}>"
+        namespace = dict(code.globals)
+        exec(compile(code.src, filename, "exec"), namespace)
+    except Exception as err:  # a seqfuse bug: the module's own forward is always a safe answer
+        return Traced(None, [], guard, empty, error=f"not rewritten (internal error, please report it): "
+                                                    f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
     linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
-    namespace = dict(code.globals)
-    exec(compile(code.src, filename, "exec"), namespace)
     return Traced(namespace["forward"], chains, guard, empty, leftovers=leftovers, graph=graph)
 
 
@@ -175,6 +179,12 @@ def _as_chain(m: nn.Module):
 def _restore(module: nn.Module, before: dict) -> None:
     module.__dict__.clear()
     module.__dict__.update(before)
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    # Inference tensors keep no version counter (and cannot be changed in
+    # place outside inference mode): taken as unchanged.
+    return None if t.is_inference() else t._version
 
 
 def _shapes(tensors) -> str:
@@ -274,12 +284,12 @@ class CapturedForward:
     def _run(self, t: Traced, tensors: list, args: tuple, kwargs: dict):
         """The traced forward, under the safety net (see the module docstring)."""
         m = self.module
-        versions = [x._version for x in tensors]
-        state = [(b, b._version) for b in m.buffers()] if m.training else []
+        versions = [_version(x) for x in tensors]
+        state = [(b, _version(b)) for b in m.buffers()] if m.training else []
         try:
             return t.fn(m, *tensors)
         except Exception as err:
-            changed = any(x._version != v for x, v in zip(tensors, versions)) or any(b._version != v for b, v in state)
+            changed = any(_version(x) != v for x, v in zip(tensors, versions)) or any(_version(b) != v for b, v in state)
             if changed:
                 raise RuntimeError(
                     f"seqfuse: the captured forward of {type(m).__name__} failed on inputs {_shapes(tensors)} after "

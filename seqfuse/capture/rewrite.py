@@ -95,7 +95,7 @@ def _functional_module(node: fx.Node, root: nn.Module) -> Optional[nn.Module]:
     if t is F.dropout:
         training = _scalar_arg(node, 2, "training", True)
         return nn.Identity() if training is False else None
-    if t in (F.batch_norm, F.conv2d, F.linear) and node.op == "call_function":
+    if t in _WEIGHTED_FUNCTIONS and node.op == "call_function":
         return _weighted_view(node, root)
     return None
 
@@ -173,22 +173,23 @@ _PURE_CHECKS = {getattr, operator.eq, operator.ne, operator.lt, operator.le, ope
 
 def drop_shape_asserts(graph: fx.Graph) -> None:
     """Removes ``torch._assert`` checks on shapes (``_assert(x.ndim == 4,
-    ...)``, as library layers write them) and the nodes computing only their
-    condition: they would keep the tensor from being a link of a chain. An
-    input they would have rejected is still rejected, by the fused layer or,
-    through the safety net, by the module's own forward."""
+    ...)``, as library layers write them) and the nodes left computing
+    nothing but shape facts nobody reads (``x.ndim`` in an assert's message):
+    they would keep the tensor from being a link of a chain. An input they
+    would have rejected is still rejected, by the fused layer or, through the
+    safety net, by the module's own forward."""
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not torch._assert:
-            continue
-        inputs = node.all_input_nodes
-        graph.erase_node(node)
-        while inputs:
-            n = inputs.pop()
-            pure = (n.op == "call_function" and n.target in _PURE_CHECKS) or (
-                n.op == "call_method" and n.target in ("dim", "size"))
-            if pure and not n.users:
-                inputs.extend(n.all_input_nodes)
-                graph.erase_node(n)
+        if node.op == "call_function" and node.target is torch._assert:
+            graph.erase_node(node)
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            pure = (node.op == "call_function" and node.target in _PURE_CHECKS) or (
+                node.op == "call_method" and node.target in ("dim", "size"))
+            if pure and not node.users:
+                graph.erase_node(node)
+                changed = True
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -197,12 +198,19 @@ def _is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target == "add" and len(node.args) == 2 and not node.kwargs
 
 
+_WEIGHTED_FUNCTIONS = (F.batch_norm, F.conv2d, F.linear)
+
+
 def _one_tensor_input(node: fx.Node) -> Optional[fx.Node]:
-    """The node's only Node argument when it is the first positional one."""
+    """The node's only Node argument when it is the first positional one
+    (for ``F.batch_norm``/``F.conv2d``/``F.linear``: the only one that is not
+    a module's tensor, which _weighted_view takes in)."""
     if not node.args or not isinstance(node.args[0], fx.Node):
         return None
     found: List[fx.Node] = []
     fx.node.map_arg((node.args[1:], node.kwargs), found.append)
+    if found and node.op == "call_function" and node.target in _WEIGHTED_FUNCTIONS:
+        found = [n for n in found if n.op != "get_attr"]
     return None if found else node.args[0]
 
 
