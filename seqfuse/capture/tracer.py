@@ -10,7 +10,10 @@ the traced module's own descendants only:
 * a descendant without hooks gets an instance-level ``forward`` for the
   duration (``nn.Module.__call__`` looks ``forward`` up on the instance);
 * a descendant with hooks gets its class swapped for a generated subclass
-  whose ``__call__`` records (so its hooks do not run on proxies).
+  whose ``__call__`` records (so its hooks do not run on proxies);
+* the traced module's class is swapped for a generated subclass whose
+  parameters and buffers read as proxies (what fx's ``__getattr__`` patch
+  does for every module), so computations on them are recorded.
 
 Both redirect only calls made by the tracing thread with proxies among the
 arguments; any other call (another thread serving the same model, a call on
@@ -141,6 +144,42 @@ def _recording_class(cls: type) -> type:
     return sub
 
 
+_READING_CLASSES: Dict[type, type] = {}
+
+
+def _reading_class(cls: type) -> type:
+    """A subclass of ``cls`` whose parameters and buffers read as proxies
+    (``get_attr`` nodes) in this thread's trace of the instance, so that
+    ``self.gamma.reshape(...)`` is recorded, not computed once into a
+    constant that later edits of ``gamma`` would not reach."""
+    sub = _READING_CLASSES.get(cls)
+    if sub is None:
+        def __getattr__(self, name):
+            value = super(sub, self).__getattr__(name)
+            tracer = getattr(_active, "tracer", None)
+            if tracer is not None and tracer.root is self and isinstance(value, torch.Tensor):
+                return tracer.attr_proxy(name, value)
+            return value
+
+        sub = type(cls.__name__, (cls,), {"__getattr__": __getattr__, "__module__": cls.__module__,
+                                          "__qualname__": cls.__qualname__})
+        _READING_CLASSES[cls] = sub
+    return sub
+
+
+@contextmanager
+def _reading_root(root: nn.Module):
+    """The root's class swapped for its _reading_class while it is traced
+    (the instance only; another thread calling it meanwhile runs the same
+    code: the subclass defers to the class outside this thread's trace)."""
+    cls = type(root)
+    root.__class__ = _reading_class(cls)
+    try:
+        yield
+    finally:
+        root.__class__ = cls
+
+
 @contextmanager
 def _recording_descendants(root: nn.Module):
     """Redirects the calls of ``root``'s descendants (see the module docstring)."""
@@ -194,6 +233,7 @@ class _LocalTracer(fx.Tracer):
         self.root = root
         self.graph = fx.Graph(tracer_cls=type(self))
         self.submodule_paths = {m: name for name, m in root.named_modules()}
+        self._attr_proxies: Dict[str, fx.Proxy] = {}
         # Tensors the forward may read off the module tree (parameters are
         # found by create_arg itself): get_attr nodes instead of constants.
         self.tensor_attrs = {}
@@ -210,6 +250,12 @@ class _LocalTracer(fx.Tracer):
 
     def record_call(self, module: nn.Module, args, kwargs):
         return self.create_proxy("call_module", self.submodule_paths[module], args, kwargs)
+
+    def attr_proxy(self, name: str, value: torch.Tensor):
+        proxy = self._attr_proxies.get(name)
+        if proxy is None:
+            proxy = self._attr_proxies[name] = fx.Proxy(self.create_arg(value), self)
+        return proxy
 
 
 def _placeholders(tracer: _LocalTracer, fn, args: tuple, kwargs: dict):
@@ -259,7 +305,7 @@ def trace_forward(module: nn.Module, args: tuple, kwargs: dict) -> fx.Graph:
     outer = getattr(_active, "tracer", None)
     _active.tracer = tracer
     try:
-        with _recording_descendants(module), _fx_tracing_flag():
+        with _recording_descendants(module), _reading_root(module), _fx_tracing_flag():
             p_args, p_kwargs = _placeholders(tracer, fn, args, kwargs)
             out = fn(module, *p_args, **p_kwargs)
             tracer.create_node("output", "output", (tracer.create_arg(out),), {})
