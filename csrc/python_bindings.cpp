@@ -52,6 +52,32 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "set_engine_override", [](int engine) { engine_override().store(engine); }, py::arg("engine"),
       "Force an engine for every fused MLP call (0 or 1), or -1 to choose by measurement.");
+  // The engine choices as plain tuples (op kind, device type name, shape key,
+  // batch bucket, threads, engine), for seqfuse/engine_cache.py.
+  m.def(
+      "engine_choices",
+      [] {
+        std::vector<std::tuple<int, std::string, std::vector<int64_t>, int, int, int>> out;
+        for (const auto& [key, engine] : EngineChoices::global().entries())
+          out.emplace_back(std::get<0>(key), c10::DeviceTypeName(std::get<1>(key), /*lower_case=*/true),
+                           std::get<2>(key), std::get<3>(key), std::get<4>(key), engine);
+        return out;
+      },
+      "Every engine chosen by measurement so far: (op, device type, shape key, batch bucket, threads, engine).");
+  m.def(
+      "set_engine_choice",
+      [](int op, const std::string& device_type, std::vector<int64_t> shape, int bucket, int threads, int engine) {
+        if (engine < 0 || engine >= kMaxEngines) throw py::value_error("seqfuse: engine out of range");
+        EngineChoices::global().set({op, c10::Device(device_type).type(), std::move(shape), bucket, threads}, engine);
+      },
+      py::arg("op"), py::arg("device_type"), py::arg("shape"), py::arg("bucket"), py::arg("threads"),
+      py::arg("engine"), "Records an engine choice (as engine_choices() lists them).");
+  m.def(
+      "clear_engine_choices", [] { EngineChoices::global().clear(); },
+      "Forgets every engine choice: the next call of each shape class measures again.");
+  m.def(
+      "engine_choices_generation", [] { return EngineChoices::global().generation(); },
+      "Changes whenever an engine choice is recorded or the choices are cleared.");
   py::class_<PlanGuard>(m, "PlanGuard")
       .def(py::init<py::dict, py::list, std::vector<at::Tensor>, std::vector<at::Tensor>, py::list, bool>())
       .def("check", &PlanGuard::check, py::arg("input"))

@@ -10,13 +10,14 @@ BatchNorm1d and activations as single fused C++ kernel calls.
 torch.Size([8, 4])
 """
 
-from . import ops, verify
-from ._loader import BUILD_INFO
-from .container import Explanation, FusedSequential, SeqfuseWarning
-from .convert import fuse
-from .explain import ModelExplanation, explain
+__version__ = "0.1.0"  # before the submodules: engine_cache keys its file on it
 
-__version__ = "0.1.0"
+from . import engine_cache, ops, verify  # noqa: E402
+from ._loader import BUILD_INFO  # noqa: E402
+from .container import Explanation, FusedSequential, SeqfuseWarning  # noqa: E402
+from .convert import fuse  # noqa: E402
+from .explain import ModelExplanation, explain  # noqa: E402
+
 
 __all__ = [
     "FusedSequential",
@@ -27,6 +28,7 @@ __all__ = [
     "SeqfuseWarning",
     "ops",
     "verify",
+    "engine_cache",
     "BUILD_INFO",
     "__version__",
 ]

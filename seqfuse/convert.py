@@ -10,6 +10,7 @@ import torch
 
 from torch import nn
 
+from . import engine_cache
 from .capture import CapturedForward, is_sequential_like, wants_capture
 from .container import FusedSequential
 
@@ -77,6 +78,8 @@ def fuse(model: nn.Module, inplace: bool = False, capture: bool = True,
     list of those) are run once each, without autograd, before ``fuse()``
     returns: the traces, plans and engine choices of those cases are then
     ready, and a first call with the same shapes costs what a later one does.
+    The engine choices they measured are saved for the next process
+    (:mod:`seqfuse.engine_cache`).
 
     Classes, children, parameters and ``state_dict`` keys are unchanged. With
     ``inplace=False`` (the default) the model is deep-copied first and the
@@ -109,4 +112,5 @@ def fuse(model: nn.Module, inplace: bool = False, capture: bool = True,
         with torch.no_grad():
             for ex in examples:
                 model(*ex) if isinstance(ex, tuple) else model(ex)
+        engine_cache.save()  # the engine choices these calls measured, for the next process
     return model

@@ -5,7 +5,9 @@ dtype-aware comparison against nn.Sequential."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import tempfile
 import zlib
 from typing import List, Optional
 
@@ -13,7 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-import seqfuse
+# Engine choices persisted by one test run never reach another, nor the user's
+# own cache: a fresh folder per run (set before seqfuse reads it at import).
+os.environ["SEQFUSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="seqfuse-test-cache-")
+
+import seqfuse  # noqa: E402
 
 FUSIBLE_TYPES = (
     nn.Linear,

@@ -26,6 +26,23 @@ int EngineChoices::get(const Key& key) const {
 void EngineChoices::set(const Key& key, int engine) {
   std::lock_guard<std::mutex> lock(mutex_);
   choices_[key] = engine;
+  ++generation_;
+}
+
+std::vector<std::pair<EngineChoices::Key, int>> EngineChoices::entries() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return {choices_.begin(), choices_.end()};
+}
+
+void EngineChoices::clear() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  choices_.clear();
+  ++generation_;
+}
+
+uint64_t EngineChoices::generation() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return generation_;
 }
 
 std::vector<std::tuple<std::vector<int64_t>, int, int, int>> EngineChoices::with_prefix(

@@ -39,11 +39,17 @@ class EngineChoices {
   // whose shape key starts with `prefix`.
   std::vector<std::tuple<std::vector<int64_t>, int, int, int>> with_prefix(int op, c10::DeviceType device_type,
                                                                            const std::vector<int64_t>& prefix) const;
+  // Every choice (what seqfuse/engine_cache.py persists), and forgetting them all.
+  std::vector<std::pair<Key, int>> entries() const;
+  void clear();
+  // Counts set() calls: a changed value means new choices since it was read.
+  uint64_t generation() const;
   static EngineChoices& global();
 
  private:
   mutable std::mutex mutex_;
   std::map<Key, int> choices_;
+  uint64_t generation_ = 0;
 };
 
 // The most engines one op offers (measure_fastest_engine's limit).
