@@ -373,9 +373,7 @@ def test_pickle_deepcopy_and_dtype_conversion():
 
 def test_threads_share_one_fused_model():
     model = _make()
-    fused = seqfuse.fuse(model)  # traced in fuse(): the threads share the traced forwards
-    # (the lazy first trace of a copy is not safe against other threads' calls:
-    # fx patches nn.Module globally while it traces; see the README)
+    fused = seqfuse.fuse(model)  # not traced yet: the threads' first calls trace it, one trace at a time
     xs = [torch.randn(2, 3, 8, 8) for _ in range(4)]
     out = [None] * 4
 
