@@ -66,9 +66,9 @@ def fuse(model: nn.Module, inplace: bool = False, capture: bool = True,
       becomes a :class:`FusedSequential` (a generated subclass for the latter,
       so ``isinstance`` and the class name hold);
     * with ``capture=True`` (the default), every module with a forward of its
-      own (a ResNet block, the model itself) gets a captured forward: on its
-      first call with a new kind of arguments it is traced (without patching
-      anything global), the chains in it (stock layers, inlined Sequentials,
+      own (a ResNet block, the model itself) gets a captured forward: traced
+      here for a call with one tensor, and on the first call with any other
+      kind of arguments (without patching anything global), the chains in it (stock layers, inlined Sequentials,
       functional activations, the residual addition and activation closing a
       block) run as one fused call each, and the trace is guarded on every
       call. A forward that cannot be traced runs as it is;
@@ -102,11 +102,18 @@ def fuse(model: nn.Module, inplace: bool = False, capture: bool = True,
             # keeps the object, its children, parameters and hooks as they are.
             m.__class__ = fused_subclass(type(m))
     if capture:
+        installed = []
         for m in model.modules():
             if wants_capture(m) and not isinstance(m.__dict__.get("forward"), CapturedForward):
                 # An instance attribute: the class, and everything that
                 # pickles or compares by class, stays the model's own.
-                m.__dict__["forward"] = CapturedForward(m)
+                m.__dict__["forward"] = installed_forward = CapturedForward(m)
+                installed.append(installed_forward)
+        # The one-tensor case, forward(x), is the one nearly every module is
+        # called with: traced now (children first, so a parent takes in the
+        # chains of its children), a first call then only plans and packs.
+        for cf in reversed(installed):
+            cf.traced(torch.empty(0))
     if example_inputs is not None:
         examples = example_inputs if isinstance(example_inputs, list) else [example_inputs]
         with torch.no_grad():

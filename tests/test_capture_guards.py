@@ -178,7 +178,8 @@ def test_list_argument_and_structured_outputs():
         (d, t), (d0, t0) = fused(feats[:2]), model(feats[:2])
         _same(d["sum"], d0["sum"])
         assert len(t) == 2
-    assert all(c.fn is not None for c in fused.forward.cases())
+    # the two list cases are traced (fuse() also tried forward(tensor), which this forward cannot take)
+    assert sum(c.fn is not None for c in fused.forward.cases()) == 2
 
 
 def test_shape_dependent_branch_runs_its_own_forward():

@@ -208,11 +208,13 @@ class CapturedForward:
     def traced(self, *args, **kwargs) -> Traced:
         """The trace for a call with these arguments in the module's current
         mode (tracing it now if needed). Without arguments: the most recent
-        trace of the current mode, else one for ``forward(x)`` with a tensor."""
+        traced case of the current mode (else the most recent case), else
+        the one for ``forward(x)`` with a tensor."""
         if not args and not kwargs:
-            for (training, _), t in reversed(list(self._cases.items())):
-                if training == self.module.training and t.valid():
-                    return t
+            mine = [t for (training, _), t in self._cases.items() if training == self.module.training and t.valid()]
+            traced = [t for t in mine if t.fn is not None]
+            if traced or mine:
+                return (traced or mine)[-1]
             args = (torch.empty(0),)
         try:
             key, _ = call_signature(args, kwargs)
