@@ -17,19 +17,13 @@ from torch import nn
 
 import seqfuse
 from seqfuse import SeqfuseWarning
+from seqfuse.bench.sweep import randomize_batchnorm
 from seqfuse.capture import forward as capture_forward
 from seqfuse.capture import tracer as capture_tracer
 
 
 def _randomize_bn(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    randomize_batchnorm(model, seed)
     return model
 
 

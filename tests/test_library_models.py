@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import pytest
 
-from seqfuse.bench.sweep import LIBRARIES, sweep_model
+from seqfuse.bench.sweep import LIBRARIES, TORCHVISION_CLASSIFIERS, sweep_model
 
 # Small inputs the architectures accept (levit_128s: its attention biases fix 224).
 SIZE = {"inception_v3": 96, "xception41": 96, "hrnet_w18_small": 64, "fcn_resnet50": 64}
 
 CASES = [("timm", n) for n in LIBRARIES["timm"]] + [
-    ("torchvision", n) for n in LIBRARIES["torchvision"] if n not in __import__(
-        "seqfuse.bench.sweep", fromlist=["x"]).TORCHVISION_CLASSIFIERS] + [("ultralytics", "yolov8n")]
+    ("torchvision", n) for n in LIBRARIES["torchvision"] if n not in TORCHVISION_CLASSIFIERS] + [
+    ("ultralytics", "yolov8n")]
 
 
 @pytest.mark.parametrize("library,name", CASES, ids=[f"{lib}:{n}" for lib, n in CASES])
