@@ -76,6 +76,14 @@ PYBIND11_MODULE(_C, m) {
       "clear_engine_choices", [] { EngineChoices::global().clear(); },
       "Forgets every engine choice: the next call of each shape class measures again.");
   m.def(
+      "engine_trial_clock", [] { return EngineChoices::global().trial_clock(); },
+      "Counts the engine trials run so far: read it before calls, pass it to engine_trials_pending.");
+  m.def(
+      "engine_trials_pending", [](uint64_t since) { return EngineChoices::global().trials_pending(since); },
+      py::arg("since") = 0,
+      "How many shape classes are still being measured (their calls time the engines in turn); with "
+      "`since` (an engine_trial_clock() reading), only those that a call since then ran a trial of.");
+  m.def(
       "engine_choices_generation", [] { return EngineChoices::global().generation(); },
       "Changes whenever an engine choice is recorded or the choices are cleared.");
   py::class_<PlanGuard>(m, "PlanGuard")

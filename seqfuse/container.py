@@ -101,6 +101,20 @@ class _FusedRun:
             return _C.FusedConvCall(packed, weights, segment.spec, segment.fparams)
         return _C.FusedMlpCall(packed, weights, segment.spec, segment.fparams, segment.flatten, segment.needs_2d)
 
+    def ensure_packed(self, stacklevel: int = 4) -> bool:
+        """Packs the inference call if not yet done; False (with a warning,
+        and eagerly from then on) when the segment cannot be packed."""
+        if self.call is None and self.packable:
+            try:
+                self.call = self.pack()
+            except Exception as err:
+                self.packable = False
+                _warn_packing_failed(self.segment, err, stacklevel=stacklevel)
+                return False
+            if self.on_packed is not None:
+                self.on_packed(self.call)
+        return self.call is not None
+
     def __call__(self, x, route: int):
         if route == _TRAIN:
             return self.run_train(x)
@@ -109,14 +123,8 @@ class _FusedRun:
         if self.call is None:
             if isinstance(x, torch.Tensor) and x.is_cuda and _capturing(x):  # packing copies to the host: not inside a caller's capture
                 return self.run_eager(x)
-            try:
-                self.call = self.pack()
-            except Exception as err:
-                self.packable = False
-                _warn_packing_failed(self.segment, err)
+            if not self.ensure_packed(stacklevel=5):
                 return self.run_eager(x)
-            if self.on_packed is not None:
-                self.on_packed(self.call)
         mode = _check_mode(x)
         if mode != "off":
             return self.run_checked(x, mode, "inference")
@@ -436,6 +444,19 @@ class FusedSequential(nn.Sequential):
         self.__dict__[_PLAN_ATTR] = plan
         return plan
 
+    def _prepare_inference(self) -> List[nn.Module]:
+        """Builds the plan and packs its fused segments now (``fuse()`` does
+        this for eval-mode models, so the first call does not); returns the
+        children its eager segments will call."""
+        plan = self.__dict__.get(_PLAN_ATTR) or self._replan()
+        eager = []
+        for run in plan.runs:
+            if isinstance(run, _FusedRun):
+                run.ensure_packed(stacklevel=6)
+            else:
+                eager.extend(run.segment.modules)
+        return eager
+
     def invalidate_plan(self) -> None:
         """Drops the cached plan. Needed only after editing a parameter through
         ``.data`` (which bypasses the version counter seqfuse watches).
@@ -600,9 +621,9 @@ class Explanation:
                 lines.append(f"    ({key}) {_describe(m)}  {note}")
         if n_f:
             lines.append(
-                "  note: a fused segment runs the fused kernels; for calls over ~1M multiply-adds the first call "
-                "per batch size (and spatial size) measures them against ATen's GEMM / convolution + the fused "
-                "epilogue and keeps the faster."
+                "  note: a fused segment runs the fused kernels; for calls over ~1M multiply-adds the first calls "
+                "per batch size (and spatial size) time them against ATen's GEMM / convolution + the fused "
+                "epilogue, one engine per call, and keep the fastest."
             )
             lines.append(
                 "  note: when autograd is needed (grad mode on and a parameter or the input requires grad) or a "

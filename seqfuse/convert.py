@@ -4,6 +4,7 @@ every custom forward runs its chains as fused calls (seqfuse/capture.py)."""
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Dict, Optional
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from . import engine_cache
+from ._loader import _C
 from .capture import CapturedForward, is_sequential_like, wants_capture
 from .container import FusedSequential
 
@@ -72,7 +74,10 @@ def fuse(model: nn.Module, inplace: bool = False, capture: bool = True,
       functional activations, the residual addition and activation closing a
       block) run as one fused call each, and the trace is guarded on every
       call. A forward that cannot be traced runs as it is;
-      :func:`seqfuse.explain` says why.
+      :func:`seqfuse.explain` says why;
+    * an eval-mode model's chains are planned and their weights folded and
+      packed here, for what a call with one tensor runs, so a first call only
+      runs (a training-mode model packs when an inference call needs it).
 
     ``example_inputs`` (a tensor, or a tuple of a forward's arguments, or a
     list of those) are run once each, without autograd, before ``fuse()``
@@ -114,10 +119,57 @@ def fuse(model: nn.Module, inplace: bool = False, capture: bool = True,
         # chains of its children), a first call then only plans and packs.
         for cf in reversed(installed):
             cf.traced(torch.empty(0))
+    if not model.training and _on_real_devices(model):
+        _prepare_inference(model)
     if example_inputs is not None:
         examples = example_inputs if isinstance(example_inputs, list) else [example_inputs]
         with torch.no_grad():
-            for ex in examples:
-                model(*ex) if isinstance(ex, tuple) else model(ex)
+            # Engines are measured by the calls themselves (a few calls per
+            # shape class, see csrc/runtime/engine_choice.h): repeat the
+            # examples until their shape classes are decided.
+            for _ in range(_MAX_EXAMPLE_ROUNDS):
+                since = _C.engine_trial_clock()
+                for ex in examples:
+                    model(*ex) if isinstance(ex, tuple) else model(ex)
+                if not _C.engine_trials_pending(since):  # every class these calls reach is decided
+                    break
         engine_cache.save()  # the engine choices these calls measured, for the next process
     return model
+
+
+# Calls of each example at most (an engine trial takes one call; an undecided
+# class needs at most 4 timings of each of 3 engines, fewer when shared by
+# several segments of a call).
+_MAX_EXAMPLE_ROUNDS = 12
+
+
+def _on_real_devices(model: nn.Module) -> bool:
+    return all(t.device.type != "meta" for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _prepare_inference(model: nn.Module) -> None:
+    """Plans and packs what a call of ``model`` with one tensor runs: the
+    chains of each captured forward's traced one-tensor case, the
+    FusedSequentials called as modules, and so on down the calls. Modules a
+    chain took in (inlined containers, layers whose own forward is one chain)
+    are not packed again. A first call then only runs."""
+    seen = set()
+    todo = [model]
+    while todo:
+        m = todo.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if isinstance(m, FusedSequential):
+            todo.extend(m._prepare_inference())
+            continue
+        cf = m.__dict__.get("forward")
+        traced = cf.traced() if isinstance(cf, CapturedForward) else None
+        if traced is None or traced.fn is None or traced.graph is None:
+            todo.extend(m.children())  # its own forward runs: any child may be called
+            continue
+        for chain in traced.chains:
+            todo.extend(chain.seq._prepare_inference())
+        for node in traced.graph.nodes:
+            if node.op == "call_module":
+                todo.append(m.get_submodule(node.target))

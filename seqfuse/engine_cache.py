@@ -1,9 +1,9 @@
 """Engine choices persisted per machine, so a first call does not measure.
 
-For calls big enough that it matters, the first call of each shape class times
-the engines a fused call can run on (the fused kernels, ATen's GEMM or
-convolution + the fused epilogue, ...) and keeps the fastest
-(csrc/runtime/engine_choice.h). Those choices depend on the machine, not on
+For calls big enough that it matters, the first calls of each shape class
+time the engines a fused call can run on (the fused kernels, ATen's GEMM or
+convolution + the fused epilogue, ...), one engine per call, and keep the
+fastest (csrc/runtime/engine_choice.h). Those choices depend on the machine, not on
 the model: they are saved to a file and read back by the next process, whose
 first calls then cost what later ones do (plus tracing and weight packing).
 

@@ -43,6 +43,21 @@ class EagerCalled(AssertionError):
     pass
 
 
+def calls_until_decided(model, x, limit: int = 40) -> int:
+    """Calls ``model(x)`` without autograd until no engine choice is on trial
+    (the first calls of a new shape class time the engines, one per call);
+    returns how many calls it took."""
+    from seqfuse._loader import _C
+
+    with torch.no_grad():
+        for n in range(1, limit + 1):
+            since = _C.engine_trial_clock()
+            model(x)
+            if not _C.engine_trials_pending(since):
+                return n
+    raise AssertionError(f"engine choices still on trial after {limit} calls")
+
+
 @contextlib.contextmanager
 def forbid_eager(*types):
     """Makes the class-level forward of every fusible module type raise, so a

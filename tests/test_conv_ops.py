@@ -15,7 +15,7 @@ from torch import nn
 from seqfuse import FusedSequential, ops
 from seqfuse.planner import plan_segments
 
-from conftest import randomize_batchnorm
+from conftest import calls_until_decided, randomize_batchnorm
 
 
 def _bn2d(c, affine=True, seed=0):
@@ -161,6 +161,7 @@ def test_conv_engine_choice_is_measured_per_spatial_size():
         for hw in (24, 40):
             x = torch.randn(2, 16, hw, hw)
             torch.testing.assert_close(m(x), nn.Sequential(*m)(x))
+            calls_until_decided(m, x)
     explanation = m.explain()
     measured = explanation.engines(explanation.fused_segments[0])
     assert {extra for *_, extra in measured} == {(24, 24, 0), (40, 40, 0)}, measured  # (H, W, channels_last)

@@ -18,6 +18,8 @@ import seqfuse
 from seqfuse import engine_cache
 from seqfuse._loader import _C
 
+from conftest import calls_until_decided
+
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
@@ -37,12 +39,38 @@ def _conv_model():
                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()).eval()
 
 
+def test_engines_are_measured_by_the_calls_themselves(cache):
+    eager = _conv_model()
+    model = seqfuse.fuse(eager)
+    x = torch.randn(2, 16, 40, 40)
+    with torch.no_grad():
+        expected = eager(x)
+        torch.testing.assert_close(model(x), expected)  # a trial: one engine, a correct result
+    assert _C.engine_trials_pending() >= 1 and not _C.engine_choices()
+    outputs = []
+    with torch.no_grad():
+        for _ in range(40):
+            outputs.append(model(x))
+            torch.testing.assert_close(outputs[-1], expected)
+            if not _C.engine_trials_pending():
+                break
+    assert not _C.engine_trials_pending() and _C.engine_choices(), "decided within 40 calls"
+    with torch.no_grad():  # decided: the same engine, the same bits
+        assert torch.equal(model(x), model(x))
+
+
+def test_example_inputs_leave_their_shapes_decided(cache):
+    x = torch.randn(2, 16, 40, 40)
+    seqfuse.fuse(_conv_model(), example_inputs=x)
+    assert not _C.engine_trials_pending() and _C.engine_choices()
+    assert engine_cache.cache_file().exists()
+
+
 def test_choices_measured_by_a_call_are_saved_and_read_back(cache):
     model = seqfuse.fuse(_conv_model())
-    with torch.no_grad():
-        model(torch.randn(2, 16, 40, 40))
+    calls_until_decided(model, torch.randn(2, 16, 40, 40))
     measured = _C.engine_choices()
-    assert measured, "a call this size measures its engines"
+    assert measured, "calls this size measure their engines"
     path = engine_cache.save()
     assert path is not None and path.parent == cache and path.exists()
     _C.clear_engine_choices()
@@ -55,7 +83,11 @@ def test_a_new_process_starts_with_the_saved_choices(cache):
     code = ("import torch, seqfuse; from torch import nn; from seqfuse._loader import _C\n"
             "n = len(_C.engine_choices())\n"
             "m = seqfuse.fuse(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU()).eval())\n"
-            "with torch.no_grad(): m(torch.randn(2, 16, 40, 40))\n"
+            "x = torch.randn(2, 16, 40, 40)\n"
+            "with torch.no_grad():\n"
+            "    for _ in range(40):\n"
+            "        m(x)\n"
+            "        if not _C.engine_trials_pending(): break\n"
             "print(n, len(_C.engine_choices()))\n")
     env = dict(os.environ, SEQFUSE_CACHE_DIR=str(cache))
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

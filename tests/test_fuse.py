@@ -112,3 +112,44 @@ def test_parametrized_and_weight_normed_layers_stay_eager():
     assert "subclass or parametrization" in text and "has hooks" in text
     assert fused.explain().fused_segments[0].stop == 2  # Linear + ReLU before them still fuse
     assert list(fused.state_dict()) == keys
+
+
+class _Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.head = nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU())
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))) + x)
+
+
+def _count_packs(monkeypatch):
+    from seqfuse import ops
+
+    packs = []
+    for name in ("conv_pack", "mlp_pack"):
+        orig = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _orig=orig, **k: packs.append(1) or _orig(*a, **k))
+    return packs
+
+
+def test_fuse_packs_an_eval_model_so_the_first_call_only_runs(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 3)).eval()
+    packs = _count_packs(monkeypatch)
+    fused = seqfuse.fuse(model)
+    packed_by_fuse = len(packs)
+    assert packed_by_fuse >= 2
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x))
+    assert len(packs) == packed_by_fuse, "the first call packed again"
+
+
+def test_fuse_of_a_training_model_packs_nothing(monkeypatch):
+    model = nn.Sequential(_Block(4), nn.Flatten(), nn.Linear(4 * 5 * 5, 2)).train()
+    packs = _count_packs(monkeypatch)
+    seqfuse.fuse(model)
+    assert packs == []

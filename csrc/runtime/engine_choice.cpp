@@ -26,7 +26,62 @@ int EngineChoices::get(const Key& key) const {
 void EngineChoices::set(const Key& key, int engine) {
   std::lock_guard<std::mutex> lock(mutex_);
   choices_[key] = engine;
+  trials_.erase(key);
   ++generation_;
+}
+
+EngineChoices::Pick EngineChoices::pick(const Key& key, int engine_count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto known = choices_.find(key);
+  if (known != choices_.end()) return {known->second, false};
+  if (engine_count <= 1) return {0, false};  // nothing to choose between
+  auto [it, fresh] = trials_.try_emplace(key);
+  Trial& t = it->second;
+  if (fresh) {
+    t.engines = std::clamp(engine_count, 1, kMaxEngines);
+    std::fill(t.fastest, t.fastest + kMaxEngines, std::numeric_limits<double>::infinity());
+  }
+  t.last_pick = trial_clock_++;
+  int next = -1;
+  for (int e = 0; e < t.engines; ++e)
+    if (!t.dropped[e] && (next < 0 || t.timings[e] < t.timings[next])) next = e;
+  return {next, true};
+}
+
+void EngineChoices::record_trial(const Key& key, int engine, double seconds) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = trials_.find(key);
+  if (it == trials_.end() || engine < 0 || engine >= it->second.engines) return;  // decided meanwhile
+  Trial& t = it->second;
+  t.fastest[engine] = std::min(t.fastest[engine], seconds);
+  ++t.timings[engine];
+  int best = -1;
+  for (int e = 0; e < t.engines; ++e)
+    if (!t.dropped[e] && (best < 0 || t.fastest[e] < t.fastest[best])) best = e;
+  const double fastest = t.fastest[best];
+  const int wanted = fastest > 0.02 ? 2 : fastest > 0.002 ? 3 : 4;
+  bool done = true;
+  for (int e = 0; e < t.engines; ++e) {
+    if (t.dropped[e] || e == best) continue;
+    if (t.timings[e] >= 2 && t.timings[best] >= 2 && t.fastest[e] > 1.3 * fastest) t.dropped[e] = true;
+    else done = done && t.timings[e] >= wanted;
+  }
+  if (!done || t.timings[best] < wanted) return;
+  trials_.erase(it);
+  choices_[key] = best;
+  ++generation_;
+}
+
+uint64_t EngineChoices::trial_clock() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return trial_clock_;
+}
+
+size_t EngineChoices::trials_pending(uint64_t since) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  size_t n = 0;
+  for (const auto& [key, t] : trials_) n += t.last_pick >= since;
+  return n;
 }
 
 std::vector<std::pair<EngineChoices::Key, int>> EngineChoices::entries() const {
@@ -37,6 +92,7 @@ std::vector<std::pair<EngineChoices::Key, int>> EngineChoices::entries() const {
 void EngineChoices::clear() {
   std::lock_guard<std::mutex> lock(mutex_);
   choices_.clear();
+  trials_.clear();
   ++generation_;
 }
 

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <chrono>
 #include <stdexcept>
 
 #include "runtime/python_errors.h"
@@ -21,10 +22,9 @@ std::optional<at::Tensor> FusedCall::try_call(py::handle input) {
   // Other Python threads may run while a call of real size computes.
   std::optional<py::gil_scoped_release> no_gil;
   if (shape->macs >= kReleaseGilMacs) no_gil.emplace();
-  int engine = engine_override().load(std::memory_order_relaxed);
-  if (engine < 0) engine = choose_engine(x, *shape);
-  else engine = std::min(engine, engine_count() - 1);  // an override past this op's engines: its last
-  return run(x, engine);
+  const int engine = engine_override().load(std::memory_order_relaxed);
+  if (engine < 0) return run_chosen(x, *shape);
+  return run(x, std::min(engine, engine_count() - 1));  // an override past this op's engines: its last
 }
 
 py::object FusedCall::call(py::handle input) {
@@ -69,15 +69,25 @@ int FusedCall::measured_engine(int64_t batch, const std::vector<int64_t>& extra)
   return EngineChoices::global().get(choice_key(batch, extra));
 }
 
-int FusedCall::choose_engine(const at::Tensor& x, const Shape& shape) {
-  if (!shape.tunable || shape.macs < kTuneMinMacs) return 0;
+std::optional<at::Tensor> FusedCall::run_chosen(const at::Tensor& x, const Shape& shape) {
+  if (!shape.tunable || shape.macs < kTuneMinMacs) return run(x, 0);
   const EngineChoices::Key key = choice_key(shape.batch, shape.extra);
-  const int known = EngineChoices::global().get(key);
-  if (known >= 0) return known;
-  const int best = measure_fastest_engine(x.device(), engine_count(), [&](int e) { run(x, e); });
-  if (best < 0) return 0;  // nothing could be timed (a graph capture): engine 0, measured by a later call
-  EngineChoices::global().set(key, best);
-  return best;
+  if (!x.device().is_cpu()) {
+    int engine = EngineChoices::global().get(key);
+    if (engine < 0) {
+      engine = measure_fastest_engine(x.device(), engine_count(), [&](int e) { run(x, e); });
+      if (engine < 0) return run(x, 0);  // nothing could be timed (a graph capture): engine 0, measured by a later call
+      EngineChoices::global().set(key, engine);
+    }
+    return run(x, engine);
+  }
+  const EngineChoices::Pick pick = EngineChoices::global().pick(key, engine_count());
+  if (!pick.trial) return run(x, pick.engine);
+  const auto t0 = std::chrono::steady_clock::now();
+  at::Tensor y = run(x, pick.engine);
+  EngineChoices::global().record_trial(key, pick.engine,
+                                       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  return y;
 }
 
 FusedMlpCall::FusedMlpCall(at::Tensor packed, std::vector<at::Tensor> weights, std::vector<int64_t> spec,

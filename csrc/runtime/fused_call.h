@@ -88,7 +88,9 @@ class FusedCall {
   // The EngineChoices key of a shape class of this segment's calls.
   EngineChoices::Key choice_key(int64_t batch, const std::vector<int64_t>& extra) const;
 
-  int choose_engine(const at::Tensor& x, const Shape& shape);
+  // Runs x on the engine chosen for its shape class (see EngineChoices): a
+  // trial of one engine while the class is undecided on the CPU.
+  std::optional<at::Tensor> run_chosen(const at::Tensor& x, const Shape& shape);
 
   int op_kind_;  // 0: seqfuse::mlp_forward, 1: seqfuse::conv_forward
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, at::TensorList, at::IntArrayRef,

@@ -81,8 +81,12 @@ def _time_batch(fn: Callable, x, n: int) -> float:
 
 
 def warm_up(fn: Callable, x, calls: int, min_s: float) -> None:
-    """Calls ``fn(x)`` at least ``calls`` times and until ``min_s`` has passed
-    (at most 1000 calls after the first ``calls``)."""
+    """Calls ``fn(x)`` at least ``calls`` times, until ``min_s`` has passed
+    (at most 1000 calls after the first ``calls``) and until no seqfuse
+    engine choice these calls reach is still on trial (the first calls of a
+    shape class time the engines, one per call: not a steady call's time)."""
+    from seqfuse._loader import _C
+
     t0 = time.perf_counter()
     for _ in range(calls):
         fn(x)
@@ -90,6 +94,11 @@ def warm_up(fn: Callable, x, calls: int, min_s: float) -> None:
     while time.perf_counter() - t0 < min_s and extra < 1000:
         fn(x)
         extra += 1
+    for _ in range(50):
+        since = _C.engine_trial_clock()
+        fn(x)
+        if not _C.engine_trials_pending(since):
+            break
 
 
 def calibrate(fn: Callable, x, target_s: float, max_inner: int = 1_000_000) -> int:

@@ -225,8 +225,36 @@ def _null_context():
 
 # ---- the tracer ----------------------------------------------------------------------------------------------------
 
+class _Proxy(fx.Proxy):
+    """fx's Proxy, telling a Tensor method from a function by the method's
+    name on ``torch.Tensor``. fx asks ``torch.overrides`` instead, whose table
+    of every overridable function costs about 0.25 s to build, once per
+    process: most of a first ``fuse()``. Anything this cannot decide cheaply
+    (property getters, script methods, operators) goes to fx's own way."""
+
+    @classmethod
+    def __torch_function__(cls, orig_method, types, args=None, kwargs=None):
+        name = getattr(orig_method, "__name__", None)
+        if name is None or name == "__get__" or not callable(orig_method) or isinstance(
+                orig_method, (torch._C.ScriptMethod, torch._ops.HigherOrderOperator)):
+            return super().__torch_function__(orig_method, types, args, kwargs)
+        args, kwargs = args or (), kwargs or {}
+        proxies = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)]
+        tracers = {p.tracer for p in proxies}
+        if len(tracers) != 1:
+            return super().__torch_function__(orig_method, types, args, kwargs)
+        tracer = tracers.pop()
+        if getattr(torch.Tensor, name, None) is orig_method:
+            return tracer.create_proxy("call_method", name, args, kwargs)
+        return tracer.create_proxy("call_function", orig_method, args, kwargs,
+                                   name=tracer.graph._target_to_str(name))
+
+
 class _LocalTracer(fx.Tracer):
     """fx graph building for one module's forward, every descendant a leaf."""
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def __init__(self, root: nn.Module):
         super().__init__(autowrap_modules=(), autowrap_functions=())
@@ -254,7 +282,7 @@ class _LocalTracer(fx.Tracer):
     def attr_proxy(self, name: str, value: torch.Tensor):
         proxy = self._attr_proxies.get(name)
         if proxy is None:
-            proxy = self._attr_proxies[name] = fx.Proxy(self.create_arg(value), self)
+            proxy = self._attr_proxies[name] = self.proxy(self.create_arg(value))
         return proxy
 
 
