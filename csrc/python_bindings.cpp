@@ -22,6 +22,62 @@
 #include "runtime/train_call.h"
 #include "spec_adapter.h"
 
+namespace {
+
+// Every constant seqfuse/spec.py exposes, from its C++ definition.
+py::dict vocabulary() {
+  using namespace seqfuse;
+  using namespace seqfuse::kernels;
+  py::dict v;
+  v["mlp_spec"] = py::dict(py::arg("version") = kSpecVersion, py::arg("header") = kSpecHeader,
+                           py::arg("per_stage") = kSpecPerStage);
+  v["conv_spec"] = py::dict(py::arg("version") = kConvSpecVersion, py::arg("header") = kConvSpecHeader,
+                            py::arg("per_stage") = kConvSpecPerStage);
+  v["fparams_per_stage"] = kFParamsPerStage;
+  v["dtypes"] = py::dict(py::arg("float32") = static_cast<int64_t>(DType::Float32),
+                         py::arg("float64") = static_cast<int64_t>(DType::Float64),
+                         py::arg("bfloat16") = static_cast<int64_t>(DType::BFloat16),
+                         py::arg("float16") = static_cast<int64_t>(DType::Float16));
+  v["flags"] = py::dict(py::arg("HAS_BIAS") = kHasBias, py::arg("HAS_BATCHNORM") = kHasBatchNorm,
+                        py::arg("BATCHNORM_AFFINE") = kBatchNormAffine, py::arg("BATCH_STATS") = kBatchStats,
+                        py::arg("RUNNING_STATS") = kRunningStats, py::arg("CEIL_MODE") = kCeilMode,
+                        py::arg("COUNT_INCLUDE_PAD") = kCountIncludePad);
+  auto pairs = [](std::initializer_list<std::pair<const char*, int64_t>> items) {
+    py::list out;
+    for (const auto& [name, id] : items) out.append(py::make_tuple(name, id));
+    return out;
+  };
+  v["stage_kinds"] = pairs({{"LINEAR", static_cast<int64_t>(StageKind::Linear)},
+                            {"SCALE_SHIFT", static_cast<int64_t>(StageKind::ScaleShift)},
+                            {"POINTWISE", static_cast<int64_t>(StageKind::Pointwise)}});
+  v["conv_stage_kinds"] = pairs({{"CONV", static_cast<int64_t>(ConvStageKind::Conv)},
+                                 {"SCALE_SHIFT", static_cast<int64_t>(ConvStageKind::ScaleShift)},
+                                 {"POINTWISE", static_cast<int64_t>(ConvStageKind::Pointwise)},
+                                 {"MAX_POOL", static_cast<int64_t>(ConvStageKind::MaxPool)},
+                                 {"AVG_POOL", static_cast<int64_t>(ConvStageKind::AvgPool)},
+                                 {"GLOBAL_AVG_POOL", static_cast<int64_t>(ConvStageKind::GlobalAvgPool)},
+                                 {"FLATTEN", static_cast<int64_t>(ConvStageKind::Flatten)},
+                                 {"LINEAR", static_cast<int64_t>(ConvStageKind::Linear)}});
+  py::list activations, from_output;
+#define SEQFUSE_ACTIVATION_ROW(name, id, python_name, derivative_from_output) \
+  activations.append(py::make_tuple(python_name, id));                        \
+  if (derivative_from_output) from_output.append(python_name);
+  SEQFUSE_ACTIVATION_TABLE(SEQFUSE_ACTIVATION_ROW)
+#undef SEQFUSE_ACTIVATION_ROW
+  v["activations"] = activations;
+  v["derivative_from_output"] = from_output;
+  v["engines"] = pairs({{"ENGINE_FUSED", kEngineFused},
+                        {"ENGINE_GEMM_EPILOGUE", kEngineGemmEpilogue},
+                        {"ENGINE_ATEN_LAYOUT", kEngineAtenLayout}});
+  v["routes"] = py::dict(py::arg("STALE") = static_cast<int>(PlanGuard::kStale),
+                         py::arg("INFERENCE") = static_cast<int>(PlanGuard::kInference),
+                         py::arg("EAGER") = static_cast<int>(PlanGuard::kEager),
+                         py::arg("TRAIN") = static_cast<int>(PlanGuard::kTrain));
+  return v;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   using namespace seqfuse;
   m.doc() = "seqfuse native extension: operator registrations and plan guard";
@@ -49,6 +105,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("needs_2d"))
       .def("__call__", &FusedTrainCall::call, py::arg("input"),
            "Runs the segment's training op; None when this input must run eagerly.");
+  m.def("vocabulary", &vocabulary,
+        "The constants the Python front shares with the kernels (spec layout, dtype codes, flags, stage kinds, "
+        "activations, engines, plan routes), read from the C++ definitions.");
   m.def(
       "set_engine_override", [](int engine) { engine_override().store(engine); }, py::arg("engine"),
       "Force an engine for every fused MLP call (0 or 1), or -1 to choose by measurement.");

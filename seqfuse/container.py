@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from . import ops, verify
+from . import ops, spec, verify
 from ._loader import _C
 from .planner import Segment, global_hook_dicts, plan_segments
 
@@ -52,7 +52,7 @@ def _with_context(err: BaseException, key: str, m, x) -> BaseException:
 
 
 # Plan-guard routes (PlanGuard::check in csrc/runtime/plan_guard.cpp).
-_STALE, _INFERENCE, _EAGER, _TRAIN = 0, 1, 2, 3
+_STALE, _INFERENCE, _EAGER, _TRAIN = spec.ROUTE_STALE, spec.ROUTE_INFERENCE, spec.ROUTE_EAGER, spec.ROUTE_TRAIN
 
 
 class _FusedRun:
@@ -558,10 +558,10 @@ def _train_traceable(op, seg: Segment, x):
 def _widths(s: Segment) -> str:
     """The widths a fused segment maps through, e.g. '3 -> 32 -> 64 channels'."""
     if s.op == "mlp":
-        widths = [s.in_features] + [st.out_features for st in s.stages if st.kind == ops.StageKind.LINEAR]
+        widths = [s.in_features] + [st.out_features for st in s.stages if st.kind == spec.StageKind.LINEAR]
         extra = ", 2-D input only (BatchNorm1d)" if s.needs_2d else ""
         return " -> ".join(map(str, widths)) + extra
-    K = ops.ConvStageKind
+    K = spec.ConvStageKind
     channels = [s.in_features] + [st.out_channels for st in s.stages if st.kind == K.CONV]
     text = " -> ".join(map(str, channels)) + " channels, 4-D input"
     features = [st.out_channels for st in s.stages if st.kind == K.LINEAR]
@@ -587,7 +587,7 @@ class Explanation:
         or ()) chosen by measurement for a fused segment so far (empty before
         any large call)."""
         found = self._measured.get((segment.start, segment.stop, tuple(segment.spec)), [])
-        names = ops.CONV_ENGINE_NAMES if segment.op == "conv" else ops.ENGINE_NAMES
+        names = spec.CONV_ENGINE_NAMES if segment.op == "conv" else spec.ENGINE_NAMES
         return [(lo, hi, t, names[e], tuple(extra)) for lo, hi, t, e, extra in sorted(found)]
 
     @property

@@ -1,20 +1,46 @@
 """Typed wrappers over the ``torch.ops.seqfuse`` operators (inference and
 training), their fake (shape-only) kernels for ``torch.compile`` /
-``torch.export``, and the encoding of fused MLP and conv runs into the
-operators' ``spec`` / ``fparams`` arguments (defined for C++ in
-``csrc/kernels/mlp_spec.h`` and ``csrc/kernels/conv_spec.h``). The training
-ops' autograd formula is registered in C++ (``csrc/autograd.cpp``).
+``torch.export``, and the process-wide switches (engine override, CPU kernel
+variant). The vocabulary the ops' ``spec`` / ``fparams`` arguments are
+written in lives in :mod:`seqfuse.spec` (its names are re-exported here). The
+training ops' autograd formula is registered in C++ (``csrc/autograd.cpp``).
 """
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from ._loader import _C
+from .spec import (  # noqa: F401  (the vocabulary, re-exported: seqfuse.ops.ENGINE_FUSED etc. keep working)
+    BATCH_STATS,
+    BATCHNORM_AFFINE,
+    CEIL_MODE,
+    CONV_ENGINE_NAMES,
+    COUNT_INCLUDE_PAD,
+    DERIVATIVE_FROM_OUTPUT,
+    DEVICE_ONLY_DTYPES,
+    ENGINE_ATEN_LAYOUT,
+    ENGINE_FUSED,
+    ENGINE_GEMM_EPILOGUE,
+    ENGINE_NAMES,
+    HAS_BATCHNORM,
+    HAS_BIAS,
+    RUNNING_STATS,
+    SUPPORTED_DTYPES,
+    Activation,
+    ConvStage,
+    ConvStageKind,
+    MlpStage,
+    StageKind,
+    conv_stages,
+    encode_conv_spec,
+    encode_mlp_spec,
+    mlp_out_features,
+    mlp_stages,
+)
+from .spec import _CONV_SPEC
 
 __all__ = [
     "Activation",
@@ -40,85 +66,6 @@ __all__ = [
     "set_cpu_capability",
 ]
 
-SPEC_VERSION = 1
-_SPEC_HEADER = 4
-_SPEC_PER_STAGE = 4
-
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-SUPPORTED_DTYPES = tuple(_DTYPE_CODES)
-# Dtypes only some devices' kernels serve.
-DEVICE_ONLY_DTYPES = {torch.float16: ("cuda",)}
-
-HAS_BIAS = 1
-HAS_BATCHNORM = 2
-BATCHNORM_AFFINE = 4
-# BatchNorm flags the training ops read (csrc/kernels/mlp_spec.h):
-BATCH_STATS = 8  # normalize with the batch's statistics (training, or no running statistics)
-RUNNING_STATS = 16  # running statistics given: used without BATCH_STATS, updated with it
-
-
-class StageKind(enum.IntEnum):
-    LINEAR = 0
-    SCALE_SHIFT = 1
-    POINTWISE = 2
-
-
-class Activation(enum.IntEnum):
-    NONE = 0
-    RELU = 1
-    LEAKY_RELU = 2
-    RELU6 = 3
-    SIGMOID = 4
-    TANH = 5
-    GELU_ERF = 6
-    GELU_TANH = 7
-    SILU = 8
-    HARDSWISH = 9
-    HARDSIGMOID = 10
-
-
-@dataclass
-class MlpStage:
-    """One stage of a fused MLP run: a Linear (with bias and an eval BatchNorm
-    folded into its epilogue), a standalone BatchNorm (per-channel scale and
-    shift), or a lone activation; each ends in one activation."""
-
-    kind: StageKind
-    out_features: int
-    activation: Activation = Activation.NONE
-    alpha: float = 0.0
-    flags: int = 0
-    eps: float = 0.0
-    # Modules whose tensors this stage packs, in mlp_pack's order.
-    modules: List[torch.nn.Module] = field(default_factory=list)
-
-
-def encode_mlp_spec(
-    dtype: torch.dtype, in_features: int, stages: Sequence[MlpStage]
-) -> Tuple[List[int], List[float]]:
-    """Encodes a run for the ``spec`` and ``fparams`` arguments of the ops.
-
-    >>> spec, fparams = encode_mlp_spec(torch.float32, 4, [MlpStage(StageKind.LINEAR, 3, Activation.RELU)])
-    >>> spec
-    [1, 0, 1, 4, 0, 3, 1, 0]
-    """
-    spec = [SPEC_VERSION, _DTYPE_CODES[dtype], len(stages), int(in_features)]
-    fparams: List[float] = []
-    for s in stages:
-        spec += [int(s.kind), int(s.out_features), int(s.activation), int(s.flags)]
-        fparams += [float(s.alpha), float(s.eps)]
-    return spec, fparams
-
-
-def mlp_out_features(spec: Sequence[int]) -> int:
-    """Width of the last stage of an encoded run.
-
-    >>> mlp_out_features(encode_mlp_spec(torch.float32, 4, [MlpStage(StageKind.LINEAR, 3)])[0])
-    3
-    """
-    return int(spec[_SPEC_HEADER + _SPEC_PER_STAGE * (int(spec[2]) - 1) + 1])
-
-
 def mlp_pack(tensors: List[torch.Tensor], spec: List[int], fparams: List[float]) -> torch.Tensor:
     """Folds and packs the parameters of a run into the kernels' buffer
     (``tensors`` per stage as listed in csrc/ops.cpp).
@@ -129,72 +76,6 @@ def mlp_pack(tensors: List[torch.Tensor], spec: List[int], fparams: List[float])
     torch.uint8
     """
     return torch.ops.seqfuse.mlp_pack.default(tensors, spec, fparams)
-
-
-CONV_SPEC_VERSION = 1
-_CONV_SPEC_HEADER = 4
-_CONV_SPEC_PER_STAGE = 16
-
-CEIL_MODE = 1
-COUNT_INCLUDE_PAD = 2
-
-
-class ConvStageKind(enum.IntEnum):
-    CONV = 0
-    SCALE_SHIFT = 1
-    POINTWISE = 2
-    MAX_POOL = 3
-    AVG_POOL = 4
-    GLOBAL_AVG_POOL = 5
-    FLATTEN = 6
-    LINEAR = 7
-
-
-@dataclass
-class ConvStage:
-    """One stage of a fused conv run (see csrc/kernels/conv_spec.h): a Conv2d
-    (bias and an eval BatchNorm2d folded into its epilogue), a standalone
-    BatchNorm, an activation, a pooling window, the Flatten, or a Linear after
-    it; each ends in one activation. ``window`` is (kernel_h, kernel_w,
-    stride_h, stride_w, pad_top, pad_left, pad_bottom, pad_right, dilation_h,
-    dilation_w); ``param`` the Conv's groups, the AvgPool's divisor_override
-    (0: none) or the Linear's in_features."""
-
-    kind: ConvStageKind
-    out_channels: int
-    activation: Activation = Activation.NONE
-    alpha: float = 0.0
-    flags: int = 0
-    eps: float = 0.0
-    window: Tuple[int, ...] = (1, 1, 1, 1, 0, 0, 0, 0, 1, 1)
-    param: int = 1
-    options: int = 0
-    # Modules whose tensors this stage packs, in conv_pack's order.
-    modules: List[torch.nn.Module] = field(default_factory=list)
-
-
-def encode_conv_spec(
-    dtype: torch.dtype, in_channels: int, stages: Sequence[ConvStage]
-) -> Tuple[List[int], List[float]]:
-    """Encodes a conv run for the ``spec`` and ``fparams`` arguments of the ops.
-
-    >>> spec, _ = encode_conv_spec(torch.float32, 3, [ConvStage(ConvStageKind.CONV, 8, Activation.RELU)])
-    >>> spec[:8]
-    [1, 0, 1, 3, 0, 8, 1, 0]
-    """
-    spec = [CONV_SPEC_VERSION, _DTYPE_CODES[dtype], len(stages), int(in_channels)]
-    fparams: List[float] = []
-    for s in stages:
-        assert len(s.window) == 10
-        spec += [int(s.kind), int(s.out_channels), int(s.activation), int(s.flags)]
-        spec += [int(v) for v in s.window] + [int(s.param), int(s.options)]
-        fparams += [float(s.alpha), float(s.eps)]
-    return spec, fparams
-
-
-def _conv_stages(spec: Sequence[int]):
-    for i in range(int(spec[2])):
-        yield spec[_CONV_SPEC_HEADER + _CONV_SPEC_PER_STAGE * i : _CONV_SPEC_HEADER + _CONV_SPEC_PER_STAGE * (i + 1)]
 
 
 def _window_output_size(size, k, s, pad_before, pad_after, d, ceil_mode):
@@ -215,7 +96,7 @@ def conv_output_shape(spec: Sequence[int], input_shape: Sequence) -> Tuple:
     (2, 8, 5, 5)
     """
     n, c, h, w = input_shape
-    for st in _conv_stages(spec):
+    for st in conv_stages(spec):
         kind, out_c, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, param, options = (
             st[0], st[1], *st[4:16])
         if kind in (ConvStageKind.CONV, ConvStageKind.MAX_POOL, ConvStageKind.AVG_POOL):
@@ -258,19 +139,6 @@ def conv_forward(
     >>> torch.testing.assert_close(conv_forward(x, packed, [conv.weight.detach()], spec, fparams), torch.relu(conv(x)).detach())
     """
     return torch.ops.seqfuse.conv_forward.default(input, packed, weights, spec, fparams, engine)
-
-
-ENGINE_FUSED = 0  # the fused kernel: every stage in one pass over row tiles
-ENGINE_GEMM_EPILOGUE = 1  # ATen GEMM per Linear + the fused epilogue kernel
-# Conv runs only (float32, float64): ATen per stage in the input's own layout
-# (NCHW stays NCHW) + the fused epilogue in place; MLP runs treat it as engine 1.
-ENGINE_ATEN_LAYOUT = 2
-ENGINE_NAMES = {ENGINE_FUSED: "fused kernel", ENGINE_GEMM_EPILOGUE: "ATen GEMM + fused epilogue"}
-CONV_ENGINE_NAMES = {
-    ENGINE_FUSED: "fused kernels",
-    ENGINE_GEMM_EPILOGUE: "ATen convolution (NHWC) + fused epilogue",
-    ENGINE_ATEN_LAYOUT: "ATen convolution in the input's layout + fused epilogue",
-}
 
 
 def mlp_forward(
@@ -348,7 +216,7 @@ def _conv_output_channels_last(spec, input, weights) -> bool:
 
     cl = suggest_memory_format(input) == torch.channels_last
     shape, conv_index = tuple(input.shape), 0
-    for i, st in enumerate(_conv_stages(spec)):
+    for i, st in enumerate(conv_stages(spec)):
         kind, activation, flags = st[0], st[2], st[3]
         if kind in (ConvStageKind.FLATTEN, ConvStageKind.LINEAR):
             break
@@ -357,7 +225,7 @@ def _conv_output_channels_last(spec, input, weights) -> bool:
             w = weights[conv_index] if conv_index < len(weights) else None
             conv_index += 1
             cl = cl or (w is not None and w.dim() == 4 and suggest_memory_format(w) == torch.channels_last)
-        shape = conv_output_shape(spec[:2] + [i + 1] + list(spec[3:_CONV_SPEC_HEADER + _CONV_SPEC_PER_STAGE * (i + 1)]),
+        shape = conv_output_shape(spec[:2] + [i + 1] + list(spec[3:_CONV_SPEC['header'] + _CONV_SPEC['per_stage'] * (i + 1)]),
                                   tuple(input.shape))
         depthwise = kind == ConvStageKind.CONV and st[14] == shape_in_c == st[1]
         if depthwise and input.dtype == torch.float64 and shape[2] * shape[3] == 1:
@@ -443,9 +311,6 @@ def update_running_stats(buffers: List[torch.Tensor], stats: List[torch.Tensor],
     torch.ops.seqfuse.update_running_stats.default(buffers, stats, momentum)
 
 
-# Activations whose derivative the backward reads from the stage output
-# (derivative_from_output in csrc/kernels/train_epilogue.h).
-_DERIVATIVE_FROM_OUTPUT = (Activation.NONE, Activation.RELU, Activation.SIGMOID, Activation.TANH)
 _POOLS = (ConvStageKind.MAX_POOL, ConvStageKind.AVG_POOL, ConvStageKind.GLOBAL_AVG_POOL)
 _MLP_KINDS = {StageKind.LINEAR: ConvStageKind.LINEAR, StageKind.SCALE_SHIFT: ConvStageKind.SCALE_SHIFT,
               StageKind.POINTWISE: ConvStageKind.POINTWISE}
@@ -455,11 +320,10 @@ def _train_stages(spec: Sequence[int], conv: bool):
     """(kind, out_channels, activation, flags, window, param, options) of
     each stage, MLP stages in conv-run terms (as csrc/train_run.h)."""
     if conv:
-        for st in _conv_stages(spec):
+        for st in conv_stages(spec):
             yield ConvStageKind(int(st[0])), int(st[1]), int(st[2]), int(st[3]), [int(v) for v in st[4:14]], int(st[14]), int(st[15])
         return
-    for i in range(int(spec[2])):
-        kind, out, act, flags = spec[_SPEC_HEADER + _SPEC_PER_STAGE * i : _SPEC_HEADER + _SPEC_PER_STAGE * (i + 1)]
+    for kind, out, act, flags in mlp_stages(spec):
         yield _MLP_KINDS[StageKind(int(kind))], int(out), int(act), int(flags), [1, 1, 1, 1, 0, 0, 0, 0, 1, 1], 1, 0
 
 
@@ -516,7 +380,7 @@ def _train_forward_fake(conv: bool, input, params, running, spec, fparams):
                 a = torch.empty_like(z)
                 zsave = z if owned else None
                 aux = input.new_empty((4 if flags & BATCH_STATS else 2, out_c))
-            elif act not in _DERIVATIVE_FROM_OUTPUT and owned:
+            elif act not in DERIVATIVE_FROM_OUTPUT and owned:
                 zsave, a = z, torch.empty_like(z)
             else:
                 a = z if owned else torch.empty_like(z)

@@ -15,7 +15,7 @@ from torch.nn.modules import module as _module_mod
 
 from torch.nn.modules.utils import _pair
 
-from .ops import (
+from .spec import (
     BATCH_STATS,
     BATCHNORM_AFFINE,
     CEIL_MODE,

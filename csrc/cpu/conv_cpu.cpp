@@ -70,7 +70,7 @@ struct RunContext {
 // Whether engine 1 runs stage i through ATen (a Conv2d ATen can express:
 // asymmetric 'same' padding cannot be).
 bool aten_runs_stage(const ConvStage& st, int engine) {
-  return engine == 1 && st.kind == ConvStageKind::Conv && st.pad_top == st.pad_bottom &&
+  return engine == kernels::kEngineGemmEpilogue && st.kind == ConvStageKind::Conv && st.pad_top == st.pad_bottom &&
          st.pad_left == st.pad_right;
 }
 
@@ -248,7 +248,8 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
   const ConvDesc d = decode_conv_spec(spec, fparams);
   const ConvGeometry g = conv_geometry(d, input);
   check_packed("seqfuse::conv_forward", packed, input, d.packed_bytes);
-  TORCH_CHECK_VALUE(engine >= 0 && engine <= 2, "seqfuse::conv_forward: unknown engine ", engine);
+  TORCH_CHECK_VALUE(engine >= kernels::kEngineFused && engine <= kernels::kEngineAtenLayout,
+                    "seqfuse::conv_forward: unknown engine ", engine);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const kernels::StageShape& last = g.stages.back();
   const bool flat = d.flatten_stage >= 0;
@@ -272,7 +273,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
     const size_t n_stages = d.stages.size();
     const size_t spatial_stop = flat ? static_cast<size_t>(d.flatten_stage) + 1 : n_stages;
     if constexpr (std::is_same_v<T, A>) {
-      if (run_engine == 2) {
+      if (run_engine == kernels::kEngineAtenLayout) {
         const size_t aten_stop = flat ? static_cast<size_t>(d.flatten_stage) : n_stages;
         at::Tensor mid = run_stages_aten_layout<T>(ctx, aten_stop, input);
         if (!flat) {
@@ -291,12 +292,12 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
         return;
       }
     }
-    TORCH_CHECK_VALUE(run_engine != 2, "seqfuse::conv_forward: engine 2 runs float32 and float64 only");
+    TORCH_CHECK_VALUE(run_engine != kernels::kEngineAtenLayout, "seqfuse::conv_forward: engine 2 runs float32 and float64 only");
     const int64_t threads = at::get_num_threads();
     // One image per task carries every stage, and the layout conversions at
     // both ends, in the core's cache: chosen when the images split evenly
     // enough over the threads.
-    const bool per_image = run_engine == 0 && (threads == 1 || N % threads == 0 || N >= 4 * threads ||
+    const bool per_image = run_engine == kernels::kEngineFused && (threads == 1 || N % threads == 0 || N >= 4 * threads ||
                                            N * g.macs_per_image < kParallelMinMacs);
     if (per_image && spatial_stop == n_stages) {
       parallel_range(N, N * g.macs_per_image, [&](int64_t b, int64_t e) {

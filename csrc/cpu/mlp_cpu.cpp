@@ -96,8 +96,9 @@ at::Tensor mlp_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at
   const at::Tensor& x = in.x;
   const int64_t rows = in.rows, ld_x = in.ld;
   const auto& out_shape = in.out_shape;
-  TORCH_CHECK_VALUE(engine == 0 || engine == 1, "seqfuse::mlp_forward: unknown engine ", engine);
-  if (engine == 1 && rows > 0) {
+  TORCH_CHECK_VALUE(engine == kernels::kEngineFused || engine == kernels::kEngineGemmEpilogue,
+                    "seqfuse::mlp_forward: unknown engine ", engine);
+  if (engine == kernels::kEngineGemmEpilogue && rows > 0) {
     const at::Tensor x2 = x.dim() == 2 ? x : x.view({rows, K});
     return dispatch_mlp_dtype(d.dtype, [&]<typename T>() {
       return mlp_forward_gemm_epilogue<T>(d, packed.const_data_ptr<uint8_t>(), x2, weights, rows);

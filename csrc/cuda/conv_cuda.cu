@@ -99,7 +99,8 @@ at::Tensor conv_forward_cuda(const at::Tensor& input, const at::Tensor& packed, 
   const ConvDesc d = decode_conv_spec(spec, fparams);
   const ConvGeometry g = conv_geometry(d, input);
   check_packed("seqfuse::conv_forward", packed, input, d.packed_bytes);
-  TORCH_CHECK_VALUE(engine >= 0 && engine <= 2, "seqfuse::conv_forward: unknown engine ", engine);
+  TORCH_CHECK_VALUE(engine >= kernels::kEngineFused && engine <= kernels::kEngineAtenLayout,
+                    "seqfuse::conv_forward: unknown engine ", engine);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::ScalarType dtype = scalar_type_of(d.dtype);
   const int64_t N = input.size(0);

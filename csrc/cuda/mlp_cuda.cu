@@ -144,7 +144,8 @@ at::Tensor mlp_forward_cuda(const at::Tensor& input, const at::Tensor& packed, a
                             at::IntArrayRef spec, at::ArrayRef<double> fparams, int64_t engine) {
   const MlpDesc d = decode_mlp_spec(spec, fparams);
   check_packed("seqfuse::mlp_forward", packed, input, d.packed_bytes);
-  TORCH_CHECK_VALUE(engine == 0 || engine == 1, "seqfuse::mlp_forward: unknown engine ", engine);
+  TORCH_CHECK_VALUE(engine == kernels::kEngineFused || engine == kernels::kEngineGemmEpilogue,
+                    "seqfuse::mlp_forward: unknown engine ", engine);
   const c10::cuda::CUDAGuard guard(input.device());
   const MlpRows in = mlp_rows(d, input);
   const int64_t K = d.in_features;

@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "activation_table.h"
+
 namespace seqfuse::kernels {
 
 constexpr int64_t kSpecVersion = 1;
@@ -41,19 +43,13 @@ constexpr int64_t kSectionAlign = 64;
 enum class DType : int64_t { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
 enum class StageKind : int64_t { Linear = 0, ScaleShift = 1, Pointwise = 2 };
 enum class Activation : int64_t {
-  None = 0,
-  ReLU = 1,
-  LeakyReLU = 2,
-  ReLU6 = 3,
-  Sigmoid = 4,
-  Tanh = 5,
-  GeluErf = 6,
-  GeluTanh = 7,
-  SiLU = 8,
-  Hardswish = 9,
-  Hardsigmoid = 10,
+#define SEQFUSE_ACTIVATION_ENUM(name, id, python_name, from_output) name = id,
+  SEQFUSE_ACTIVATION_TABLE(SEQFUSE_ACTIVATION_ENUM)
+#undef SEQFUSE_ACTIVATION_ENUM
 };
-constexpr int64_t kNumActivations = 11;
+#define SEQFUSE_ACTIVATION_COUNT(name, id, python_name, from_output) +1
+constexpr int64_t kNumActivations = 0 SEQFUSE_ACTIVATION_TABLE(SEQFUSE_ACTIVATION_COUNT);
+#undef SEQFUSE_ACTIVATION_COUNT
 
 // float32 GELU (erf form) at +inf: eager's value depends on the CPU kernel
 // ATen dispatches to (its AVX-512 erf gives NaN there, its AVX2 one and the
@@ -61,6 +57,13 @@ constexpr int64_t kNumActivations = 11;
 // it, so the fused kernels give eager's value on every machine. (float64 and
 // the CUDA kernels give +inf, as eager does.)
 inline std::atomic<float> gelu_erf_at_pos_inf{__builtin_inff()};
+
+// The `engine` argument of seqfuse::mlp_forward / conv_forward (csrc/ops.cpp).
+enum Engine : int64_t {
+  kEngineFused = 0,         // the fused kernels: every stage in one pass
+  kEngineGemmEpilogue = 1,  // ATen's GEMM / convolution per Linear / Conv2d + the fused epilogue
+  kEngineAtenLayout = 2,    // conv runs: ATen in the input's own layout + the epilogue in place
+};
 
 // Stage flags: which inputs the packing op receives for the stage.
 constexpr int64_t kHasBias = 1;       // Linear bias

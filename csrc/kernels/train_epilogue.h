@@ -34,7 +34,13 @@ struct ChannelLayout {
 // (as eager's ReLU, Sigmoid and Tanh backward do); the others need the
 // pre-activation value.
 inline bool derivative_from_output(Activation a) {
-  return a == Activation::None || a == Activation::ReLU || a == Activation::Sigmoid || a == Activation::Tanh;
+  switch (a) {
+#define SEQFUSE_FROM_OUTPUT(name, id, python_name, from_output) \
+  case Activation::name: return from_output;
+    SEQFUSE_ACTIVATION_TABLE(SEQFUSE_FROM_OUTPUT)
+#undef SEQFUSE_FROM_OUTPUT
+  }
+  return false;
 }
 
 // sum[c] += sum (z - ref[c]), sumsq[c] += sum (z - ref[c])^2: shifted moments,

@@ -43,8 +43,8 @@ py::object PlanGuard::run(py::handle input) const {
   const int route = check(input);
   try {
     std::optional<at::Tensor> y;
-    if (route == 1 && single_) y = single_->try_call(input);
-    if (route == 3 && single_train_) y = single_train_->try_call(input);
+    if (route == kInference && single_) y = single_->try_call(input);
+    if (route == kTrain && single_train_) y = single_train_->try_call(input);
     if (y) return py::reinterpret_steal<py::object>(THPVariable_Wrap(*y));
   } catch (const std::exception&) {
     PyErr_Clear();  // the Python path repeats the call and raises properly
@@ -53,28 +53,28 @@ py::object PlanGuard::run(py::handle input) const {
 }
 
 int PlanGuard::check(py::handle input) const {
-  if (!same_sequence(modules_, module_values_)) return 0;
+  if (!same_sequence(modules_, module_values_)) return kStale;
   for (const Child& c : children_)
-    if (!c.unchanged()) return 0;
+    if (!c.unchanged()) return kStale;
   bool values_changed = false;
   for (const WatchedTensor& w : tensors_) {
-    if (w.tensor.requires_grad() != w.requires_grad) return 0;
+    if (w.tensor.requires_grad() != w.requires_grad) return kStale;
     values_changed = values_changed || !w.unchanged();
-    if (w.tensor._fw_grad(/*level=*/0).defined()) return 2;  // forward-mode tangent on a parameter
+    if (w.tensor._fw_grad(/*level=*/0).defined()) return kEager;  // forward-mode tangent on a parameter
   }
   for (const auto& [t, rg] : grad_tensors_)
-    if (t.requires_grad() != rg) return 0;
+    if (t.requires_grad() != rg) return kStale;
   for (const auto& [d, size] : global_hooks_)
-    if (PyDict_GET_SIZE(d.ptr()) != size) return 0;
+    if (PyDict_GET_SIZE(d.ptr()) != size) return kStale;
   // Under autocast eager computes in the autocast dtype: run eagerly.
-  if (at::autocast::is_autocast_enabled(at::kCPU) || at::autocast::is_autocast_enabled(at::kCUDA)) return 2;
-  if (needs_eager_context(input)) return 2;
-  if (batch_stats_) return 3;
+  if (at::autocast::is_autocast_enabled(at::kCPU) || at::autocast::is_autocast_enabled(at::kCUDA)) return kEager;
+  if (needs_eager_context(input)) return kEager;
+  if (batch_stats_) return kTrain;
   if (at::GradMode::is_enabled()) {
-    if (any_requires_grad_) return 3;
-    if (THPVariable_Check(input.ptr()) && THPVariable_Unpack(input.ptr()).requires_grad()) return 3;
+    if (any_requires_grad_) return kTrain;
+    if (THPVariable_Check(input.ptr()) && THPVariable_Unpack(input.ptr()).requires_grad()) return kTrain;
   }
-  return values_changed ? 0 : 1;
+  return values_changed ? kStale : kInference;
 }
 
 bool PlanGuard::Child::unchanged() const {

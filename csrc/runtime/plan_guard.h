@@ -45,13 +45,17 @@ class PlanGuard {
   // eager's wording; a failed training call has changed nothing).
   py::object run(py::handle input) const;
 
-  // 0: stale, re-plan. 1: valid, fused segments run the inference ops.
-  // 2: valid, but fused modules must run eagerly (a forward-mode tangent, a
-  // torch.func transform, autocast). 3: valid, fused segments run the
-  // training ops: the call needs autograd (grad mode on and a parameter or
-  // the input requires grad) or a BatchNorm uses batch statistics. The
-  // training ops read the parameters as they are, so edits to parameter
-  // values (optimizer steps) re-plan only for the inference ops' packing.
+  // Which route a call takes (a Route; Python reads the values from
+  // seqfuse._C.vocabulary()). The training ops read the parameters as they
+  // are, so edits to parameter values (optimizer steps) re-plan only for the
+  // inference ops' packing.
+  enum Route : int {
+    kStale = 0,      // re-plan
+    kInference = 1,  // valid: fused segments run the inference ops
+    kEager = 2,      // valid, but fused modules run eagerly (a forward-mode tangent, a torch.func transform, autocast)
+    kTrain = 3,      // valid: fused segments run the training ops (the call needs autograd, or a BatchNorm uses
+                     // batch statistics)
+  };
   int check(py::handle input) const;
 
  private:
