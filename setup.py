@@ -110,7 +110,7 @@ USE_CUDA, WHY = _use_cuda()
 print(f"seqfuse: building {'CPU + CUDA' if USE_CUDA else 'CPU-only'} extension ({WHY})")
 
 sources = _rel(
-    [os.path.join(ROOT, "csrc", f) for f in ("ops.cpp", "autograd.cpp", "python_bindings.cpp")]
+    [os.path.join(ROOT, "csrc", f) for f in ("ops.cpp", "meta_ops.cpp", "autograd.cpp", "python_bindings.cpp")]
     + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
     + glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cpp"))
     + glob.glob(os.path.join(ROOT, "csrc", "runtime", "*.cpp"))

@@ -1,6 +1,6 @@
 // The memory format of a conv run's output: the one eager's chain of modules
 // would give. Shared by the CPU and CUDA adapters of seqfuse::conv_forward
-// (and mirrored in Python by seqfuse/ops.py's fake kernel).
+// and its Meta kernel (meta_ops.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,13 +16,19 @@ namespace seqfuse {
 // keep their input's layout; an elementwise op (BatchNorm, activation) on a
 // channels_last tensor that is also contiguous (one channel, or a 1x1 map)
 // produces a contiguous one. Tested against eager on random chains.
-inline bool output_channels_last(const kernels::ConvDesc& d, const kernels::ConvGeometry& g, const at::Tensor& input,
-                                 at::TensorList weights) {
+//
+// `shapes[i]` is stage i's output (out_c, out_h, out_w: kernels::StageShape,
+// or kernels::MapShape of symbolic sizes); `on_cuda` the device the run is on
+// (a Meta kernel does not know it and passes false: float64 runs on CUDA
+// then promise channels_last where the real call returns NCHW).
+template <typename Shapes>
+bool output_channels_last(const kernels::ConvDesc& d, const Shapes& shapes, const at::Tensor& input,
+                          at::TensorList weights, bool on_cuda) {
   bool cl = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   size_t conv_index = 0;
   for (size_t i = 0; i < d.stages.size(); ++i) {
     const kernels::ConvStage& st = d.stages[i];
-    const kernels::StageShape& s = g.stages[i];
+    const auto& s = shapes[i];
     if (st.kind == kernels::ConvStageKind::Flatten || st.kind == kernels::ConvStageKind::Linear) break;
     if (st.kind == kernels::ConvStageKind::Conv) {
       const bool weight_cl = conv_index < weights.size() && weights[conv_index].dim() == 4 &&
@@ -32,7 +38,7 @@ inline bool output_channels_last(const kernels::ConvDesc& d, const kernels::Conv
       // ATen's float64 depthwise kernel returns a 1x1 map contiguous; on
       // CUDA every float64 convolution returns NCHW (cuDNN's format rule).
       if (d.dtype == kernels::DType::Float64 && st.depthwise && s.out_h * s.out_w == 1) cl = false;
-      if (d.dtype == kernels::DType::Float64 && input.is_cuda()) cl = false;
+      if (d.dtype == kernels::DType::Float64 && on_cuda) cl = false;
     }
     const bool elementwise = st.kind == kernels::ConvStageKind::ScaleShift ||
                              st.kind == kernels::ConvStageKind::Pointwise || (st.flags & kernels::kHasBatchNorm) ||

@@ -1,7 +1,7 @@
 // The seqfuse operator library: every schema, in one place. Backends register
 // implementations by dispatch key (cpu/*_cpu.cpp, cuda/*_cuda.cu); the
 // training ops' autograd formulas are registered in autograd.cpp; Python
-// registers the fake (meta) kernels in seqfuse/ops.py.
+// the Meta kernels (shapes only, for torch.compile / torch.export) are in meta_ops.cpp.
 //
 // The int[] spec / float[] fparams pair describing a fused MLP run is defined
 // in kernels/mlp_spec.h, the one describing a fused conv run in

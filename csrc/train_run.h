@@ -10,7 +10,7 @@
 // member templates over T (float or double, the run's dtype) doing the
 // per-channel work around the products. Pointers are B's device pointers to
 // dense data, null where optional and absent; `l` is the [outer][C][inner]
-// view of the stage's activation (cpu/channel_layout.h); `opts` the options
+// view of the stage's activation (channel_layout.h); `opts` the options
 // (dtype, device) of the tensors a call returns.
 //
 //   using Sums;  a pass's per-channel double sums, [n][C] (opaque to the walk)
@@ -66,7 +66,7 @@
 #include <utility>
 #include <vector>
 
-#include "cpu/channel_layout.h"
+#include "channel_layout.h"
 #include "kernels/conv_spec.h"
 #include "kernels/train_epilogue.h"
 #include "spec_adapter.h"
@@ -169,6 +169,38 @@ inline std::vector<int64_t> stage_sizes(const TrainRun& run, const at::Tensor& i
   return sizes;
 }
 
+// stage_sizes for the forward, which also runs as the ops' Meta kernel
+// (meta_ops.cpp) on symbolic sizes (torch.compile, torch.export with dynamic
+// dimensions): the same rules on c10::SymInt, their checks as guards.
+inline std::vector<c10::SymInt> stage_sym_sizes(const TrainRun& run, const at::Tensor& input, const char* op) {
+  std::vector<c10::SymInt> sizes;
+  if (!input.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
+    for (int64_t s : stage_sizes(run, input, op)) sizes.emplace_back(s);
+    return sizes;
+  }
+  if (run.rows) {
+    TORCH_CHECK_VALUE(input.dim() >= 1, op, ": input must have at least 1 dimension");
+    TORCH_SYM_CHECK(input.sym_size(-1).sym_eq(run.in_channels), op, ": input of shape ", input.sym_sizes(),
+                    " does not end in ", run.in_channels, " features");
+    const c10::SymInt rows = input.sym_numel() / run.in_channels;
+    for (const ConvStage& st : run.stages) sizes.push_back(rows * st.out_channels);
+    return sizes;
+  }
+  TORCH_CHECK_VALUE(input.dim() == 4, op, ": expected (N > 0, ", run.in_channels, ", H, W) input, got ",
+                    input.sym_sizes());
+  TORCH_SYM_CHECK(input.sym_size(0).sym_gt(0).sym_and(input.sym_size(1).sym_eq(run.in_channels)), op,
+                  ": expected (N > 0, ", run.in_channels, ", H, W) input, got ", input.sym_sizes());
+  kernels::ConvDesc d{};
+  d.stages = run.stages;
+  for (const auto& s : kernels::stage_output_shapes<c10::SymInt>(d, input.sym_size(1), input.sym_size(2),
+                                                                  input.sym_size(3))) {
+    TORCH_SYM_CHECK(s.out_h.sym_ge(1).sym_and(s.out_w.sym_ge(1)), op, ": input of shape ", input.sym_sizes(),
+                    " is smaller than a stage's window");
+    sizes.push_back(input.sym_size(0) * s.out_c * s.out_h * s.out_w);
+  }
+  return sizes;
+}
+
 inline bool has_bn(const ConvStage& st) { return st.flags & kernels::kHasBatchNorm; }
 inline bool batch_stats(const ConvStage& st) { return has_bn(st) && (st.flags & kernels::kBatchStats); }
 inline bool has_bias(const ConvStage& st) { return st.has_weights() && (st.flags & kernels::kHasBias); }
@@ -252,7 +284,7 @@ inline at::Tensor dense(const at::Tensor& t) {
   return t.contiguous();
 }
 
-// `t` with the strides of `like` (copying when they differ): what the fake
+// `t` with the strides of `like` (copying when they differ): what the Meta
 // kernels promise for gradients (empty_like of the input / parameter).
 inline at::Tensor strided_like(const at::Tensor& t, const at::Tensor& like) {
   // empty_like keeps a dense tensor's strides: no allocation when they already agree.
@@ -264,12 +296,22 @@ inline at::Tensor strided_like(const at::Tensor& t, const at::Tensor& like) {
 
 inline at::Tensor empty_saved(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
+// The data a backend reads or writes: none for undefined tensors, and none
+// for meta tensors (the forward's walk also runs as a Meta kernel, which
+// computes no values: meta_ops.cpp).
+template <typename T> const T* data_of(const at::Tensor& t) {
+  return t.defined() && !t.is_meta() ? t.template const_data_ptr<T>() : nullptr;
+}
+template <typename T> T* mutable_data_of(at::Tensor& t) {
+  return t.defined() && !t.is_meta() ? t.template data_ptr<T>() : nullptr;
+}
+
 // A [C] parameter as a pointer a backend reads (null when undefined); the
 // contiguous copy, if any, lives in `keep`.
 template <typename T> const T* channel_ptr(const at::Tensor& t, at::Tensor& keep) {
   if (!t.defined()) return nullptr;
   keep = t.contiguous();
-  return keep.template const_data_ptr<T>();
+  return data_of<T>(keep);
 }
 
 // (pad_h, pad_w) of a window when its padding is symmetric, nullopt otherwise.
@@ -307,10 +349,10 @@ inline at::Tensor max_pool_backward(const at::Tensor& grad, const at::Tensor& x,
 // The per-channel arrays of a stage's epilogue, y = (z - center) * scale + shift.
 template <typename T> struct Epilogue {
   at::Tensor scale, shift, center, invstd;  // undefined where absent
-  const T* scale_ptr() const { return scale.defined() ? scale.template const_data_ptr<T>() : nullptr; }
-  const T* shift_ptr() const { return shift.defined() ? shift.template const_data_ptr<T>() : nullptr; }
-  const T* center_ptr() const { return center.defined() ? center.template const_data_ptr<T>() : nullptr; }
-  const T* invstd_ptr() const { return invstd.defined() ? invstd.template const_data_ptr<T>() : nullptr; }
+  const T* scale_ptr() const { return data_of<T>(scale); }
+  const T* shift_ptr() const { return data_of<T>(shift); }
+  const T* center_ptr() const { return data_of<T>(center); }
+  const T* invstd_ptr() const { return data_of<T>(invstd); }
 };
 
 // scale = gamma * invstd, shift = beta, for y = (z - center) * scale + shift
@@ -340,15 +382,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> train_forward_impl(const TrainRu
   const size_t n_stages = run.stages.size();
 
   // Shape checks first: a bad input fails before any work.
-  const std::vector<int64_t> sizes = stage_sizes(run, input, run.forward_name);
+  const std::vector<c10::SymInt> sizes = stage_sym_sizes(run, input, run.forward_name);
   for (size_t i = 0; i < n_stages; ++i)
     TORCH_CHECK_VALUE(!batch_stats(run.stages[i]) || sizes[i] / run.stages[i].out_channels > 1, run.forward_name,
-                      ": Expected more than 1 value per channel when training, got input size ", input.sizes(),
+                      ": Expected more than 1 value per channel when training, got input size ", input.sym_sizes(),
                       " at stage ", i);
   at::Tensor x = run.rows ? input.reshape({-1, run.in_channels}) : input;
-  std::vector<int64_t> out_sizes;
+  std::vector<c10::SymInt> out_sizes;
   if (run.rows) {
-    out_sizes = input.sizes().vec();
+    out_sizes = input.sym_sizes().vec();
     out_sizes.back() = run.stages.back().out_channels;
   }
 
@@ -383,8 +425,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> train_forward_impl(const TrainRu
     at::Tensor a = z, zsave;
     if (has_epilogue(st)) {
       z = dense(z);
-      const ChannelLayout l = layout_of(z);
-      const T* zp = z.const_data_ptr<T>();
+      // A Meta kernel's walk (meta_ops.cpp) computes no values: only the channel count is read.
+      const ChannelLayout l = z.is_meta() ? ChannelLayout{0, st.out_channels, 0} : layout_of(z);
+      const T* zp = data_of<T>(z);
       Epilogue<T> e;
       at::Tensor bias;
       const T* bias_ptr = channel_ptr<T>(p.bias, bias);
@@ -412,13 +455,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> train_forward_impl(const TrainRu
         // y (z + bias) overwrites z, which is kept; a stage without a product
         // (a lone activation) has its input as y.
         zsave = z;
-        pre = zsave.data_ptr<T>();
+        pre = mutable_data_of<T>(zsave);
         a = at::empty_like(z);
       } else {
         a = owned ? z : at::empty_like(z);
       }
       B::template epilogue_forward<T>(l, zp, has_bn(st) ? e.center_ptr() : nullptr, e.scale_ptr(), e.shift_ptr(),
-                                      st.activation, st.alpha, pre, a.data_ptr<T>());
+                                      st.activation, st.alpha, pre, mutable_data_of<T>(a));
     }
     const bool last = i + 1 == n_stages;
     const bool a_is_view = !owned && !has_epilogue(st);  // an epilogue-free Flatten
@@ -430,7 +473,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> train_forward_impl(const TrainRu
 
   at::Tensor output = x;
   if (!owns_product(run.stages.back()) && !has_epilogue(run.stages.back())) output = x.clone();
-  if (run.rows) output = output.view(out_sizes);
+  if (run.rows) output = output.view_symint(out_sizes);
 
   return {output, saved};
 }

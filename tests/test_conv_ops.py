@@ -137,6 +137,26 @@ def test_conv_torch_export():
         torch.testing.assert_close(ep.module()(x), nn.Sequential(*m)(x))
 
 
+def test_conv_torch_export_with_dynamic_batch_and_spatial_size():
+    """The Meta kernel computes the output size and memory format on symbolic
+    sizes (the C++ shape rules, templated on the size type)."""
+    torch.manual_seed(3)
+    m = FusedSequential(nn.Conv2d(3, 8, 3, padding=1, stride=2), _bn2d(8), nn.ReLU(), nn.MaxPool2d(3, 2),
+                        nn.Conv2d(8, 4, 1)).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    b, h, w = torch.export.Dim("b", min=1), torch.export.Dim("h", min=16, max=200), torch.export.Dim("w", min=16, max=200)
+    ep = torch.export.export(m, (torch.randn(2, 3, 33, 31),), dynamic_shapes=({0: b, 2: h, 3: w},))
+    assert any("conv_forward" in str(n.target) for n in ep.graph.nodes)
+    for shape in [(1, 3, 40, 19), (3, 3, 33, 31), (2, 3, 64, 64)]:
+        x = torch.randn(*shape)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = x.contiguous(memory_format=fmt)
+            with torch.no_grad():
+                y, ref = ep.module()(x), nn.Sequential(*m)(x)
+            torch.testing.assert_close(y, ref)
+
+
 def test_profiler_shows_one_conv_op_and_no_eager_ops():
     m = FusedSequential(
         nn.Conv2d(3, 16, 3, padding=1), _bn2d(16), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, groups=16),

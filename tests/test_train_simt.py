@@ -2,7 +2,7 @@
 builds tests/cpp/train_simt_backend.cpp (the device walk of
 csrc/cuda/train_backend.h with the kernels of
 csrc/kernels/cuda/train_epilogue.cuh, run by the SIMT emulation of
-tests/cpp/simt), which re-registers the training ops' CPU kernels, and runs
+csrc/kernels/cuda/simt), which re-registers the training ops' CPU kernels, and runs
 training tests of tests/test_training.py through it: the CUDA epilogue path
 against eager, not the CPU cores.
 
@@ -31,7 +31,7 @@ _CHILD = textwrap.dedent(
     cpp_extension.load(
         name=f"seqfuse_train_simt_{threads}",
         sources=[os.path.join(root, "tests", "cpp", "train_simt_backend.cpp")],
-        extra_include_paths=[os.path.join(root, "csrc"), os.path.join(root, "tests", "cpp", "simt")],
+        extra_include_paths=[os.path.join(root, "csrc")],
         extra_cflags=["-std=c++20", "-O2", f"-DSEQFUSE_SIMT_THREADS={threads}"],
         is_python_module=False,
         verbose=False,

@@ -11,7 +11,7 @@
 #include "../kernels/conv_forward.h"
 #include "../conv_output_layout.h"
 #include "../spec_adapter.h"
-#include "channel_layout.h"
+#include "../channel_layout.h"
 
 namespace seqfuse {
 namespace {
@@ -253,7 +253,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const kernels::StageShape& last = g.stages.back();
   const bool flat = d.flatten_stage >= 0;
-  const bool channels_last = !flat && output_channels_last(d, g, input, weights);
+  const bool channels_last = !flat && output_channels_last(d, g.stages, input, weights, input.is_cuda());
   at::Tensor y = flat ? at::empty({N, last.out_c}, input.options())
                       : at::empty({N, last.out_c, last.out_h, last.out_w},
                                   input.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast

@@ -106,7 +106,7 @@ at::Tensor conv_forward_cuda(const at::Tensor& input, const at::Tensor& packed, 
   const int64_t N = input.size(0);
   const kernels::StageShape& last = g.stages.back();
   const bool flat = d.flatten_stage >= 0;
-  const bool channels_last = !flat && output_channels_last(d, g, input, weights);
+  const bool channels_last = !flat && output_channels_last(d, g.stages, input, weights, input.is_cuda());
   const auto eager_format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   if (N == 0)
     return flat ? at::empty({0, last.out_c}, input.options())

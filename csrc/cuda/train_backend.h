@@ -9,7 +9,7 @@
 //   static int64_t max_blocks();         about how many blocks fill the device
 //   static void run(kernel, dim3 grid, dim3 block, args...);
 // cuda/train_cuda.cu's CudaLaunch launches on the current stream; a policy
-// over simt::launch (tests/cpp/simt) runs the same kernels, and so the same
+// over simt::launch (csrc/kernels/cuda/simt) runs the same kernels, and so the same
 // walk, on the CPU with CPU tensors (tests/cpp/train_simt_backend.cpp).
 #pragma once
 

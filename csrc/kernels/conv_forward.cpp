@@ -26,12 +26,7 @@ namespace seqfuse::kernels {
   void conv_epilogue_io(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const bf16*, float*,         \
                         int64_t, int64_t);                                                                        \
   }
-SEQFUSE_DECLARE_ISA(baseline::conv)
-#if defined(__x86_64__) || defined(_M_X64)
-#define SEQFUSE_HAVE_X86_VARIANTS 1
-SEQFUSE_DECLARE_ISA(avx2::conv)
-SEQFUSE_DECLARE_ISA(avx512::conv)
-#endif
+SEQFUSE_FOR_EACH_ISA(SEQFUSE_DECLARE_ISA, conv)
 #undef SEQFUSE_DECLARE_ISA
 
 #define SEQFUSE_DECLARE_LAYOUT(ns, T)                                                                             \
@@ -41,48 +36,22 @@ SEQFUSE_DECLARE_ISA(avx512::conv)
   }
 #define SEQFUSE_DECLARE_LAYOUTS(ns) \
   SEQFUSE_DECLARE_LAYOUT(ns, float) SEQFUSE_DECLARE_LAYOUT(ns, double) SEQFUSE_DECLARE_LAYOUT(ns, bf16)
-SEQFUSE_DECLARE_LAYOUTS(baseline::conv)
-#ifdef SEQFUSE_HAVE_X86_VARIANTS
-SEQFUSE_DECLARE_LAYOUTS(avx2::conv)
-SEQFUSE_DECLARE_LAYOUTS(avx512::conv)
-#endif
+SEQFUSE_FOR_EACH_ISA(SEQFUSE_DECLARE_LAYOUTS, conv)
 #undef SEQFUSE_DECLARE_LAYOUTS
 #undef SEQFUSE_DECLARE_LAYOUT
 
 namespace {
 
-template <typename A> struct ConvKernels {
-  void (*stage)(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const A*, A*, int64_t, int64_t, A*,
-                int64_t, int64_t);
-};
-
-template <typename A> ConvKernels<A> kernels_for(Isa isa) {
-#define SEQFUSE_TABLE(ns)                                                  \
-  if constexpr (std::is_same_v<A, float>)                                  \
-    return {ns::conv_stage_f32};                                           \
-  else                                                                     \
-    return {ns::conv_stage_f64};
-#ifdef SEQFUSE_HAVE_X86_VARIANTS
-  if (isa == Isa::Avx512) { SEQFUSE_TABLE(avx512::conv) }
-  if (isa == Isa::Avx2) { SEQFUSE_TABLE(avx2::conv) }
-#endif
-  (void)isa;
-  SEQFUSE_TABLE(baseline::conv)
-#undef SEQFUSE_TABLE
-}
-
-template <typename T> struct LayoutKernels {
-  void (*load)(const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t<T>*);
-  void (*store)(const acc_t<T>*, int64_t, int64_t, int64_t, const int64_t*, int64_t, int64_t, T*);
-};
-
-template <typename T> LayoutKernels<T> layout_kernels_for(Isa isa) {
-#ifdef SEQFUSE_HAVE_X86_VARIANTS
-  if (isa == Isa::Avx512) return {avx512::conv::conv_load_nhwc, avx512::conv::conv_store_nhwc};
-  if (isa == Isa::Avx2) return {avx2::conv::conv_load_nhwc, avx2::conv::conv_store_nhwc};
-#endif
-  (void)isa;
-  return {baseline::conv::conv_load_nhwc, baseline::conv::conv_store_nhwc};
+// The active ISA's stage kernel for accumulate type A.
+template <typename A>
+void stage_kernel(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* packed, const A* in, A* out,
+                  int64_t p0, int64_t p1, A* scratch, int64_t panel0, int64_t panel1) {
+  SEQFUSE_ISA_DISPATCH(conv, {
+    if constexpr (std::is_same_v<A, float>)
+      return isa::conv_stage_f32(d, g, i, packed, in, out, p0, p1, scratch, panel0, panel1);
+    else
+      return isa::conv_stage_f64(d, g, i, packed, in, out, p0, p1, scratch, panel0, panel1);
+  })
 }
 
 // Scratch for the patch tile of stage i (the same for every ISA).
@@ -98,7 +67,7 @@ template <typename A>
 void conv_stage_forward(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* packed, const A* in,
                         A* out, int64_t p0, int64_t p1, int64_t panel0, int64_t panel1) {
   A* scratch = thread_workspace<A>(static_cast<size_t>(scratch_elems(d, i)));
-  kernels_for<A>(active_isa()).stage(d, g, i, packed, in, out, p0, p1, scratch, panel0, panel1);
+  stage_kernel<A>(d, g, i, packed, in, out, p0, p1, scratch, panel0, panel1);
 }
 
 bool gemm_splits_channels(const ConvDesc& d, size_t i, int64_t pixels, int64_t parts) {
@@ -110,13 +79,7 @@ bool gemm_splits_channels(const ConvDesc& d, size_t i, int64_t pixels, int64_t p
 template <typename TI, typename TO>
 void conv_stage_epilogue(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* packed, const TI* in,
                          TO* out, int64_t p0, int64_t p1) {
-  switch (active_isa()) {
-#ifdef SEQFUSE_HAVE_X86_VARIANTS
-    case Isa::Avx512: return avx512::conv::conv_epilogue_io(d, g, i, packed, in, out, p0, p1);
-    case Isa::Avx2: return avx2::conv::conv_epilogue_io(d, g, i, packed, in, out, p0, p1);
-#endif
-    default: return baseline::conv::conv_epilogue_io(d, g, i, packed, in, out, p0, p1);
-  }
+  SEQFUSE_ISA_DISPATCH(conv, return isa::conv_epilogue_io(d, g, i, packed, in, out, p0, p1);)
 }
 
 namespace {
@@ -130,7 +93,6 @@ template <typename TI, typename A, typename TO>
 void conv_forward_images(const ConvDesc& d, const ConvGeometry& g, const uint8_t* packed, const TI* in,
                          const int64_t* in_strides, TO* out, const int64_t* out_strides, int64_t n_images,
                          size_t stop) {
-  const ConvKernels<A> k = kernels_for<A>(active_isa());
   int64_t scratch = 0;
   for (size_t i = 0; i < stop; ++i) scratch = std::max(scratch, scratch_elems(d, i));
   const int64_t image = g.max_image_elems;
@@ -152,7 +114,7 @@ void conv_forward_images(const ConvDesc& d, const ConvGeometry& g, const uint8_t
     }
     for (size_t i = 0; i < stop; ++i) {
       A* next = i + 1 == stop && out_direct ? reinterpret_cast<A*>(out) + n * out_strides[0] : buffers[i % 2];
-      k.stage(d, g, i, packed, cur, next, 0, g.stages[i].out_pixels(), ws + 2 * image, 0, -1);
+      stage_kernel<A>(d, g, i, packed, cur, next, 0, g.stages[i].out_pixels(), ws + 2 * image, 0, -1);
       cur = next;
     }
     if (!out_direct) store_nhwc<A, TO>(cur, last.out_c, out_h, out_w, out_strides, 0, 1, out + n * out_strides[0]);
@@ -161,12 +123,12 @@ void conv_forward_images(const ConvDesc& d, const ConvGeometry& g, const uint8_t
 
 template <typename T, typename A>
 void load_nhwc(const T* x, const int64_t* s, int64_t C, int64_t H, int64_t W, int64_t n0, int64_t n1, A* out) {
-  layout_kernels_for<T>(active_isa()).load(x, s, C, H, W, n0, n1, out);
+  SEQFUSE_ISA_DISPATCH(conv, return isa::conv_load_nhwc(x, s, C, H, W, n0, n1, out);)
 }
 
 template <typename A, typename T>
 void store_nhwc(const A* y, int64_t C, int64_t H, int64_t W, const int64_t* s, int64_t n0, int64_t n1, T* out) {
-  layout_kernels_for<T>(active_isa()).store(y, C, H, W, s, n0, n1, out);
+  SEQFUSE_ISA_DISPATCH(conv, return isa::conv_store_nhwc(y, C, H, W, s, n0, n1, out);)
 }
 
 #define SEQFUSE_INSTANTIATE_ACC(A)                                                                               \

@@ -8,7 +8,8 @@
 
 #include "bf16.h"
 #include "conv_spec.h"
-#include "mlp_forward.h"  // Isa selection, shared with the MLP kernels
+#include "isa.h"
+#include "mlp_forward.h"
 
 namespace seqfuse::kernels {
 

@@ -1,21 +1,4 @@
-// The fused conv stages compiled for AVX-512 (32 zmm registers; 24 for accumulators:
-// 12x2 micro-tiles measured 1.35x faster than 8x2 on 3x3 convolutions).
-// Standard headers come first so that only our own code is built for the target.
-// The conv stages get a namespace of their own: the shared GEMM templates
-// (kernel_impl.h) are instantiated here under a different register budget
-// than in the MLP translation unit, and must not be merged with those.
+// The fused conv stages compiled for AVX-512 (24 accumulator registers; see isa_variant.h).
 #include "conv_forward.h"
-#include "isa_prelude.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi2")
-#define SEQFUSE_ISA_ENABLED 1
-#endif
-
-#ifdef SEQFUSE_ISA_ENABLED
-namespace seqfuse::kernels::avx512::conv {
-#define SEQFUSE_VECTOR_BYTES 64
-#define SEQFUSE_ACC_REGISTERS 24
-#include "conv_forward_impl.h"
-}  // namespace seqfuse::kernels::avx512::conv
-#endif
+#define SEQFUSE_VARIANT(X) X(avx512, conv, conv_forward_impl.h, 24)
+#include "isa_variant.h"

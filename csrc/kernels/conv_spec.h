@@ -106,16 +106,61 @@ struct ConvGeometry {
   int64_t macs_per_image;   // multiply-adds (one per value for other stages): the size of a call
 };
 
+// The shape rules below are templates over the size type: int64_t for the
+// kernels, and a symbolic size (c10::SymInt, in the ops' Meta kernels, for
+// torch.compile and torch.export with dynamic shapes), so each rule is
+// written once. Int needs +, -, * and / by int64_t, and comparisons with
+// int64_t that give bool; only non-negative values are divided.
+
 // Output size of a convolution or pooling window along one dimension, as ATen
 // computes it (pooling_output_shape for pools, with its ceil_mode rule).
-inline int64_t window_output_size(int64_t in, int64_t k, int64_t s, int64_t pad_before, int64_t pad_after,
-                                  int64_t d, bool ceil_mode) {
+template <typename Int>
+Int window_output_size(const Int& in, int64_t k, int64_t s, int64_t pad_before, int64_t pad_after, int64_t d,
+                       bool ceil_mode) {
   // Division rounding toward -infinity (ATen's div_rtn): with ceil_mode a
   // window overhanging the padded input by less than a stride still counts.
-  const int64_t num = in + pad_before + pad_after - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0);
-  int64_t out = (num >= 0 ? num / s : -((-num + s - 1) / s)) + 1;
-  if (ceil_mode && (out - 1) * s >= in + pad_before) --out;
-  return out < 0 ? 0 : out;
+  const Int num = in + (pad_before + pad_after - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0));
+  Int out = num >= 0 ? num / s + 1 : Int(1) - (Int(0) - num + (s - 1)) / s;
+  if (ceil_mode && (out - 1) * s >= in + pad_before) out = out - 1;
+  return out < 0 ? Int(0) : out;
+}
+
+// A stage's output (channels, height, width) for its input's: the shape rule
+// of each stage kind. (The checks that an input fits are resolve_conv_geometry's.)
+template <typename Int> struct MapShape {
+  Int out_c, out_h, out_w;
+};
+template <typename Int>
+MapShape<Int> stage_output_shape(const ConvStage& st, const Int& c, const Int& h, const Int& w) {
+  MapShape<Int> out{Int(st.out_channels), h, w};
+  const bool ceil_mode = st.options & kCeilMode;
+  switch (st.kind) {
+    case ConvStageKind::Conv:
+    case ConvStageKind::MaxPool:
+    case ConvStageKind::AvgPool:
+      out.out_h = window_output_size(h, st.kernel_h, st.stride_h, st.pad_top, st.pad_bottom, st.dilation_h, ceil_mode);
+      out.out_w = window_output_size(w, st.kernel_w, st.stride_w, st.pad_left, st.pad_right, st.dilation_w, ceil_mode);
+      break;
+    case ConvStageKind::GlobalAvgPool: out.out_h = out.out_w = Int(1); break;
+    case ConvStageKind::Flatten:
+      out.out_h = out.out_w = Int(1);
+      out.out_c = h * w * c;
+      break;
+    default: break;  // Linear, ScaleShift, Pointwise: out_channels, the map as it is
+  }
+  return out;
+}
+
+// Every stage's output shape for an input of (c, h, w).
+template <typename Int>
+std::vector<MapShape<Int>> stage_output_shapes(const ConvDesc& d, Int c, Int h, Int w) {
+  std::vector<MapShape<Int>> out;
+  out.reserve(d.stages.size());
+  for (const ConvStage& st : d.stages) {
+    out.push_back(stage_output_shape(st, c, h, w));
+    c = out.back().out_c, h = out.back().out_h, w = out.back().out_w;
+  }
+  return out;
 }
 
 inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const double* fparams, size_t fparams_len) {
@@ -253,23 +298,14 @@ inline ConvGeometry resolve_conv_geometry(const ConvDesc& d, int64_t in_h, int64
   g.max_image_elems = h * w * c;
   for (size_t i = 0; i < d.stages.size(); ++i) {
     const ConvStage& st = d.stages[i];
-    StageShape s{h, w, c, h, w, st.out_channels};
-    const bool ceil_mode = st.options & kCeilMode;
+    const MapShape<int64_t> o = stage_output_shape<int64_t>(st, c, h, w);
+    StageShape s{h, w, c, o.out_h, o.out_w, o.out_c};
     switch (st.kind) {
       case ConvStageKind::Conv:
       case ConvStageKind::MaxPool:
       case ConvStageKind::AvgPool:
-        s.out_h = window_output_size(h, st.kernel_h, st.stride_h, st.pad_top, st.pad_bottom, st.dilation_h,
-                                     ceil_mode);
-        s.out_w = window_output_size(w, st.kernel_w, st.stride_w, st.pad_left, st.pad_right, st.dilation_w,
-                                     ceil_mode);
         if (s.out_h < 1 || s.out_w < 1)
           fail(i, "input " + std::to_string(h) + "x" + std::to_string(w) + " is smaller than the window");
-        break;
-      case ConvStageKind::GlobalAvgPool: s.out_h = s.out_w = 1; break;
-      case ConvStageKind::Flatten:
-        s.out_h = s.out_w = 1;
-        s.out_c = h * w * c;
         break;
       case ConvStageKind::Linear:
         if (c != st.in_channels)

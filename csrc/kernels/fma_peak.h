@@ -8,7 +8,7 @@
 // throughput alone: no loads, no stores, no data beyond registers.
 #pragma once
 
-#include "mlp_forward.h"  // Isa, detect_isa
+#include "isa.h"
 
 namespace seqfuse::kernels {
 

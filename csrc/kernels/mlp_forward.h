@@ -1,5 +1,5 @@
-// Torch-free entry points of the fused MLP kernels: packing, ISA selection and
-// the forward over a range of rows. Adapters (csrc/cpu) and the C++ unit tests
+// Torch-free entry points of the fused MLP kernels: packing and the forward
+// over a range of rows (the ISA selection: isa.h). Adapters (csrc/cpu) and the C++ unit tests
 // (tests/cpp) call only what is declared here.
 #pragma once
 
@@ -7,6 +7,7 @@
 #include <string>
 
 #include "bf16.h"
+#include "isa.h"
 #include "mlp_spec.h"
 
 namespace seqfuse::kernels {
@@ -23,17 +24,6 @@ template <typename T> void pack_linear_weight(const T* weight, int64_t out_featu
 template <typename T>
 void fold_scale_shift(int64_t channels, const T* bias, const T* bn_weight, const T* bn_bias, const T* bn_mean,
                       const T* bn_var, double eps, acc_t<T>* scale, acc_t<T>* shift);
-
-// ---- ISA selection (mlp_forward.cpp) ----------------------------------------
-
-enum class Isa { Baseline = 0, Avx2 = 1, Avx512 = 2 };
-const char* isa_name(Isa isa);
-Isa detect_isa();            // the best the CPU supports
-Isa active_isa();            // detect_isa(), unless overridden
-// Overrides the variant used from now on ("avx512", "avx2", "baseline", or "" for
-// the detected one). Throws std::invalid_argument for an unknown name or one the
-// CPU does not support. Used by tests to force each variant.
-void set_isa_override(const std::string& name);
 
 // ---- forward (mlp_forward.cpp) -----------------------------------------------
 

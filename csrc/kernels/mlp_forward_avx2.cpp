@@ -1,17 +1,4 @@
-// The fused MLP forward compiled for AVX2 + FMA (16 ymm registers; 12 for accumulators).
-// Standard headers come first so that only our own code is built for the target.
+// The fused MLP forward compiled for AVX2 + FMA (12 accumulator registers; see isa_variant.h).
 #include "mlp_forward.h"
-#include "isa_prelude.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#pragma GCC target("avx2,fma,bmi2")
-#define SEQFUSE_ISA_ENABLED 1
-#endif
-
-#ifdef SEQFUSE_ISA_ENABLED
-namespace seqfuse::kernels::avx2 {
-#define SEQFUSE_VECTOR_BYTES 32
-#define SEQFUSE_ACC_REGISTERS 12
-#include "mlp_forward_impl.h"
-}  // namespace seqfuse::kernels::avx2
-#endif
+#define SEQFUSE_VARIANT(X) X(avx2, mlp, mlp_forward_impl.h, 12)
+#include "isa_variant.h"

@@ -2,12 +2,12 @@
 // compiled once per ISA by train_epilogue_<isa>.cpp).
 #include "train_epilogue.h"
 
-#include "mlp_forward.h"
+#include "isa.h"
 
 namespace seqfuse::kernels {
 
 #define SEQFUSE_DECLARE_TRAIN(ns)                                                                                 \
-  namespace ns::train {                                                                                              \
+  namespace ns {                                                                                              \
   template <typename U>                                                                                              \
   void channel_moments(const ChannelLayout&, const U*, const U*, double*, double*, int64_t, int64_t);                \
   template <typename U>                                                                                              \
@@ -20,25 +20,11 @@ namespace seqfuse::kernels {
   void batchnorm_backward_apply(const ChannelLayout&, const U*, const U*, const U*, const U*, const U*, const U*, U*, \
                                 double*, int64_t, int64_t);                                                          \
   }
-SEQFUSE_DECLARE_TRAIN(baseline)
-#if defined(__x86_64__) || defined(_M_X64)
-#define SEQFUSE_HAVE_X86_VARIANTS 1
-SEQFUSE_DECLARE_TRAIN(avx2)
-SEQFUSE_DECLARE_TRAIN(avx512)
-#endif
+SEQFUSE_FOR_EACH_ISA(SEQFUSE_DECLARE_TRAIN, train)
 #undef SEQFUSE_DECLARE_TRAIN
 
 // Forwards a call to the active ISA's instantiation.
-#ifdef SEQFUSE_HAVE_X86_VARIANTS
-#define SEQFUSE_ISA_CALL(fn, ...)                                                   \
-  switch (active_isa()) {                                                           \
-    case Isa::Avx512: return avx512::train::fn<T>(__VA_ARGS__);                     \
-    case Isa::Avx2: return avx2::train::fn<T>(__VA_ARGS__);                         \
-    default: return baseline::train::fn<T>(__VA_ARGS__);                           \
-  }
-#else
-#define SEQFUSE_ISA_CALL(fn, ...) return baseline::train::fn<T>(__VA_ARGS__);
-#endif
+#define SEQFUSE_ISA_CALL(fn, ...) SEQFUSE_ISA_DISPATCH(train, return isa::fn<T>(__VA_ARGS__);)
 
 template <typename T>
 void channel_moments(const ChannelLayout& l, const T* z, const T* ref, double* sum, double* sumsq, int64_t o0,

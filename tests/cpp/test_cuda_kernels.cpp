@@ -1,6 +1,6 @@
 // Tests of the CUDA device kernels (csrc/kernels/cuda/*.cuh) on the CPU: the
 // kernels are compiled by g++ against the SIMT emulation layer
-// (tests/cpp/simt/simt_emulation.h, brought in by device.cuh) and launched
+// (csrc/kernels/cuda/simt/simt_emulation.h, brought in by device.cuh) and launched
 // with simt::launch in the geometry the adapters in csrc/cuda/ use.
 //
 //   fused_mlp_kernel<T>        for float, double, __half, __nv_bfloat16

@@ -1,4 +1,4 @@
-// Self-tests of the SIMT emulation layer (tests/cpp/simt/simt_emulation.h):
+// Self-tests of the SIMT emulation layer (csrc/kernels/cuda/simt/simt_emulation.h):
 // CUDA-style kernels run through simt::launch on the CPU, checked against host
 // references. Indices and block order, __syncthreads-ordered shared memory,
 // every shuffle mode (with widths), votes, dynamic shared memory, atomics

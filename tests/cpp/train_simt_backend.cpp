@@ -1,7 +1,7 @@
 // The CUDA training backend's kernels on the CPU: a torch extension that
 // re-registers seqfuse's training ops for the CPU key with the device walk
 // (train_run.h + cuda/train_backend.h) over a launch policy of the SIMT
-// emulation (tests/cpp/simt), so the whole CUDA epilogue path (the kernels
+// emulation (csrc/kernels/cuda/simt), so the whole CUDA epilogue path (the kernels
 // of kernels/cuda/train_epilogue.cuh, their launch shapes, the sums in
 // tensors, the device update of the running statistics) runs with CPU
 // tensors. Loaded after seqfuse, it replaces the CPU kernels (the dispatcher

@@ -1,6 +1,6 @@
 // The prelude of seqfuse's device code: what every kernel header includes
 // first. Under nvcc it brings the CUDA headers; under a host compiler (the C++
-// tests) it brings the SIMT emulation layer from tests/cpp/simt, which gives
+// tests) it brings the SIMT emulation layer (simt/simt_emulation.h), which gives
 // the same spellings (__global__, __shared__, threadIdx, __syncthreads, warp
 // shuffles, WMMA fragments, __half/__nv_bfloat16) on real host threads.
 //
@@ -20,7 +20,7 @@
 #define SEQFUSE_DEVICE __device__ __forceinline__
 #define SEQFUSE_UNROLL _Pragma("unroll")
 #else
-#include "simt_emulation.h"
+#include "simt/simt_emulation.h"
 #define SEQFUSE_HD inline
 #define SEQFUSE_DEVICE inline
 // g++ 12 warns on an unknown `#pragma unroll` (and -Werror makes it fatal).

@@ -19,7 +19,7 @@
 // its last bits between runs (accepted: the CPU backend is the deterministic
 // one).
 //
-// Only the CUDA features the SIMT emulation (tests/cpp/simt) provides:
+// Only the CUDA features the SIMT emulation (csrc/kernels/cuda/simt) provides:
 // __global__, static __shared__ arrays, the thread indices, __syncthreads,
 // atomicAdd(double*); no run-time-indexed local arrays (no stack frame).
 #pragma once

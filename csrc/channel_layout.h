@@ -5,7 +5,7 @@
 
 #include <ATen/ATen.h>
 
-#include "../kernels/train_epilogue.h"
+#include "kernels/train_epilogue.h"
 
 namespace seqfuse {
 
