@@ -5,7 +5,10 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #include "kernels/conv_spec.h"
+#include "spec_adapter.h"
 
 namespace seqfuse {
 
@@ -46,6 +49,36 @@ bool output_channels_last(const kernels::ConvDesc& d, const Shapes& shapes, cons
     if (elementwise && (s.out_c == 1 || s.out_h * s.out_w == 1)) cl = false;
   }
   return cl;
+}
+
+// What every device's seqfuse::conv_forward starts with: the decoded spec,
+// the geometry for the input (checked), the packed buffer and the engine
+// checked, and the output's sizes and eager's memory format.
+struct ConvForwardStart {
+  kernels::ConvDesc d;
+  kernels::ConvGeometry g;
+  bool flat;                      // a Flatten: (N, F) rows out
+  bool channels_last;             // eager's output memory format
+  std::vector<int64_t> out_sizes;  // (N, F) or (N, C, H, W)
+  at::TensorOptions out_options(const at::Tensor& input) const {
+    return input.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                       : at::MemoryFormat::Contiguous);
+  }
+};
+
+inline ConvForwardStart start_conv_forward(const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,
+                                           at::IntArrayRef spec, at::ArrayRef<double> fparams, int64_t engine) {
+  ConvForwardStart c{decode_conv_spec(spec, fparams), {}, false, false, {}};
+  c.g = conv_geometry(c.d, input);
+  check_packed("seqfuse::conv_forward", packed, input, c.d.packed_bytes);
+  TORCH_CHECK_VALUE(engine >= kernels::kEngineFused && engine <= kernels::kEngineAtenLayout,
+                    "seqfuse::conv_forward: unknown engine ", engine);
+  const kernels::StageShape& last = c.g.stages.back();
+  c.flat = c.d.flatten_stage >= 0;
+  c.channels_last = !c.flat && output_channels_last(c.d, c.g.stages, input, weights, input.is_cuda());
+  c.out_sizes = c.flat ? std::vector<int64_t>{input.size(0), last.out_c}
+                       : std::vector<int64_t>{input.size(0), last.out_c, last.out_h, last.out_w};
+  return c;
 }
 
 }  // namespace seqfuse

@@ -104,6 +104,20 @@ inline MlpRows mlp_rows(const kernels::MlpDesc& d, const at::Tensor& input) {
   return r;
 }
 
+// The weight engine 1 multiplies stage i of an MLP run by: the next of
+// `weights`, checked against the stage and the input `x` (every device).
+inline const at::Tensor& engine_weight(at::TensorList weights, size_t& next, size_t i, const kernels::StageDesc& s,
+                                       const at::Tensor& x) {
+  TORCH_CHECK_VALUE(next < weights.size(), "seqfuse::mlp_forward: engine 1 needs the weight of stage ", i);
+  const at::Tensor& w = weights[next++];
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == s.out_features && w.size(1) == s.in_features &&
+                        w.scalar_type() == x.scalar_type() && w.device() == x.device(),
+                    "seqfuse::mlp_forward: weight of stage ", i, " has shape ", w.sizes(), ", dtype ",
+                    w.scalar_type(), " and device ", w.device(), ", expected [", s.out_features, ", ", s.in_features,
+                    "] ", x.scalar_type(), " on ", x.device());
+  return w;
+}
+
 // seqfuse::conv_forward's input on every device, checked against the spec;
 // returns the per-stage geometry for its spatial size.
 inline kernels::ConvGeometry conv_geometry(const kernels::ConvDesc& d, const at::Tensor& input) {

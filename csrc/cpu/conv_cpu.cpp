@@ -245,19 +245,13 @@ at::Tensor run_stages_aten_layout(const RunContext& ctx, size_t stop, const at::
 
 at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,
                             at::IntArrayRef spec, at::ArrayRef<double> fparams, int64_t engine) {
-  const ConvDesc d = decode_conv_spec(spec, fparams);
-  const ConvGeometry g = conv_geometry(d, input);
-  check_packed("seqfuse::conv_forward", packed, input, d.packed_bytes);
-  TORCH_CHECK_VALUE(engine >= kernels::kEngineFused && engine <= kernels::kEngineAtenLayout,
-                    "seqfuse::conv_forward: unknown engine ", engine);
+  const ConvForwardStart start = start_conv_forward(input, packed, weights, spec, fparams, engine);
+  const ConvDesc& d = start.d;
+  const ConvGeometry& g = start.g;
+  const bool flat = start.flat, channels_last = start.channels_last;
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const kernels::StageShape& last = g.stages.back();
-  const bool flat = d.flatten_stage >= 0;
-  const bool channels_last = !flat && output_channels_last(d, g.stages, input, weights, input.is_cuda());
-  at::Tensor y = flat ? at::empty({N, last.out_c}, input.options())
-                      : at::empty({N, last.out_c, last.out_h, last.out_w},
-                                  input.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                              : at::MemoryFormat::Contiguous));
+  at::Tensor y = at::empty(start.out_sizes, start.out_options(input));
   if (N == 0) return y;
 
   dispatch_mlp_dtype(d.dtype, [&]<typename T>() {

@@ -65,13 +65,7 @@ at::Tensor mlp_forward_gemm_epilogue(const MlpDesc& d, const uint8_t* pk, const 
     const StageDesc& s = d.stages[i];
     at::Tensor out;
     if (s.kind == StageKind::Linear) {
-      TORCH_CHECK_VALUE(next_weight < weights.size(), "seqfuse::mlp_forward: engine 1 needs the weight of stage ", i);
-      const at::Tensor& w = weights[next_weight++];
-      TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == s.out_features && w.size(1) == s.in_features &&
-                            w.scalar_type() == x.scalar_type() && w.device() == x.device(),
-                        "seqfuse::mlp_forward: weight of stage ", i, " has shape ", w.sizes(), " and dtype ",
-                        w.scalar_type(), ", expected [", s.out_features, ", ", s.in_features, "] ", x.scalar_type());
-      out = at::mm(cur, w.t());
+      out = at::mm(cur, engine_weight(weights, next_weight, i, s, x).t());
       cur = out;  // the epilogue runs in place on the product
     } else {
       out = cur.is_same(x) ? at::empty({rows, s.out_features}, x.options()) : cur;

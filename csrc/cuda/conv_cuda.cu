@@ -96,21 +96,14 @@ at::Tensor pool_stage(const ConvStage& st, const kernels::StageShape& s, const a
 
 at::Tensor conv_forward_cuda(const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,
                              at::IntArrayRef spec, at::ArrayRef<double> fparams, int64_t engine) {
-  const ConvDesc d = decode_conv_spec(spec, fparams);
-  const ConvGeometry g = conv_geometry(d, input);
-  check_packed("seqfuse::conv_forward", packed, input, d.packed_bytes);
-  TORCH_CHECK_VALUE(engine >= kernels::kEngineFused && engine <= kernels::kEngineAtenLayout,
-                    "seqfuse::conv_forward: unknown engine ", engine);
+  const ConvForwardStart start = start_conv_forward(input, packed, weights, spec, fparams, engine);
+  const ConvDesc& d = start.d;
+  const ConvGeometry& g = start.g;
+  const bool flat = start.flat;
   const c10::cuda::CUDAGuard guard(input.device());
   const at::ScalarType dtype = scalar_type_of(d.dtype);
   const int64_t N = input.size(0);
-  const kernels::StageShape& last = g.stages.back();
-  const bool flat = d.flatten_stage >= 0;
-  const bool channels_last = !flat && output_channels_last(d, g.stages, input, weights, input.is_cuda());
-  const auto eager_format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  if (N == 0)
-    return flat ? at::empty({0, last.out_c}, input.options())
-                : at::empty({0, last.out_c, last.out_h, last.out_w}, input.options().memory_format(eager_format));
+  if (N == 0) return at::empty(start.out_sizes, start.out_options(input));
 
   const uint8_t* pk = packed.const_data_ptr<uint8_t>();
   at::Tensor cur = input.contiguous(at::MemoryFormat::ChannelsLast);
@@ -169,7 +162,7 @@ at::Tensor conv_forward_cuda(const at::Tensor& input, const at::Tensor& packed, 
     }
   });
   if (flat) return cur;
-  return cur.contiguous(eager_format);
+  return cur.contiguous(start.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
 }  // namespace

@@ -113,13 +113,7 @@ at::Tensor gemm_epilogue(const MlpDesc& d, const at::Tensor& packed, const at::T
     const StageDesc& s = d.stages[i];
     at::Tensor out;
     if (s.kind == StageKind::Linear) {
-      TORCH_CHECK_VALUE(next_weight < weights.size(), "seqfuse::mlp_forward: engine 1 needs the weight of stage ", i);
-      const at::Tensor& w = weights[next_weight++];
-      TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == s.out_features && w.size(1) == s.in_features &&
-                            w.scalar_type() == x.scalar_type() && w.device() == x.device(),
-                        "seqfuse::mlp_forward: weight of stage ", i, " has shape ", w.sizes(), ", dtype ",
-                        w.scalar_type(), " and device ", w.device(), ", expected [", s.out_features, ", ",
-                        s.in_features, "] ", x.scalar_type(), " on ", x.device());
+      const at::Tensor& w = engine_weight(weights, next_weight, i, s, x);
       if (bias_only(s)) {
         // The bias is the packed shift (no BatchNorm: the scale is 1).
         const at::Tensor bias = packed.narrow(0, s.shift_offset, s.out_features * int64_t(sizeof(dev::acc_of<T>)))
