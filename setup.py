@@ -1,6 +1,6 @@
 """Build of the seqfuse native extension with torch.utils.cpp_extension.
 
-CPU kernels are always built. CUDA kernels (csrc/cuda/*.cu) are built when the
+CPU kernels are always built. CUDA kernels (csrc/adapters/cuda/*.cu) are built when the
 installed torch has CUDA and a CUDA toolkit (nvcc) is found; SEQFUSE_USE_CUDA=0/1
 overrides. Install with `pip install --no-build-isolation .` so the extension is
 compiled against the torch already installed (build isolation would fetch
@@ -89,7 +89,7 @@ def _rel(paths):
 
 
 def _use_cuda():
-    cuda_sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+    cuda_sources = glob.glob(os.path.join(ROOT, "csrc", "adapters", "cuda", "*.cu"))
     override = os.environ.get("SEQFUSE_USE_CUDA")
     if override == "0":
         return False, "SEQFUSE_USE_CUDA=0"
@@ -110,8 +110,9 @@ USE_CUDA, WHY = _use_cuda()
 print(f"seqfuse: building {'CPU + CUDA' if USE_CUDA else 'CPU-only'} extension ({WHY})")
 
 sources = _rel(
-    [os.path.join(ROOT, "csrc", f) for f in ("ops.cpp", "meta_ops.cpp", "autograd.cpp", "python_bindings.cpp")]
-    + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    glob.glob(os.path.join(ROOT, "csrc", "ops", "*.cpp"))
+    + glob.glob(os.path.join(ROOT, "csrc", "bindings", "*.cpp"))
+    + glob.glob(os.path.join(ROOT, "csrc", "adapters", "cpu", "*.cpp"))
     + glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cpp"))
     + glob.glob(os.path.join(ROOT, "csrc", "runtime", "*.cpp"))
 )
@@ -144,7 +145,7 @@ def _nvidia_include_dirs():
 
 
 if USE_CUDA:
-    sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "adapters", "cuda", "*.cu")))
     arch_source = "TORCH_CUDA_ARCH_LIST" if os.environ.get("TORCH_CUDA_ARCH_LIST") else "the default"
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     nvidia_includes = _nvidia_include_dirs()

@@ -2,7 +2,7 @@
 ``torch.library.register_autograd`` versus a plain ``autograd.Function``, for
 an op with the training ops' signature (tensor lists in and out), measured on
 this machine. Why seqfuse registers its training ops' formula for the
-Autograd key in C++ (csrc/autograd.cpp).
+Autograd key in C++ (csrc/ops/autograd.cpp).
 
 Both wirings call the same trivial kernels (a clone forward, zeros backward),
 so the difference is the wiring alone.

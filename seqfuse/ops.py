@@ -1,10 +1,10 @@
 """Typed wrappers over the ``torch.ops.seqfuse`` operators (inference and
 training) and the process-wide switches (engine override, CPU kernel
 variant). The ops' shapes under ``torch.compile`` / ``torch.export`` come
-from their Meta kernels in C++ (``csrc/meta_ops.cpp``), which reuse the
+from their Meta kernels in C++ (``csrc/ops/meta.cpp``), which reuse the
 kernels' own shape and layout rules. The vocabulary the ops' ``spec`` / ``fparams`` arguments are
 written in lives in :mod:`seqfuse.spec` (its names are re-exported here). The
-training ops' autograd formula is registered in C++ (``csrc/autograd.cpp``).
+training ops' autograd formula is registered in C++ (``csrc/ops/autograd.cpp``).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ __all__ = [
 
 def mlp_pack(tensors: List[torch.Tensor], spec: List[int], fparams: List[float]) -> torch.Tensor:
     """Folds and packs the parameters of a run into the kernels' buffer
-    (``tensors`` per stage as listed in csrc/ops.cpp).
+    (``tensors`` per stage as listed in csrc/ops/schema.cpp).
 
     >>> lin = torch.nn.Linear(4, 3)
     >>> spec, fparams = encode_mlp_spec(torch.float32, 4, [MlpStage(StageKind.LINEAR, 3, flags=HAS_BIAS)])
@@ -80,7 +80,7 @@ def mlp_pack(tensors: List[torch.Tensor], spec: List[int], fparams: List[float])
 
 def conv_pack(tensors: List[torch.Tensor], spec: List[int], fparams: List[float]) -> torch.Tensor:
     """Folds and packs the parameters of a conv run into the kernels' buffer
-    (``tensors`` per stage as listed in csrc/ops.cpp)."""
+    (``tensors`` per stage as listed in csrc/ops/schema.cpp)."""
     return torch.ops.seqfuse.conv_pack.default(tensors, spec, fparams)
 
 

@@ -13,7 +13,7 @@ import torch
 import seqfuse
 from seqfuse import planner
 
-OPS_SOURCE = os.path.join(os.path.dirname(__file__), "..", "csrc", "ops.cpp")
+OPS_SOURCE = os.path.join(os.path.dirname(__file__), "..", "csrc", "ops", "schema.cpp")
 
 
 def _schema_names():
@@ -21,11 +21,12 @@ def _schema_names():
         return sorted(set(re.findall(r'm\.def\(\s*"(\w+)\(', f.read())))
 
 
-def test_every_op_is_in_the_schema_file_and_registered_for_cpu():
+def test_every_op_is_in_the_schema_file_and_registered_for_cpu_and_meta():
     names = _schema_names()
     assert len(names) >= 9
     for name in names:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"seqfuse::{name}", "CPU"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"seqfuse::{name}", "Meta"), name
 
 
 @pytest.mark.skipif(not seqfuse.BUILD_INFO.get("cuda"), reason="a CPU-only build")

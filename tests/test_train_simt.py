@@ -1,6 +1,6 @@
 """The CUDA training backend on a machine without a GPU: a child process
 builds tests/cpp/train_simt_backend.cpp (the device walk of
-csrc/cuda/train_backend.h with the kernels of
+csrc/adapters/cuda/train_backend.h with the kernels of
 csrc/kernels/cuda/train_epilogue.cuh, run by the SIMT emulation of
 csrc/kernels/cuda/simt), which re-registers the training ops' CPU kernels, and runs
 training tests of tests/test_training.py through it: the CUDA epilogue path

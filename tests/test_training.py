@@ -666,7 +666,7 @@ def test_compiled_graph_calls_the_training_ops():
 @pytest.mark.parametrize("kind", ["conv", "mlp"])
 def test_compiled_training_with_dynamic_shapes_matches_eager(kind):
     """The training forward's Meta kernel walks symbolic sizes (the walk of
-    csrc/train_run.h, run on meta tensors): a training step compiled with
+    csrc/train/train_run.h, run on meta tensors): a training step compiled with
     dynamic shapes matches eager at two input sizes, gradients included."""
     torch._dynamo.reset()
     torch.manual_seed(5)

@@ -58,7 +58,7 @@ constexpr int64_t kNumActivations = 0 SEQFUSE_ACTIVATION_TABLE(SEQFUSE_ACTIVATIO
 // the CUDA kernels give +inf, as eager does.)
 inline std::atomic<float> gelu_erf_at_pos_inf{__builtin_inff()};
 
-// The `engine` argument of seqfuse::mlp_forward / conv_forward (csrc/ops.cpp).
+// The `engine` argument of seqfuse::mlp_forward / conv_forward (csrc/ops/schema.cpp).
 enum Engine : int64_t {
   kEngineFused = 0,         // the fused kernels: every stage in one pass
   kEngineGemmEpilogue = 1,  // ATen's GEMM / convolution per Linear / Conv2d + the fused epilogue

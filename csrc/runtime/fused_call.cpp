@@ -8,7 +8,7 @@
 #include <stdexcept>
 
 #include "runtime/python_errors.h"
-#include "spec_adapter.h"
+#include "adapters/spec_adapter.h"
 
 namespace seqfuse {
 

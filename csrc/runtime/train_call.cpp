@@ -7,7 +7,7 @@
 #include <initializer_list>
 
 #include "runtime/python_errors.h"
-#include "spec_adapter.h"
+#include "adapters/spec_adapter.h"
 
 namespace seqfuse {
 namespace {

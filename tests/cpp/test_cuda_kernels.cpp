@@ -1,14 +1,14 @@
 // Tests of the CUDA device kernels (csrc/kernels/cuda/*.cuh) on the CPU: the
 // kernels are compiled by g++ against the SIMT emulation layer
 // (csrc/kernels/cuda/simt/simt_emulation.h, brought in by device.cuh) and launched
-// with simt::launch in the geometry the adapters in csrc/cuda/ use.
+// with simt::launch in the geometry the adapters in csrc/adapters/cuda/ use.
 //
 //   fused_mlp_kernel<T>        for float, double, __half, __nv_bfloat16
 //   channel_epilogue_kernel<T> (in place and not, strided rows)
 //   pool_kernel<T, kMax>       NHWC max / avg pools (padding, dilation, ceil mode,
 //                              count_include_pad, divisor_override)
 //   global_avg_pool_kernel<T>
-//   fused_mlp_smem_bytes<T>    within the 99 KiB csrc/cuda/mlp_cuda.cu allows
+//   fused_mlp_smem_bytes<T>    within the 99 KiB csrc/adapters/cuda/mlp_cuda.cu allows
 //
 // Every result is checked against a double-precision reference written here
 // from the definitions (eager PyTorch / ATen semantics), not from the kernels.
@@ -500,7 +500,7 @@ template <typename T> struct Model {
 // for an error past it under the model.
 constexpr double kLambda = 6.0;
 
-// The launch csrc/cuda/mlp_cuda.cu's launch_fused makes.
+// The launch csrc/adapters/cuda/mlp_cuda.cu's launch_fused makes.
 template <typename T>
 void launch_fused(const sk::MlpDesc& d, const uint8_t* packed, const T* x, int64_t ld_x, T* y, int64_t rows) {
   cu::FusedMlpArgs a{};

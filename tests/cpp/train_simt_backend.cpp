@@ -1,6 +1,6 @@
 // The CUDA training backend's kernels on the CPU: a torch extension that
 // re-registers seqfuse's training ops for the CPU key with the device walk
-// (train_run.h + cuda/train_backend.h) over a launch policy of the SIMT
+// (train/train_run.h + adapters/cuda/train_backend.h) over a launch policy of the SIMT
 // emulation (csrc/kernels/cuda/simt), so the whole CUDA epilogue path (the kernels
 // of kernels/cuda/train_epilogue.cuh, their launch shapes, the sums in
 // tensors, the device update of the running statistics) runs with CPU
@@ -10,7 +10,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "cuda/train_backend.h"  // brings simt_emulation.h through kernels/cuda/device.cuh
+#include "adapters/cuda/train_backend.h"  // brings simt_emulation.h through kernels/cuda/device.cuh
 
 namespace {
 

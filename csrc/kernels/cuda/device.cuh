@@ -5,7 +5,7 @@
 // shuffles, WMMA fragments, __half/__nv_bfloat16) on real host threads.
 //
 // Device code in csrc/kernels/cuda/ is torch-free like the CPU cores: raw
-// pointers, sizes and the decoded spec; the .cu adapters in csrc/cuda/ own
+// pointers, sizes and the decoded spec; the .cu adapters in csrc/adapters/cuda/ own
 // the device guard, the stream and the launch.
 #pragma once
 

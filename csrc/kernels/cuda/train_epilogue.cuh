@@ -1,5 +1,5 @@
 // Device kernels of the training path's per-channel work (the CUDA epilogue
-// backend of train_run.h; the math of kernels/train_epilogue.h): batch
+// backend of train/train_run.h; the math of kernels/train_epilogue.h): batch
 // moments and the statistics they give, the forward epilogue pass, the
 // backward reduce pass, BatchNorm's backward apply pass, and the per-channel
 // coefficient kernels between them. Torch-free: raw pointers and a

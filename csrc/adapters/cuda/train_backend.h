@@ -1,4 +1,4 @@
-// The device epilogue backend of the training walk (train_run.h, whose
+// The device epilogue backend of the training walk (train/train_run.h, whose
 // comment has the interface): the kernels of kernels/cuda/train_epilogue.cuh,
 // launched through a launch policy `L`, per-channel sums in zeroed [n, C]
 // double tensors on the run's device. Nothing here reads device memory on
@@ -8,7 +8,7 @@
 //   static constexpr int32_t kThreads;   threads per block (a power of two <= 256)
 //   static int64_t max_blocks();         about how many blocks fill the device
 //   static void run(kernel, dim3 grid, dim3 block, args...);
-// cuda/train_cuda.cu's CudaLaunch launches on the current stream; a policy
+// adapters/cuda/train_cuda.cu's CudaLaunch launches on the current stream; a policy
 // over simt::launch (csrc/kernels/cuda/simt) runs the same kernels, and so the same
 // walk, on the CPU with CPU tensors (tests/cpp/train_simt_backend.cpp).
 #pragma once
@@ -17,8 +17,8 @@
 
 #include <utility>
 
-#include "../kernels/cuda/train_epilogue.cuh"
-#include "../train_run.h"
+#include "kernels/cuda/train_epilogue.cuh"
+#include "train/train_run.h"
 
 namespace seqfuse::train {
 

@@ -10,7 +10,7 @@
 // member templates over T (float or double, the run's dtype) doing the
 // per-channel work around the products. Pointers are B's device pointers to
 // dense data, null where optional and absent; `l` is the [outer][C][inner]
-// view of the stage's activation (channel_layout.h); `opts` the options
+// view of the stage's activation (adapters/channel_layout.h); `opts` the options
 // (dtype, device) of the tensors a call returns.
 //
 //   using Sums;  a pass's per-channel double sums, [n][C] (opaque to the walk)
@@ -34,10 +34,10 @@
 //   at::Tensor grad_from_sums<T>(sums, row, factor, C, opts)
 //       [C] sums[row] (times factor[c] when given), rounded to T
 //
-// The math of each is kernels/train_epilogue.h's: cpu/train_cpu.cpp's backend
-// runs those torch-free cores over threads; cuda/train_backend.h's launches
+// The math of each is kernels/train_epilogue.h's: adapters/cpu/train_cpu.cpp's backend
+// runs those torch-free cores over threads; adapters/cuda/train_backend.h's launches
 // the device kernels of kernels/cuda/train_epilogue.cuh (on the current CUDA
-// stream from cuda/train_cuda.cu; under the SIMT emulation with CPU tensors
+// stream from adapters/cuda/train_cuda.cu; under the SIMT emulation with CPU tensors
 // from tests/cpp/train_simt_backend.cpp).
 //
 // The forward returns, next to the output, what the backward reads; per
@@ -66,10 +66,10 @@
 #include <utility>
 #include <vector>
 
-#include "channel_layout.h"
+#include "adapters/channel_layout.h"
 #include "kernels/conv_spec.h"
 #include "kernels/train_epilogue.h"
-#include "spec_adapter.h"
+#include "adapters/spec_adapter.h"
 
 namespace seqfuse::train {
 
@@ -170,7 +170,7 @@ inline std::vector<int64_t> stage_sizes(const TrainRun& run, const at::Tensor& i
 }
 
 // stage_sizes for the forward, which also runs as the ops' Meta kernel
-// (meta_ops.cpp) on symbolic sizes (torch.compile, torch.export with dynamic
+// (ops/meta.cpp) on symbolic sizes (torch.compile, torch.export with dynamic
 // dimensions): the same rules on c10::SymInt, their checks as guards.
 inline std::vector<c10::SymInt> stage_sym_sizes(const TrainRun& run, const at::Tensor& input, const char* op) {
   std::vector<c10::SymInt> sizes;
@@ -298,7 +298,7 @@ inline at::Tensor empty_saved(const at::Tensor& like) { return at::empty({0}, li
 
 // The data a backend reads or writes: none for undefined tensors, and none
 // for meta tensors (the forward's walk also runs as a Meta kernel, which
-// computes no values: meta_ops.cpp).
+// computes no values: ops/meta.cpp).
 template <typename T> const T* data_of(const at::Tensor& t) {
   return t.defined() && !t.is_meta() ? t.template const_data_ptr<T>() : nullptr;
 }
@@ -425,7 +425,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> train_forward_impl(const TrainRu
     at::Tensor a = z, zsave;
     if (has_epilogue(st)) {
       z = dense(z);
-      // A Meta kernel's walk (meta_ops.cpp) computes no values: only the channel count is read.
+      // A Meta kernel's walk (ops/meta.cpp) computes no values: only the channel count is read.
       const ChannelLayout l = z.is_meta() ? ChannelLayout{0, st.out_channels, 0} : layout_of(z);
       const T* zp = data_of<T>(z);
       Epilogue<T> e;
@@ -541,7 +541,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> backward_impl(const TrainRun& ru
   }
 
   // Stage inputs and outputs as the forward saw them (the run's output only
-  // when the last stage's backward reads it: see autograd.cpp).
+  // when the last stage's backward reads it: see ops/autograd.cpp).
   const at::Tensor x0 = run.rows ? input.reshape({-1, run.in_channels}) : input;
   std::vector<at::Tensor> outputs(n_stages);
   for (size_t i = 0; i < n_stages; ++i) {

@@ -1,6 +1,6 @@
 // CPU adapters of the training ops (seqfuse::{mlp,conv}_train_forward,
 // seqfuse::{mlp,conv}_backward, seqfuse::update_running_stats). The walk over
-// a run's stages and the saved layout are device-generic (train_run.h); here
+// a run's stages and the saved layout are device-generic (train/train_run.h); here
 // is its CPU epilogue backend: the torch-free per-channel cores of
 // kernels/train_epilogue.h split over at::parallel_for, with per-chunk double
 // sums added in chunk order.
@@ -13,7 +13,7 @@
 #include <utility>
 #include <vector>
 
-#include "../train_run.h"
+#include "train/train_run.h"
 
 namespace seqfuse {
 namespace {
@@ -51,7 +51,7 @@ void parallel_over_outer(const ChannelLayout& l, int n_sums, std::vector<double>
     for (size_t j = 0; j < width; ++j) total[j] += partial[width * static_cast<size_t>(k) + j];
 }
 
-// The CPU epilogue backend of train_run.h (its comment has the interface).
+// The CPU epilogue backend of train/train_run.h (its comment has the interface).
 struct CpuEpilogue {
   using Sums = std::vector<double>;
 

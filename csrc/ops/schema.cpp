@@ -1,7 +1,7 @@
 // The seqfuse operator library: every schema, in one place. Backends register
 // implementations by dispatch key (cpu/*_cpu.cpp, cuda/*_cuda.cu); the
-// training ops' autograd formulas are registered in autograd.cpp; Python
-// the Meta kernels (shapes only, for torch.compile / torch.export) are in meta_ops.cpp.
+// training ops' autograd formulas are registered in ops/autograd.cpp; Python
+// the Meta kernels (shapes only, for torch.compile / torch.export) are in ops/meta.cpp.
 //
 // The int[] spec / float[] fparams pair describing a fused MLP run is defined
 // in kernels/mlp_spec.h, the one describing a fused conv run in
@@ -42,12 +42,12 @@ TORCH_LIBRARY(seqfuse, m) {
 
   // Training. A run's forward with the parameters as they are (nothing folded
   // or packed), returning the output and what the backward needs (`saved`;
-  // layout in train_run.h). The spec is the run's mlp / conv spec; a
+  // layout in train/train_run.h). The spec is the run's mlp / conv spec; a
   // BatchNorm stage flagged kBatchStats normalizes with the batch's
   // statistics, otherwise with its running statistics from `running`.
   //   params:  per stage, Linear/Conv weight, [bias], [bn_weight, bn_bias]
   //   running: per BatchNorm without kBatchStats, running_mean, running_var
-  // The autograd formula (autograd.cpp) calls the matching *_backward op,
+  // The autograd formula (ops/autograd.cpp) calls the matching *_backward op,
   // which returns the gradient of the input and of each parameter for which
   // grad_mask ([input, params...]) is set, and empty tensors for the others.
   // The backward ops have no derivative: double backward raises.

@@ -11,9 +11,9 @@
 // the epilogue kernel. Every engine number runs this one path.
 #include <torch/library.h>
 
-#include "../conv_output_layout.h"
-#include "../kernels/cuda/epilogue.cuh"
-#include "launch.cuh"
+#include "adapters/conv_output_layout.h"
+#include "kernels/cuda/epilogue.cuh"
+#include "adapters/cuda/launch.cuh"
 
 namespace seqfuse {
 namespace {

@@ -1,6 +1,6 @@
 // The memory format of a conv run's output: the one eager's chain of modules
 // would give. Shared by the CPU and CUDA adapters of seqfuse::conv_forward
-// and its Meta kernel (meta_ops.cpp).
+// and its Meta kernel (ops/meta.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "kernels/conv_spec.h"
-#include "spec_adapter.h"
+#include "adapters/spec_adapter.h"
 
 namespace seqfuse {
 

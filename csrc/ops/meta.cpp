@@ -9,9 +9,9 @@
 #include <tuple>
 #include <vector>
 
-#include "conv_output_layout.h"
-#include "spec_adapter.h"
-#include "train_run.h"
+#include "adapters/conv_output_layout.h"
+#include "adapters/spec_adapter.h"
+#include "train/train_run.h"
 
 namespace seqfuse {
 namespace {
@@ -64,7 +64,7 @@ at::Tensor conv_forward_meta(const at::Tensor& input, const at::Tensor& /*packed
                           cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
-// The training forward's epilogue backend (train_run.h) for the Meta
+// The training forward's epilogue backend (train/train_run.h) for the Meta
 // kernels: the walk itself runs (the same ATen ops on meta tensors, the same
 // choice of what is saved), the backend only allocates what it returns.
 struct MetaEpilogue {

@@ -11,9 +11,9 @@
 #include <array>
 #include <mutex>
 
-#include "../kernels/cuda/epilogue.cuh"
-#include "../kernels/cuda/mlp_fused.cuh"
-#include "launch.cuh"
+#include "kernels/cuda/epilogue.cuh"
+#include "kernels/cuda/mlp_fused.cuh"
+#include "adapters/cuda/launch.cuh"
 
 namespace seqfuse {
 namespace {

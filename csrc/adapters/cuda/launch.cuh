@@ -12,8 +12,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "../kernels/cuda/device.cuh"
-#include "../spec_adapter.h"
+#include "kernels/cuda/device.cuh"
+#include "adapters/spec_adapter.h"
 
 namespace seqfuse::cuda_adapter {
 

@@ -1,14 +1,14 @@
 // CUDA adapters of the training ops (seqfuse::{mlp,conv}_train_forward,
 // seqfuse::{mlp,conv}_backward, seqfuse::update_running_stats): the
-// device-generic walk of train_run.h (products by cuBLAS / cuDNN through
+// device-generic walk of train/train_run.h (products by cuBLAS / cuDNN through
 // ATen, pools by ATen's CUDA kernels) with the device epilogue backend of
-// cuda/train_backend.h, whose kernels (kernels/cuda/train_epilogue.cuh) run
+// adapters/cuda/train_backend.h, whose kernels (kernels/cuda/train_epilogue.cuh) run
 // here on the current stream of the input's device. float32 and float64, as
 // on the CPU.
 #include <torch/library.h>
 
-#include "launch.cuh"
-#include "train_backend.h"
+#include "adapters/cuda/launch.cuh"
+#include "adapters/cuda/train_backend.h"
 
 namespace seqfuse {
 namespace {

@@ -7,8 +7,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "../kernels/mlp_forward.h"
-#include "../spec_adapter.h"
+#include "kernels/mlp_forward.h"
+#include "adapters/spec_adapter.h"
 
 namespace seqfuse {
 namespace {

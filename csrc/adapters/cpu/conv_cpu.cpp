@@ -8,10 +8,10 @@
 #include <algorithm>
 #include <vector>
 
-#include "../kernels/conv_forward.h"
-#include "../conv_output_layout.h"
-#include "../spec_adapter.h"
-#include "../channel_layout.h"
+#include "kernels/conv_forward.h"
+#include "adapters/conv_output_layout.h"
+#include "adapters/spec_adapter.h"
+#include "adapters/channel_layout.h"
 
 namespace seqfuse {
 namespace {

@@ -1,5 +1,5 @@
 // The seqfuse._C Python module. Importing it loads the operator library
-// (ops.cpp and the backend registrations linked into the same shared object).
+// (ops/schema.cpp and the backend registrations linked into the same shared object).
 // It also carries what the Python front needs at C speed, the runtime in
 // csrc/runtime/: the plan guard that decides on every forward whether a cached
 // plan is still valid (plan_guard.h), the bound fused calls (fused_call.h,
@@ -20,7 +20,7 @@
 #include "runtime/fused_call.h"
 #include "runtime/plan_guard.h"
 #include "runtime/train_call.h"
-#include "spec_adapter.h"
+#include "adapters/spec_adapter.h"
 
 namespace {
 
