@@ -238,9 +238,13 @@ struct ScopedIsa {
 // ---- activations -------------------------------------------------------------------
 
 inline const char* activation_name(Activation a) {
-  static const char* const names[] = {"None",   "ReLU",    "LeakyReLU", "ReLU6", "Sigmoid",
-                                      "Tanh",   "GeluErf", "GeluTanh",  "SiLU",  "Hardswish", "Hardsigmoid"};
-  return names[static_cast<int>(a)];
+  switch (a) {
+#define SEQFUSE_TEST_ACTIVATION_NAME(name, ...) \
+  case Activation::name: return #name;
+    SEQFUSE_ACTIVATION_TABLE(SEQFUSE_TEST_ACTIVATION_NAME)
+#undef SEQFUSE_TEST_ACTIVATION_NAME
+  }
+  return "?";
 }
 
 inline std::vector<Activation> all_activations() {

@@ -511,7 +511,7 @@ TEST(decode_rejects_malformed_specs) {
       {"stage kind -1", [](EncodedSpec& e) { e.spec[4] = -1; }},
       {"Linear out_features 0", [](EncodedSpec& e) { e.spec[5] = 0; }},
       {"Linear out_features -4", [](EncodedSpec& e) { e.spec[5] = -4; }},
-      {"activation code 10", [](EncodedSpec& e) { e.spec[6] = sk::kNumActivations; }},
+      {"activation code kNumActivations", [](EncodedSpec& e) { e.spec[6] = sk::kNumActivations; }},
       {"activation code -1", [](EncodedSpec& e) { e.spec[10] = -1; }},
       {"Pointwise changes width", [](EncodedSpec& e) { e.spec[9] = 13; }},
       {"ScaleShift changes width", [](EncodedSpec& e) {

@@ -13,12 +13,6 @@ using namespace test_util;
 using sk::ActSource;
 using sk::ChannelLayout;
 
-constexpr Activation kActivations[] = {
-    Activation::None,    Activation::ReLU,    Activation::LeakyReLU, Activation::ReLU6, Activation::Sigmoid,
-    Activation::Tanh,    Activation::GeluErf, Activation::GeluTanh,  Activation::SiLU,  Activation::Hardswish,
-    Activation::Hardsigmoid,
-};
-
 int64_t channel_of(const ChannelLayout& l, int64_t i) { return (i / l.inner) % l.channels; }
 
 double act_ref(Activation a, double x, double alpha) {
@@ -215,7 +209,7 @@ template <typename T> void run_all_kernels(uint64_t seed) {
   Rng rng(seed);
   for (const ChannelLayout& l : kLayouts) {
     check_moments<T>(l, rng);
-    for (Activation act : kActivations) {
+    for (Activation act : all_activations()) {
       for (bool affine : {false, true})
         for (bool keep_pre : {false, true})
           for (bool centered : {false, true}) check_forward<T>(l, act, affine, keep_pre, centered, rng);
