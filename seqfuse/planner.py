@@ -82,6 +82,7 @@ ACTIVATION_FORMS: Tuple[ActivationForm, ...] = (
     ActivationForm(Activation.SILU, nn.SiLU, functions=(F.silu,)),
     ActivationForm(Activation.HARDSWISH, nn.Hardswish, functions=(F.hardswish,)),
     ActivationForm(Activation.HARDSIGMOID, nn.Hardsigmoid, functions=(F.hardsigmoid,)),
+    ActivationForm(Activation.MISH, nn.Mish, functions=(F.mish,)),
 )
 assert {f.activation for f in ACTIVATION_FORMS} == set(Activation) - {Activation.NONE}, "a row per activation"
 

@@ -14,14 +14,14 @@
 //   grad(g, v, alpha)  g * act'(.), v being the output for the rows with
 //                      from_output, the pre-activation for the others; scalars.
 //   vec(x, alpha)      optional: the CPU's float vector form where forward
-//                      cannot serve vectors (a function with no vector form).
+//                      cannot serve vectors (Mish: there is no vector log1p).
 // The formulas, their behaviour at the kinks, for NaN and +-inf are eager's
 // (ATen's CPU kernels and their *_backward formulas): comparisons are written
 // so that NaN falls through them.
 //
 // The including context defines, for every type it instantiates with:
 //   SEQFUSE_ACTIVATION_FN      the functions' qualifiers (inline; __host__ __device__)
-//   exp_, tanh_, erf_          (scalars, and the CPU's float vectors)
+//   exp_, tanh_, erf_, log1p_  (scalars; exp_, tanh_, erf_ on the CPU's float vectors)
 //   where(mask, a, b)          a where mask holds, else b (a, b vectors or scalars of T)
 //   infinity<T>(), quiet_nan<T>()
 //   gelu_erf_pos_inf(T)        GELU (erf)'s value at +inf: eager's (see mlp_spec.h)
@@ -130,6 +130,28 @@ template <> struct ActivationMath<Activation::Hardsigmoid> {
   // even for double (eager's values).
   template <typename T> static SEQFUSE_ACTIVATION_FN T grad(T g, T x, T) {
     return (x > T(-3) && x < T(3)) ? g * T(1.0f / 6.0f) : T(0);
+  }
+};
+
+template <> struct ActivationMath<Activation::Mish> {
+  // x * tanh(softplus(x)) as ATen writes it (no softplus threshold): NaN at
+  // -inf (-inf * 0), x at +inf.
+  template <typename V, typename T> static SEQFUSE_ACTIVATION_FN V forward(V x, T) {
+    return x * tanh_(log1p_(exp_(x)));
+  }
+  // The float vectors: tanh(log(1 + e)) = n / (n + 2) with n = e (e + 2), one
+  // exp and a division, without cancellation for any x; beyond 20 the factor
+  // is 1 in float (and n would overflow from 44 on).
+  template <typename V, typename T> static SEQFUSE_ACTIVATION_FN V vec(V x, T) {
+    const V e = exp_(x);
+    const V n = e * (e + T(2));
+    return where(x > T(20), x, x * (n / (n + T(2))));
+  }
+  // mish_backward: g * (tanh(softplus(x)) + x * sigmoid(x) * (1 - tanh(softplus(x))^2)).
+  template <typename T> static SEQFUSE_ACTIVATION_FN T grad(T g, T x, T) {
+    const T sigmoid = T(1) / (T(1) + exp_(-x));
+    const T tanh_softplus = tanh_(log1p_(exp_(x)));
+    return g * (tanh_softplus + x * sigmoid * (T(1) - tanh_softplus * tanh_softplus));
   }
 };
 

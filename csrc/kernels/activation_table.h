@@ -41,7 +41,8 @@
   X(GeluTanh,     7, "GELU_TANH",   false, false, Never,  SEQFUSE_ATEN(gelu_, "tanh"))     \
   X(SiLU,         8, "SILU",        false, false, Float,  SEQFUSE_ATEN(silu_))             \
   X(Hardswish,    9, "HARDSWISH",   false, true,  Float,  SEQFUSE_NO_ATEN)                 \
-  X(Hardsigmoid, 10, "HARDSIGMOID", false, true,  Float,  SEQFUSE_NO_ATEN)
+  X(Hardsigmoid, 10, "HARDSIGMOID", false, true,  Float,  SEQFUSE_NO_ATEN)                 \
+  X(Mish,        11, "MISH",        false, false, Float,  SEQFUSE_ATEN(mish_))
 // clang-format on
 
 namespace seqfuse::kernels {

@@ -107,6 +107,8 @@ SEQFUSE_ACTIVATION_FN VF tanh_(VF x) { return tanh_vec(x); }
 SEQFUSE_ACTIVATION_FN float erf_(float x) { return __builtin_erff(x); }
 SEQFUSE_ACTIVATION_FN double erf_(double x) { return __builtin_erf(x); }
 SEQFUSE_ACTIVATION_FN VF erf_(VF x) { return erf_vec(x); }
+SEQFUSE_ACTIVATION_FN float log1p_(float x) { return __builtin_log1pf(x); }
+SEQFUSE_ACTIVATION_FN double log1p_(double x) { return __builtin_log1p(x); }
 
 template <typename T> SEQFUSE_ACTIVATION_FN T infinity() { return static_cast<T>(__builtin_inf()); }
 template <typename T> SEQFUSE_ACTIVATION_FN T quiet_nan() { return static_cast<T>(__builtin_nan("")); }

@@ -273,6 +273,7 @@ inline double activation_reference(Activation act, double x, double alpha, bool 
     case Activation::SiLU: return x / (1.0 + std::exp(-x));
     case Activation::Hardswish: return std::isnan(x) ? x : x * std::clamp(x + 3.0, 0.0, 6.0) / 6.0;
     case Activation::Hardsigmoid: return std::isnan(x) ? x : std::clamp(x + 3.0, 0.0, 6.0) / 6.0;
+    case Activation::Mish: return x * std::tanh(std::log1p(std::exp(x)));  // NaN at -inf, as eager
   }
   return kNaN;
 }

@@ -726,6 +726,7 @@ template <typename T> void check_documented_special_values() {
       {Activation::GeluErf, kNaN, kNaN},     {Activation::GeluTanh, kInf, kInf},   {Activation::GeluTanh, kNaN, kNaN},
       {Activation::SiLU, kInf, kInf},        {Activation::SiLU, kNaN, kNaN},       {Activation::Hardswish, kInf, kInf},
       {Activation::Hardswish, kNaN, kNaN},   {Activation::None, kNaN, kNaN},       {Activation::None, -kInf, -kInf},
+      {Activation::Mish, kInf, kInf},        {Activation::Mish, -kInf, kNaN},      {Activation::Mish, kNaN, kNaN},
   };
   Rng rng(53);
   for (const Expect& e : table) {

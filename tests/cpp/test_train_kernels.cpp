@@ -29,6 +29,7 @@ double act_ref(Activation a, double x, double alpha) {
     case Activation::SiLU: return x / (1 + std::exp(-x));
     case Activation::Hardswish: return x * std::min(std::max(x + 3, 0.0), 6.0) / 6;
     case Activation::Hardsigmoid: return std::min(std::max(x + 3, 0.0), 6.0) / 6;
+    case Activation::Mish: return x * std::tanh(std::log1p(std::exp(x)));
   }
   return x;
 }
@@ -57,6 +58,10 @@ double act_grad_ref(Activation a, double x, double alpha) {
     }
     case Activation::Hardswish: return x < -3 ? 0 : x <= 3 ? x / 3 + 0.5 : 1;
     case Activation::Hardsigmoid: return x > -3 && x < 3 ? 1.0f / 6.0f : 0;  // eager's slope, rounded to float
+    case Activation::Mish: {  // d/dx x tanh(sp(x)) = tanh(sp(x)) + x sech^2(sp(x)) sigmoid(x)
+      const double t = std::tanh(std::log1p(std::exp(x))), s = 1 / (1 + std::exp(-x));
+      return t + x * (1 - t * t) * s;
+    }
   }
   return 1;
 }

@@ -2,8 +2,8 @@
 // activation_math.h (the activations' math, written once for the CPU and the
 // CUDA kernels), in the accumulate type: float for float/half/bfloat16 data,
 // double for double. The formulas are eager's (its CUDA kernels compute the
-// same expressions: GELU-erf with erf, GELU-tanh with tanh), so the fused
-// results stay within the test suite's tolerances of eager.
+// same expressions: GELU-erf with erf, GELU-tanh with tanh, Mish with
+// log1p), so the fused results stay within the test suite's tolerances of eager.
 #pragma once
 
 #include <limits>
@@ -22,12 +22,15 @@ SEQFUSE_HD float tanh_(float x) { return tanhf(x); }
 SEQFUSE_HD double tanh_(double x) { return tanh(x); }
 SEQFUSE_HD float erf_(float x) { return erff(x); }
 SEQFUSE_HD double erf_(double x) { return erf(x); }
+SEQFUSE_HD float log1p_(float x) { return log1pf(x); }
+SEQFUSE_HD double log1p_(double x) { return log1p(x); }
 }  // namespace math
 
 namespace activation_detail {
 
 using math::erf_;
 using math::exp_;
+using math::log1p_;
 using math::tanh_;
 
 template <typename T> SEQFUSE_HD T where(bool mask, T a, T b) { return mask ? a : b; }
