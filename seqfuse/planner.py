@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_mod
 
@@ -34,17 +35,75 @@ from .spec import (
     encode_mlp_spec,
 )
 
-_ACTIVATIONS = {
-    nn.ReLU: Activation.RELU,
-    nn.LeakyReLU: Activation.LEAKY_RELU,
-    nn.ReLU6: Activation.RELU6,
-    nn.Sigmoid: Activation.SIGMOID,
-    nn.Tanh: Activation.TANH,
-    nn.GELU: None,  # depends on `approximate`
-    nn.SiLU: Activation.SILU,
-    nn.Hardswish: Activation.HARDSWISH,
-    nn.Hardsigmoid: Activation.HARDSIGMOID,
-}
+@dataclass(frozen=True)
+class ActivationForm:
+    """One row of the activations' Python table: how PyTorch writes one
+    activation of the kernels (``seqfuse.spec.Activation``, whose codes and
+    names come from ``csrc/kernels/activation_table.h``). The planner reads
+    the module classes, the capture the functional forms.
+
+    * ``module``: the stock module class; ``options``: the values of its
+      attributes the kernels compute (``nn.GELU``'s ``approximate``), so one
+      class may serve several rows; ``alpha``: the attribute a stage carries
+      as its activation parameter (``nn.LeakyReLU``'s ``negative_slope``).
+    * ``functions``: the callables computing it, whose arguments after the
+      input are the module's constructor arguments (``F.leaky_relu(x, 0.2,
+      True)`` is ``nn.LeakyReLU(0.2, True)``), or ``(callable, builder)``
+      pairs whose builder takes those arguments and returns the module or
+      None; ``methods``: the Tensor method names; ``in_place``: the in-place
+      callables and method names (the module with ``inplace=True`` where it
+      has that argument).
+    """
+
+    activation: Activation
+    module: type
+    options: Tuple[Tuple[str, object], ...] = ()
+    alpha: Optional[str] = None
+    functions: Tuple = ()
+    methods: Tuple[str, ...] = ()
+    in_place: Tuple = ()
+
+
+def _relu6_from_hardtanh(min_val=-1.0, max_val=1.0, inplace=False):
+    return nn.ReLU6(inplace=inplace) if (min_val, max_val) == (0.0, 6.0) else None
+
+
+ACTIVATION_FORMS: Tuple[ActivationForm, ...] = (
+    ActivationForm(Activation.RELU, nn.ReLU, functions=(F.relu, torch.relu), methods=("relu",),
+                   in_place=(torch.relu_, F.relu_, "relu_")),
+    ActivationForm(Activation.LEAKY_RELU, nn.LeakyReLU, alpha="negative_slope", functions=(F.leaky_relu,)),
+    ActivationForm(Activation.RELU6, nn.ReLU6, options=(("min_val", 0.0), ("max_val", 6.0)),
+                   functions=(F.relu6, (F.hardtanh, _relu6_from_hardtanh))),
+    ActivationForm(Activation.SIGMOID, nn.Sigmoid, functions=(torch.sigmoid, F.sigmoid),
+                   methods=("sigmoid", "sigmoid_")),
+    ActivationForm(Activation.TANH, nn.Tanh, functions=(torch.tanh, F.tanh), methods=("tanh",)),
+    ActivationForm(Activation.GELU_ERF, nn.GELU, options=(("approximate", "none"),), functions=(F.gelu,)),
+    ActivationForm(Activation.GELU_TANH, nn.GELU, options=(("approximate", "tanh"),), functions=(F.gelu,)),
+    ActivationForm(Activation.SILU, nn.SiLU, functions=(F.silu,)),
+    ActivationForm(Activation.HARDSWISH, nn.Hardswish, functions=(F.hardswish,)),
+    ActivationForm(Activation.HARDSIGMOID, nn.Hardsigmoid, functions=(F.hardsigmoid,)),
+    ActivationForm(Activation.MISH, nn.Mish, functions=(F.mish,)),
+)
+assert {f.activation for f in ACTIVATION_FORMS} == set(Activation) - {Activation.NONE}, "a row per activation"
+
+# Module class -> its rows.
+_ACTIVATION_MODULES = {}
+for _form in ACTIVATION_FORMS:
+    _ACTIVATION_MODULES.setdefault(_form.module, []).append(_form)
+
+
+def _classify_activation(m: nn.Module) -> "Classified":
+    forms = _ACTIVATION_MODULES[type(m)]
+    for form in forms:
+        if all(getattr(m, k) == v for k, v in form.options):
+            alpha = float(getattr(m, form.alpha)) if form.alpha else 0.0
+            return Classified(ACTIVATION, activation=form.activation, alpha=alpha)
+    keys = dict.fromkeys(k for form in forms for k, _ in form.options)
+    has = ", ".join(f"{k}={getattr(m, k)!r}" for k in keys)
+    fused = " or ".join(", ".join(f"{k}={v!r}" for k, v in form.options) for form in forms)
+    return Classified(None, f"{type(m).__name__}({has}) is not supported (fused: {fused})")
+
+
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOK_DICTS = (
     "_global_forward_hooks",
@@ -81,6 +140,7 @@ class Classified:
     role: Optional[str]  # None: runs eagerly
     reason: str = ""
     activation: Activation = Activation.NONE
+    alpha: float = 0.0  # the activation's parameter (LeakyReLU's negative_slope)
     width: Optional[int] = None  # the input width the module requires, if any
     dtype: Optional[torch.dtype] = None
     device: Optional[torch.device] = None
@@ -208,15 +268,8 @@ def classify(m: Optional[nn.Module]) -> Classified:
         return _classify_conv(m)
     if t in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d):
         return _classify_pool(m)
-    if t is nn.ReLU6 and (m.min_val, m.max_val) != (0.0, 6.0):
-        return Classified(None, f"ReLU6 with min_val={m.min_val}, max_val={m.max_val} (only 0..6 is fused)")
-    if t in _ACTIVATIONS:
-        act = _ACTIVATIONS[t]
-        if t is nn.GELU:
-            act = {"none": Activation.GELU_ERF, "tanh": Activation.GELU_TANH}.get(m.approximate)
-            if act is None:
-                return Classified(None, f"GELU(approximate={m.approximate!r}) is not supported")
-        return Classified(ACTIVATION, activation=act)
+    if t in _ACTIVATION_MODULES:
+        return _classify_activation(m)
     if t is nn.Identity:
         return Classified(NOOP)
     if t is nn.Dropout or t is nn.Dropout2d:
@@ -386,7 +439,7 @@ def _build_stages(entries) -> Tuple[List[MlpStage], List[str]]:
                 stages.append(MlpStage(StageKind.SCALE_SHIFT, m.num_features, flags=flags, eps=m.eps, modules=[m]))
                 roles.append(f"stage {len(stages) - 1}: per-channel scale/shift ({_batchnorm_role(flags)})")
         elif c.role == ACTIVATION:
-            alpha = float(m.negative_slope) if c.activation == Activation.LEAKY_RELU else 0.0
+            alpha = c.alpha
             if last is None or last.activation != Activation.NONE:
                 width = last.out_features if last is not None else None
                 stages.append(MlpStage(StageKind.POINTWISE, width or 0, c.activation, alpha))
@@ -453,7 +506,7 @@ def _build_conv_stages(entries, in_channels: int) -> Tuple[List[ConvStage], List
         elif c.role == FLATTEN:
             add(ConvStage(ConvStageKind.FLATTEN, channels), "flatten (NCHW order)")
         elif c.role == ACTIVATION:
-            alpha = float(m.negative_slope) if c.activation == Activation.LEAKY_RELU else 0.0
+            alpha = c.alpha
             target = last
             if last is not None and last.kind == ConvStageKind.FLATTEN:
                 # Elementwise commutes with the flatten: apply it to the stage before.

@@ -33,6 +33,7 @@ FUSIBLE_TYPES = (
     nn.SiLU,
     nn.Hardswish,
     nn.Hardsigmoid,
+    nn.Mish,
     nn.Identity,
     nn.Dropout,
     nn.Flatten,
@@ -91,6 +92,7 @@ ACTIVATIONS = [
     lambda: nn.SiLU(),
     lambda: nn.Hardswish(),
     lambda: nn.Hardsigmoid(),
+    lambda: nn.Mish(),
 ]
 
 

@@ -156,6 +156,43 @@ def test_functional_forms_fuse():
     assert seqfuse.explain(fused).module_share == 1.0
 
 
+class MishBlock(nn.Module):
+    """Mish as the functional forms write it: F.mish, and in place on an intermediate."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = F.mish(self.bn(self.conv(x)))
+        y = F.mish(self.conv2(y), inplace=True)
+        return F.mish(self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1)))
+
+
+def test_functional_mish_fuses_in_one_chain():
+    model = _make(MishBlock)
+    fused = _check_eval(model, torch.randn(4, 3, 8, 8) * 3)
+    chains = fused.forward.traced().chains
+    assert len(chains) == 1 and sum(n.startswith("mish") for n in chains[0].names) == 3, chains[0].names
+    assert all(type(m) is nn.Mish for n, m in zip(chains[0].names, chains[0].modules) if n.startswith("mish"))
+    e = seqfuse.explain(fused)
+    assert e.module_share == 1.0 and "conv -> bn -> mish() -> conv2 -> mish_1()" in str(e), str(e)
+    # training: the fused backward of Mish against eager's
+    fused.train(), model.train()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    fused.double(), model.double()
+    xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with forbid_eager(*FUSED_TYPES):
+        fused(xf).square().sum().backward()
+    model(xe).square().sum().backward()
+    torch.testing.assert_close(xf.grad, xe.grad)
+    for (name, p), q in zip(fused.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 def test_channels_last_and_noncontiguous_inputs():
     model = _make()
     x = torch.randn(2, 3, 11, 13)

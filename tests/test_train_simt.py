@@ -44,7 +44,7 @@ _CHILD = textwrap.dedent(
 )
 
 _QUICK = ("test_training_steps_match_sequential or test_float64_training_matches_tightly or "
-          "test_training_channels_last_and_strided_inputs")
+          "test_training_channels_last_and_strided_inputs or test_each_activation_trains_like_sequential")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the SIMT emulation is built with g++ on Linux")

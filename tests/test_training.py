@@ -202,6 +202,19 @@ def test_training_steps_match_sequential(mods, shape, mode):
     assert fused.explain().fused_segments and not fused.explain().eager_segments
 
 
+@pytest.mark.parametrize("make_act", ACTIVATIONS, ids=lambda f: repr(f()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_each_activation_trains_like_sequential(make_act, dtype):
+    """Each activation's fused forward and backward (the derivative from the
+    output or the pre-activation) in an MLP and a conv run, over inputs that
+    reach its saturating ranges."""
+    torch.manual_seed(0)
+    mlp = [nn.Linear(9, 24), nn.BatchNorm1d(24), make_act(), nn.Linear(24, 7), make_act()]
+    _run_steps(mlp, lambda: torch.randn(13, 9) * 4, steps=2, dtype=dtype, forbid=FUSIBLE_TYPES)
+    conv = [nn.Conv2d(3, 8, 3, padding=1), make_act(), nn.BatchNorm2d(8), make_act(), nn.Conv2d(8, 5, 1), make_act()]
+    _run_steps(conv, lambda: torch.randn(3, 3, 7, 6) * 4, steps=2, dtype=dtype, forbid=_fused_types(conv))
+
+
 def test_training_channels_last_and_strided_inputs():
     mods = _cnn()
     ref_steps = [torch.randn(4, 3, 12, 12).contiguous(memory_format=torch.channels_last),

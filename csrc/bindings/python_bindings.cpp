@@ -59,7 +59,7 @@ py::dict vocabulary() {
                                  {"FLATTEN", static_cast<int64_t>(ConvStageKind::Flatten)},
                                  {"LINEAR", static_cast<int64_t>(ConvStageKind::Linear)}});
   py::list activations, from_output;
-#define SEQFUSE_ACTIVATION_ROW(name, id, python_name, derivative_from_output) \
+#define SEQFUSE_ACTIVATION_ROW(name, id, python_name, derivative_from_output, ...) \
   activations.append(py::make_tuple(python_name, id));                        \
   if (derivative_from_output) from_output.append(python_name);
   SEQFUSE_ACTIVATION_TABLE(SEQFUSE_ACTIVATION_ROW)

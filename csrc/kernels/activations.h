@@ -1,10 +1,13 @@
-// Activation functions over rows of the accumulate type.
+// The activations over vector registers and rows of the accumulate type: the
+// CPU kernels' context of activation_math.h (the activations' math, written
+// once for the CPU and the CUDA kernels).
 //
-// float runs one vector register at a time with polynomial exp/tanh/erf (errors of a few
-// ulp, the same families ATen's vectorized CPU kernels use); double runs the
-// C library per element so float64 results stay at libm accuracy (that is the
-// precision gradcheck-style tests rely on). Every function propagates NaN the
-// way the eager PyTorch op does: comparisons are written so a NaN falls through.
+// float runs one vector register at a time with polynomial exp/tanh/erf
+// (errors of a few ulp, the same families ATen's vectorized CPU kernels use);
+// double runs the C library per element so float64 results stay at libm
+// accuracy (that is the precision gradcheck-style tests rely on). Every
+// function propagates NaN the way the eager PyTorch op does: comparisons are
+// written so a NaN falls through.
 //
 // This header is included inside an ISA namespace by the per-ISA translation
 // units (see mlp_forward_impl.h), so it must only include headers that are
@@ -14,12 +17,17 @@
 namespace activation_detail {
 
 using seqfuse::kernels::Activation;
-using VF = Vec<float>;  // the ISA's register (kernel_impl.h)
+using VF = Vec<float>;  // the ISA's registers (kernel_impl.h)
 using VI = NativeVec<float>::mask;
+using VD = Vec<double>;
+using VL = NativeVec<double>::mask;
 
 // Selects a where mask is set (all ones), b elsewhere.
 __attribute__((always_inline)) inline VF select(VI mask, VF a, VF b) {
   return reinterpret_cast<VF>((mask & reinterpret_cast<VI>(a)) | (~mask & reinterpret_cast<VI>(b)));
+}
+__attribute__((always_inline)) inline VD select(VL mask, VD a, VD b) {
+  return reinterpret_cast<VD>((mask & reinterpret_cast<VL>(a)) | (~mask & reinterpret_cast<VL>(b)));
 }
 
 // exp(x): range reduction x = n ln2 + r, degree-6 polynomial for e^r, scale by 2^n.
@@ -85,72 +93,74 @@ __attribute__((always_inline)) inline VF erf_vec(VF x) {
   return select(x < 0.0f, -y, y);
 }
 
-// Always inlined: with `act` a constant (activate_row's per-activation
-// loops) the switch folds away and the loop body stays in registers; an
-// out-of-line call per vector passes the vectors through memory.
-__attribute__((always_inline)) inline VF activate_vec(VF x, Activation act, float alpha) {
-  switch (act) {
-    case Activation::None: return x;
-    case Activation::ReLU: return select(x < 0.0f, splat(0.0f), x);
-    case Activation::LeakyReLU: return select(x > 0.0f, x, x * alpha);
-    case Activation::ReLU6: return select(x < 0.0f, splat(0.0f), select(x > 6.0f, splat(6.0f), x));
-    case Activation::Sigmoid: return 1.0f / (1.0f + exp_vec(-x));
-    case Activation::Tanh: return tanh_vec(x);
-    case Activation::GeluErf: {
-      // eager's GELU (erf) gives inf at +inf and NaN at -inf (-inf * 0), in
-      // float as in float64; pinned here so no contraction or erf rounding
-      // near the limits changes either.
-      VF y = 0.5f * x * (1.0f + erf_vec(x * 0.70710678118654752f));
-      y = select(x == __builtin_inff(),
-                 splat(::seqfuse::kernels::gelu_erf_at_pos_inf.load(std::memory_order_relaxed)), y);
-      return select(x == -__builtin_inff(), splat(__builtin_nanf("")), y);
-    }
-    case Activation::GeluTanh: {
-      VF inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);
-      return 0.5f * x * (1.0f + tanh_vec(inner));
-    }
-    case Activation::SiLU: return x / (1.0f + exp_vec(-x));
-    case Activation::Hardswish: {
-      VF t = x + 3.0f;
-      t = select(t < 0.0f, splat(0.0f), select(t > 6.0f, splat(6.0f), t));
-      return x * t / 6.0f;
-    }
-    case Activation::Hardsigmoid: {  // as ATen: min(max(x + 3, 0), 6) / 6
-      VF t = x + 3.0f;
-      return select(t < 0.0f, splat(0.0f), select(t > 6.0f, splat(6.0f), t)) / 6.0f;
-    }
-  }
-  return x;
+// The context activation_math.h is written against (see there): the
+// scalars through the C library, the float vectors through the polynomials
+// above; a scalar operand of where() stands for a vector of it.
+#define SEQFUSE_ACTIVATION_FN __attribute__((always_inline)) inline
+
+SEQFUSE_ACTIVATION_FN float exp_(float x) { return __builtin_expf(x); }
+SEQFUSE_ACTIVATION_FN double exp_(double x) { return __builtin_exp(x); }
+SEQFUSE_ACTIVATION_FN VF exp_(VF x) { return exp_vec(x); }
+SEQFUSE_ACTIVATION_FN float tanh_(float x) { return __builtin_tanhf(x); }
+SEQFUSE_ACTIVATION_FN double tanh_(double x) { return __builtin_tanh(x); }
+SEQFUSE_ACTIVATION_FN VF tanh_(VF x) { return tanh_vec(x); }
+SEQFUSE_ACTIVATION_FN float erf_(float x) { return __builtin_erff(x); }
+SEQFUSE_ACTIVATION_FN double erf_(double x) { return __builtin_erf(x); }
+SEQFUSE_ACTIVATION_FN VF erf_(VF x) { return erf_vec(x); }
+SEQFUSE_ACTIVATION_FN float log1p_(float x) { return __builtin_log1pf(x); }
+SEQFUSE_ACTIVATION_FN double log1p_(double x) { return __builtin_log1p(x); }
+
+template <typename T> SEQFUSE_ACTIVATION_FN T infinity() { return static_cast<T>(__builtin_inf()); }
+template <typename T> SEQFUSE_ACTIVATION_FN T quiet_nan() { return static_cast<T>(__builtin_nan("")); }
+SEQFUSE_ACTIVATION_FN float gelu_erf_pos_inf(float) {
+  return ::seqfuse::kernels::gelu_erf_at_pos_inf.load(std::memory_order_relaxed);
+}
+SEQFUSE_ACTIVATION_FN double gelu_erf_pos_inf(double) { return __builtin_inf(); }
+
+// The vector of the mask's lane width (float lanes for 32-bit masks), and a
+// scalar operand spread over it.
+template <typename M> using VecOfMask = std::conditional_t<sizeof(std::declval<M&>()[0]) == 4, VF, VD>;
+template <typename V, typename X> SEQFUSE_ACTIVATION_FN V as_vector(X x) {
+  if constexpr (std::is_arithmetic_v<X>)
+    return splat<std::remove_cvref_t<decltype(std::declval<V&>()[0])>>(x);
+  else
+    return x;
 }
 
-inline double activate_scalar(double x, Activation act, double alpha) {
-  switch (act) {
-    case Activation::None: return x;
-    case Activation::ReLU: return x < 0.0 ? 0.0 : x;
-    case Activation::LeakyReLU: return x > 0.0 ? x : x * alpha;
-    case Activation::ReLU6: return x < 0.0 ? 0.0 : (x > 6.0 ? 6.0 : x);
-    case Activation::Sigmoid: return 1.0 / (1.0 + __builtin_exp(-x));
-    case Activation::Tanh: return __builtin_tanh(x);
-    case Activation::GeluErf:
-      // +inf: inf, as eager's float64 GELU (the formula can contract to inf - inf).
-      if (x == __builtin_inf()) return x;
-      return 0.5 * x * (1.0 + __builtin_erf(x * 0.70710678118654752440));
-    case Activation::GeluTanh: {
-      double inner = 0.79788456080286535588 * (x + 0.044715 * x * x * x);
-      return 0.5 * x * (1.0 + __builtin_tanh(inner));
-    }
-    case Activation::SiLU: return x / (1.0 + __builtin_exp(-x));
-    case Activation::Hardswish: {
-      double t = x + 3.0;
-      t = t < 0.0 ? 0.0 : (t > 6.0 ? 6.0 : t);
-      return x * t / 6.0;
-    }
-    case Activation::Hardsigmoid: {
-      const double t = x + 3.0;
-      return (t < 0.0 ? 0.0 : (t > 6.0 ? 6.0 : t)) / 6.0;
-    }
+template <typename M, typename A, typename B> SEQFUSE_ACTIVATION_FN auto where(M mask, A a, B b) {
+  if constexpr (std::is_same_v<M, bool>) {
+    static_assert(std::is_same_v<A, B>, "scalar where(): both values of one type");
+    return mask ? a : b;
+  } else {
+    using V = VecOfMask<M>;
+    return select(mask, as_vector<V>(a), as_vector<V>(b));
   }
-  return x;
+}
+
+#include "activation_math.h"
+#undef SEQFUSE_ACTIVATION_FN
+
+// act(x) on one vector register of float or double (the rows in registers
+// Always), in the row's vector form. Always inlined: with the activation a
+// constant (activate_row's per-activation loops, RegisterActivation's cases)
+// the loop body stays in registers; an out-of-line call per vector passes the
+// vectors through memory.
+template <Activation A, typename V, typename T> __attribute__((always_inline)) inline V activate_vec(V x, T alpha) {
+  if constexpr (requires { ActivationMath<A>::vec(x, alpha); })
+    return ActivationMath<A>::vec(x, alpha);
+  else
+    return ActivationMath<A>::forward(x, alpha);
+}
+
+// Calls fn(std::integral_constant<Activation, act>{}): the activation as a
+// compile-time constant, one case per row.
+template <typename Fn> inline void with_activation(Activation act, Fn&& fn) {
+  switch (act) {
+#define SEQFUSE_WITH_ACTIVATION_CASE(name, ...) \
+  case Activation::name: return fn(std::integral_constant<Activation, Activation::name>{});
+    SEQFUSE_ACTIVATION_TABLE(SEQFUSE_WITH_ACTIVATION_CASE)
+#undef SEQFUSE_WITH_ACTIVATION_CASE
+  }
 }
 
 }  // namespace activation_detail
@@ -163,38 +173,29 @@ inline void activate_row_as(float* p, int64_t n, float alpha) {
   for (; i + kLanes<float> <= n; i += kLanes<float>) {
     VF v;
     __builtin_memcpy(&v, p + i, sizeof(v));
-    v = activate_vec(v, act, alpha);
+    v = activate_vec<act>(v, alpha);
     __builtin_memcpy(p + i, &v, sizeof(v));
   }
   if (i < n) {
     VF v = {};
     __builtin_memcpy(&v, p + i, (n - i) * sizeof(float));
-    v = activate_vec(v, act, alpha);
+    v = activate_vec<act>(v, alpha);
     __builtin_memcpy(p + i, &v, (n - i) * sizeof(float));
   }
 }
 
-// act(p[0..n)) in place, one loop per activation (see activate_vec).
-inline void activate_row(float* p, int64_t n, seqfuse::kernels::Activation act, double alpha_d) {
-  using A = seqfuse::kernels::Activation;
-  const float alpha = static_cast<float>(alpha_d);
-  switch (act) {
-    case A::None: return;
-    case A::ReLU: return activate_row_as<A::ReLU>(p, n, alpha);
-    case A::LeakyReLU: return activate_row_as<A::LeakyReLU>(p, n, alpha);
-    case A::ReLU6: return activate_row_as<A::ReLU6>(p, n, alpha);
-    case A::Sigmoid: return activate_row_as<A::Sigmoid>(p, n, alpha);
-    case A::Tanh: return activate_row_as<A::Tanh>(p, n, alpha);
-    case A::GeluErf: return activate_row_as<A::GeluErf>(p, n, alpha);
-    case A::GeluTanh: return activate_row_as<A::GeluTanh>(p, n, alpha);
-    case A::SiLU: return activate_row_as<A::SiLU>(p, n, alpha);
-    case A::Hardswish: return activate_row_as<A::Hardswish>(p, n, alpha);
-    case A::Hardsigmoid: return activate_row_as<A::Hardsigmoid>(p, n, alpha);
-  }
+// act(p[0..n)) in place, one vector loop per activation.
+inline void activate_row(float* p, int64_t n, seqfuse::kernels::Activation act, double alpha) {
+  if (act == seqfuse::kernels::Activation::None) return;
+  activation_detail::with_activation(
+      act, [&](auto tag) { activate_row_as<decltype(tag)::value>(p, n, static_cast<float>(alpha)); });
 }
 
+// Double runs the C library per element, so float64 results stay at libm accuracy.
 inline void activate_row(double* p, int64_t n, seqfuse::kernels::Activation act, double alpha) {
   using namespace activation_detail;
   if (act == Activation::None) return;
-  for (int64_t i = 0; i < n; ++i) p[i] = activate_scalar(p[i], act, alpha);
+  with_activation(act, [&](auto tag) {
+    for (int64_t i = 0; i < n; ++i) p[i] = ActivationMath<decltype(tag)::value>::forward(p[i], alpha);
+  });
 }

@@ -114,11 +114,10 @@ template <int N, typename F> SEQFUSE_INLINE inline void unroll(F&& f) {
 
 // The activation an epilogue applies while the values are still in
 // registers (`on`), with the same vector code activate_row runs, so the values
-// are the same bits either way: in float every activation of the models these
-// kernels serve (ReLU, ReLU6, LeakyReLU, Hardswish, Hardsigmoid, SiLU,
-// Sigmoid); in double the clamps (ReLU, ReLU6). The rest (GELU, Tanh: long
-// polynomials that would bloat every micro-tile) run as one pass over the
-// finished, cache-hot rows (activate_row). NaN passes through, as in eager.
+// are the same bits either way: the rows of activation_table.h in registers
+// Always, and in float those in registers Float (every activation of the
+// models these kernels serve but GELU and Tanh). The rest run as one pass
+// over the finished, cache-hot rows (activate_row). NaN passes through, as in eager.
 template <typename A> struct RegisterActivation {
   Activation act;
   A alpha;
@@ -126,29 +125,21 @@ template <typename A> struct RegisterActivation {
   explicit RegisterActivation(Activation a, double alpha_ = 0)
       : act(a), alpha(static_cast<A>(alpha_)), on(in_registers(a)) {}
   static constexpr bool in_registers(Activation a) {
-    if (a == Activation::ReLU || a == Activation::ReLU6) return true;
-    if constexpr (std::is_same_v<A, float>)
-      return a == Activation::LeakyReLU || a == Activation::Hardswish || a == Activation::Hardsigmoid ||
-             a == Activation::SiLU || a == Activation::Sigmoid;
-    return false;
+    const RegisterUse use = register_use(a);
+    return use == RegisterUse::Always || (use == RegisterUse::Float && std::is_same_v<A, float>);
   }
   SEQFUSE_INLINE Vec<A> operator()(Vec<A> v) const {
-    if constexpr (std::is_same_v<A, float>) {
-      using activation_detail::activate_vec;
-      switch (act) {  // each case inlines only its own activation
-        case Activation::ReLU: return activate_vec(v, Activation::ReLU, alpha);
-        case Activation::ReLU6: return activate_vec(v, Activation::ReLU6, alpha);
-        case Activation::LeakyReLU: return activate_vec(v, Activation::LeakyReLU, alpha);
-        case Activation::Hardswish: return activate_vec(v, Activation::Hardswish, alpha);
-        case Activation::Hardsigmoid: return activate_vec(v, Activation::Hardsigmoid, alpha);
-        case Activation::SiLU: return activate_vec(v, Activation::SiLU, alpha);
-        case Activation::Sigmoid: return activate_vec(v, Activation::Sigmoid, alpha);
-        default: return v;
-      }
-    } else {  // as activate_scalar: x < 0 ? 0 : (x > 6 ? 6 : x)
-      v = v < A(0) ? Vec<A>{} : v;
-      return act == Activation::ReLU6 ? (v > A(6) ? splat<A>(A(6)) : v) : v;
+    switch (act) {  // each case inlines only its own activation
+#define SEQFUSE_REGISTER_CASE(name, ...)                                            \
+  case Activation::name:                                                            \
+    if constexpr (in_registers(Activation::name))                                   \
+      return activation_detail::activate_vec<Activation::name>(v, alpha);           \
+    else                                                                            \
+      return v;
+      SEQFUSE_ACTIVATION_TABLE(SEQFUSE_REGISTER_CASE)
+#undef SEQFUSE_REGISTER_CASE
     }
+    return v;
   }
 };
 

@@ -42,14 +42,7 @@ constexpr int64_t kSectionAlign = 64;
 // Float16 is served by the CUDA kernels only (the CPU adapters reject it; packing accepts it).
 enum class DType : int64_t { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
 enum class StageKind : int64_t { Linear = 0, ScaleShift = 1, Pointwise = 2 };
-enum class Activation : int64_t {
-#define SEQFUSE_ACTIVATION_ENUM(name, id, python_name, from_output) name = id,
-  SEQFUSE_ACTIVATION_TABLE(SEQFUSE_ACTIVATION_ENUM)
-#undef SEQFUSE_ACTIVATION_ENUM
-};
-#define SEQFUSE_ACTIVATION_COUNT(name, id, python_name, from_output) +1
-constexpr int64_t kNumActivations = 0 SEQFUSE_ACTIVATION_TABLE(SEQFUSE_ACTIVATION_COUNT);
-#undef SEQFUSE_ACTIVATION_COUNT
+// Activation and kNumActivations: activation_table.h.
 
 // float32 GELU (erf form) at +inf: eager's value depends on the CPU kernel
 // ATen dispatches to (its AVX-512 erf gives NaN there, its AVX2 one and the

@@ -30,18 +30,8 @@ struct ChannelLayout {
   int64_t numel() const { return outer * channels * inner; }
 };
 
-// Activations whose derivative the backward reads from the stage's output
-// (as eager's ReLU, Sigmoid and Tanh backward do); the others need the
-// pre-activation value.
-inline bool derivative_from_output(Activation a) {
-  switch (a) {
-#define SEQFUSE_FROM_OUTPUT(name, id, python_name, from_output) \
-  case Activation::name: return from_output;
-    SEQFUSE_ACTIVATION_TABLE(SEQFUSE_FROM_OUTPUT)
-#undef SEQFUSE_FROM_OUTPUT
-  }
-  return false;
-}
+// Which value the backward reads an activation's derivative from
+// (derivative_from_output, derivative_reads_output): activation_table.h.
 
 // sum[c] += sum (z - ref[c]), sumsq[c] += sum (z - ref[c])^2: shifted moments,
 // exact enough in double for float and double data whatever the mean.
@@ -57,13 +47,6 @@ void channel_moments(const ChannelLayout& l, const T* z, const T* ref, double* s
 template <typename T>
 void epilogue_forward(const ChannelLayout& l, const T* z, const T* center, const T* scale, const T* shift,
                       Activation act, double alpha, T* pre, T* out, int64_t o_begin, int64_t o_end);
-
-// The activations whose backward reads the output's values (the others read
-// only its layout, or nothing): a caller may not modify such an output in place
-// before the backward, as with eager's ReLU, Sigmoid and Tanh.
-inline bool derivative_reads_output(Activation a) {
-  return a == Activation::ReLU || a == Activation::Sigmoid || a == Activation::Tanh;
-}
 
 // Where the backward finds the activation's argument: the output for the
 // derivative_from_output activations, the pre-activation y for the others.

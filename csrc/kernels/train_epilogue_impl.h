@@ -14,73 +14,8 @@ using seqfuse::kernels::Activation;
 using seqfuse::kernels::ActSource;
 using seqfuse::kernels::ChannelLayout;
 
-template <Activation A> using ActTag = std::integral_constant<Activation, A>;
-
-// Calls fn(ActTag<act>{}) with the activation as a compile-time constant.
-template <typename Fn> inline void with_activation(Activation act, Fn&& fn) {
-  switch (act) {
-    case Activation::None: return fn(ActTag<Activation::None>{});
-    case Activation::ReLU: return fn(ActTag<Activation::ReLU>{});
-    case Activation::LeakyReLU: return fn(ActTag<Activation::LeakyReLU>{});
-    case Activation::ReLU6: return fn(ActTag<Activation::ReLU6>{});
-    case Activation::Sigmoid: return fn(ActTag<Activation::Sigmoid>{});
-    case Activation::Tanh: return fn(ActTag<Activation::Tanh>{});
-    case Activation::GeluErf: return fn(ActTag<Activation::GeluErf>{});
-    case Activation::GeluTanh: return fn(ActTag<Activation::GeluTanh>{});
-    case Activation::SiLU: return fn(ActTag<Activation::SiLU>{});
-    case Activation::Hardswish: return fn(ActTag<Activation::Hardswish>{});
-    case Activation::Hardsigmoid: return fn(ActTag<Activation::Hardsigmoid>{});
-  }
-}
-
-inline float exp_of(float x) { return __builtin_expf(x); }
-inline double exp_of(double x) { return __builtin_exp(x); }
-inline float tanh_of(float x) { return __builtin_tanhf(x); }
-inline double tanh_of(double x) { return __builtin_tanh(x); }
-inline float erf_of(float x) { return __builtin_erff(x); }
-inline double erf_of(double x) { return __builtin_erf(x); }
-
-// g * act'(v), v being the output (derivative_from_output) or the
-// pre-activation. The formulas, and their behaviour at the kinks and for
-// NaN, are eager's (ATen's *_backward kernels).
-template <Activation A, typename T> inline T activation_grad(T g, T v, T alpha) {
-  if constexpr (A == Activation::None) {
-    return g;
-  } else if constexpr (A == Activation::ReLU) {
-    return v <= T(0) ? T(0) : g;  // threshold_backward: a NaN output passes the gradient
-  } else if constexpr (A == Activation::LeakyReLU) {
-    return v > T(0) ? g : g * alpha;
-  } else if constexpr (A == Activation::ReLU6) {
-    return (v <= T(0) || v >= T(6)) ? T(0) : g;
-  } else if constexpr (A == Activation::Sigmoid) {
-    return g * (T(1) - v) * v;
-  } else if constexpr (A == Activation::Tanh) {
-    return g * (T(1) - v * v);
-  } else if constexpr (A == Activation::GeluErf) {
-    const T k_alpha = T(0.70710678118654752440);
-    const T k_beta = T(1.12837916709551257390 * 0.70710678118654752440 * 0.5);
-    const T cdf = T(0.5) * (T(1) + erf_of(v * k_alpha));
-    const T pdf = k_beta * exp_of(T(-0.5) * v * v);
-    return g * (cdf + v * pdf);
-  } else if constexpr (A == Activation::GeluTanh) {
-    const T k_beta = T(1.41421356237309504880 * 1.12837916709551257390 * 0.5);
-    const T k_kappa = T(0.044715);
-    const T v2 = v * v;
-    const T inner = k_beta * (v + k_kappa * v2 * v);
-    const T t = tanh_of(inner);
-    const T left_derivative = T(0.5) * (T(1) + t);
-    const T right_derivative = T(0.5) * v * (T(1) - t * t) * k_beta * (T(1) + T(3) * k_kappa * v2);
-    return g * (left_derivative + right_derivative);
-  } else if constexpr (A == Activation::SiLU) {
-    const T s = T(1) / (T(1) + exp_of(-v));
-    return g * s * (T(1) + v * (T(1) - s));
-  } else if constexpr (A == Activation::Hardswish) {
-    return v < T(-3) ? T(0) : v <= T(3) ? g * (v / T(3) + T(0.5)) : g;
-  } else {  // Hardsigmoid: hardsigmoid_backward's open interval, and its
-             // slope 1/6 rounded to float even for double (eager's values)
-    return (v > T(-3) && v < T(3)) ? g * T(1.0f / 6.0f) : T(0);
-  }
-}
+using activation_detail::ActivationMath;
+using activation_detail::with_activation;
 
 // Calls body(lane, offset, n, c) for each contiguous run of the outer range:
 // with inner == 1 a run is one row of all channels (lane is true: element k
@@ -144,36 +79,6 @@ void channel_moments(const ChannelLayout& l, const T* z, const T* ref, double* s
   });
 }
 
-namespace train_detail {
-
-// The activations that are a compare and a multiply or two: applied in the
-// same loop as scale/shift (which the compiler vectorizes with blends). NaN
-// falls through every comparison, as in eager's kernels.
-inline bool is_piecewise(Activation a) {
-  return a == Activation::None || a == Activation::ReLU || a == Activation::ReLU6 || a == Activation::LeakyReLU ||
-         a == Activation::Hardswish || a == Activation::Hardsigmoid;
-}
-
-template <Activation A, typename T> inline T piecewise(T v, T alpha) {
-  if constexpr (A == Activation::ReLU) {
-    return v < T(0) ? T(0) : v;
-  } else if constexpr (A == Activation::ReLU6) {
-    return v < T(0) ? T(0) : v > T(6) ? T(6) : v;
-  } else if constexpr (A == Activation::LeakyReLU) {
-    return v < T(0) ? v * alpha : v;
-  } else if constexpr (A == Activation::Hardswish) {
-    const T t = v + T(3);
-    return v * (t < T(0) ? T(0) : t > T(6) ? T(6) : t) / T(6);
-  } else if constexpr (A == Activation::Hardsigmoid) {
-    const T t = v + T(3);
-    return (t < T(0) ? T(0) : t > T(6) ? T(6) : t) / T(6);
-  } else {
-    return v;
-  }
-}
-
-}  // namespace train_detail
-
 template <typename T>
 void epilogue_forward(const ChannelLayout& l, const T* z, const T* center, const T* scale, const T* shift,
                       Activation act, double alpha, T* pre, T* out, int64_t o0, int64_t o1) {
@@ -184,18 +89,17 @@ void epilogue_forward(const ChannelLayout& l, const T* z, const T* center, const
     const T a = static_cast<T>(alpha);
     with_activation(act, [&](auto tag) {
       constexpr Activation A = decltype(tag)::value;
-      if constexpr (A == Activation::None || A == Activation::ReLU || A == Activation::ReLU6 ||
-                    A == Activation::LeakyReLU || A == Activation::Hardswish || A == Activation::Hardsigmoid) {
+      if constexpr (is_piecewise(A)) {
         for_each_run(l, o0, o1, [&](auto, int64_t off, int64_t n, int64_t c) {
           const T sc = scale ? scale[c] : T(1), sh = shift ? shift[c] : T(0);
           const T* zin = z + off;
           T* y = out + off;
           if (scale)
-            for (int64_t k = 0; k < n; ++k) y[k] = piecewise<A>(zin[k] * sc + sh, a);
+            for (int64_t k = 0; k < n; ++k) y[k] = ActivationMath<A>::forward(zin[k] * sc + sh, a);
           else if (shift)
-            for (int64_t k = 0; k < n; ++k) y[k] = piecewise<A>(zin[k] + sh, a);
+            for (int64_t k = 0; k < n; ++k) y[k] = ActivationMath<A>::forward(zin[k] + sh, a);
           else
-            for (int64_t k = 0; k < n; ++k) y[k] = piecewise<A>(zin[k], a);
+            for (int64_t k = 0; k < n; ++k) y[k] = ActivationMath<A>::forward(zin[k], a);
         });
       }
     });
@@ -257,7 +161,7 @@ void epilogue_backward_reduce(const ChannelLayout& l, const T* g, Activation act
           if (d != gp)
             for (int64_t k = 0; k < n; ++k) d[k] = gp[k];
         } else {
-          for (int64_t k = 0; k < n; ++k) d[k] = activation_grad<A>(gp[k], v[k], alpha);
+          for (int64_t k = 0; k < n; ++k) d[k] = ActivationMath<A>::grad(gp[k], v[k], alpha);
         }
         if constexpr (L) {
           if (sum_dy)

@@ -12,6 +12,7 @@ identity)``), as the blocks of residual networks write them.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..container import FusedSequential
-from ..planner import CONV, LINEAR, BATCHNORM, BATCHNORM2D, classify
+from ..planner import ACTIVATION_FORMS, CONV, LINEAR, BATCHNORM, BATCHNORM2D, classify
 
 __all__ = ["Chain", "rewrite_chains", "drop_shape_asserts", "is_sequential_like", "has_hooks"]
 
@@ -46,15 +47,40 @@ def has_hooks(m: nn.Module) -> bool:
 
 # ---- the functional forms a chain accepts -------------------------------------------------------------------------
 
-def _inplace(node: fx.Node, index: int) -> bool:
-    v = node.kwargs.get("inplace", node.args[index] if len(node.args) > index else False)
-    return bool(v) if isinstance(v, bool) else False
-
-
 def _scalar_arg(node: fx.Node, index: int, name: str, default):
     if name in node.kwargs:
         return node.kwargs[name]
     return node.args[index] if len(node.args) > index else default
+
+
+def _functional_activations() -> Dict[tuple, tuple]:
+    """(node op, target) -> (module builder, in place) for every functional
+    form of the planner's activation table (ACTIVATION_FORMS)."""
+    forms = {}
+    for form in ACTIVATION_FORMS:
+        for f in form.functions + form.in_place + form.methods:
+            target, build = f if isinstance(f, tuple) else (f, form.module)
+            op = "call_method" if isinstance(target, str) else "call_function"
+            forms[(op, target)] = (build, f in form.in_place or target in form.in_place)
+    return forms
+
+
+_FUNCTIONAL_ACTIVATIONS = _functional_activations()
+
+
+def _activation_module(node: fx.Node, build, in_place: bool) -> Optional[nn.Module]:
+    """The module a functional activation call computes: its arguments after
+    the input are the module's constructor arguments (Python values only)."""
+    args, kwargs = node.args[1:], dict(node.kwargs)
+    if any(isinstance(a, fx.Node) for a in (*args, *kwargs.values())):
+        return None
+    if in_place and isinstance(build, type) and "inplace" in inspect.signature(build.__init__).parameters:
+        kwargs["inplace"] = True
+    try:
+        m = build(*args, **kwargs)
+        return m if m is not None and classify(m).role is not None else None
+    except (TypeError, ValueError):  # arguments the module rejects, or an alpha that is no number
+        return None
 
 
 def _functional_module(node: fx.Node, root: nn.Module) -> Optional[nn.Module]:
@@ -64,28 +90,9 @@ def _functional_module(node: fx.Node, root: nn.Module) -> Optional[nn.Module]:
     ``F.linear`` on them (see _weighted_view)."""
     t = node.target
     method = node.op == "call_method"
-    if (method and t in ("relu", "relu_")) or t in (F.relu, torch.relu, torch.relu_, F.relu_):
-        return nn.ReLU(inplace=t in ("relu_", torch.relu_, F.relu_) or (t is F.relu and _inplace(node, 1)))
-    if t is F.relu6:
-        return nn.ReLU6(inplace=_inplace(node, 1))
-    if t is F.hardtanh and (_scalar_arg(node, 1, "min_val", -1.0), _scalar_arg(node, 2, "max_val", 1.0)) == (0.0, 6.0):
-        return nn.ReLU6(inplace=_inplace(node, 3))
-    if (method and t in ("sigmoid", "sigmoid_")) or t in (torch.sigmoid, F.sigmoid):
-        return nn.Sigmoid()
-    if (method and t in ("tanh",)) or t in (torch.tanh, F.tanh):
-        return nn.Tanh()
-    if t is F.silu:
-        return nn.SiLU(inplace=_inplace(node, 1))
-    if t is F.hardswish:
-        return nn.Hardswish(inplace=_inplace(node, 1))
-    if t is F.hardsigmoid:
-        return nn.Hardsigmoid(inplace=_inplace(node, 1))
-    if t is F.gelu:
-        approximate = node.kwargs.get("approximate", "none")
-        return nn.GELU(approximate=approximate) if isinstance(approximate, str) else None
-    if t is F.leaky_relu:
-        slope = _scalar_arg(node, 1, "negative_slope", 0.01)
-        return nn.LeakyReLU(slope, inplace=_inplace(node, 2)) if isinstance(slope, (int, float)) else None
+    activation = _FUNCTIONAL_ACTIVATIONS.get((node.op, t))
+    if activation is not None:
+        return _activation_module(node, *activation)
     if t is torch.flatten or (method and t == "flatten"):
         start, end = _scalar_arg(node, 1, "start_dim", 0), _scalar_arg(node, 2, "end_dim", -1)
         return nn.Flatten(start, end) if isinstance(start, int) and isinstance(end, int) else None

@@ -238,9 +238,13 @@ struct ScopedIsa {
 // ---- activations -------------------------------------------------------------------
 
 inline const char* activation_name(Activation a) {
-  static const char* const names[] = {"None",   "ReLU",    "LeakyReLU", "ReLU6", "Sigmoid",
-                                      "Tanh",   "GeluErf", "GeluTanh",  "SiLU",  "Hardswish", "Hardsigmoid"};
-  return names[static_cast<int>(a)];
+  switch (a) {
+#define SEQFUSE_TEST_ACTIVATION_NAME(name, ...) \
+  case Activation::name: return #name;
+    SEQFUSE_ACTIVATION_TABLE(SEQFUSE_TEST_ACTIVATION_NAME)
+#undef SEQFUSE_TEST_ACTIVATION_NAME
+  }
+  return "?";
 }
 
 inline std::vector<Activation> all_activations() {
@@ -269,6 +273,7 @@ inline double activation_reference(Activation act, double x, double alpha, bool 
     case Activation::SiLU: return x / (1.0 + std::exp(-x));
     case Activation::Hardswish: return std::isnan(x) ? x : x * std::clamp(x + 3.0, 0.0, 6.0) / 6.0;
     case Activation::Hardsigmoid: return std::isnan(x) ? x : std::clamp(x + 3.0, 0.0, 6.0) / 6.0;
+    case Activation::Mish: return x * std::tanh(std::log1p(std::exp(x)));  // NaN at -inf, as eager
   }
   return kNaN;
 }

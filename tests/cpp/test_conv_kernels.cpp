@@ -937,7 +937,7 @@ TEST(conv_decode_rejects_malformed_specs) {
       set("stage kind -1", 0, kKind, -1),
       set("stage kind 8", 2, kKind, sk::kNumConvStageKinds),
       set("activation -1", 0, kAct, -1),
-      set("activation 10", 2, kAct, sk::kNumActivations),
+      set("activation kNumActivations", 2, kAct, sk::kNumActivations),
       set("Conv out_channels 0", 0, kOut, 0),
       set("unknown flag bit", 0, kFlags, 32),
       set("batch-statistics flag without a BatchNorm", 0, kFlags, 8),

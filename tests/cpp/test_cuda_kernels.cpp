@@ -149,6 +149,7 @@ double act_ref(Activation act, double x, double alpha) {
     case Activation::SiLU: return x / (1.0 + std::exp(-x));
     case Activation::Hardswish: return x * clamp06(x + 3.0) / 6.0;
     case Activation::Hardsigmoid: return clamp06(x + 3.0) / 6.0;
+    case Activation::Mish: return x * std::tanh(std::log1p(std::exp(x)));
   }
   return kNaN;
 }
@@ -161,6 +162,7 @@ double act_gain(Activation act, double alpha) {
     case Activation::GeluErf:
     case Activation::GeluTanh: return 1.13;
     case Activation::SiLU: return 1.1;
+    case Activation::Mish: return 1.09;
     case Activation::Hardswish: return 1.5;
     case Activation::Hardsigmoid: return 1.0 / 6.0;
     default: return 1.0;
@@ -231,6 +233,10 @@ double act_slope(Activation act, double y, double alpha, double window) {
       if (near(-3.0) || near(3.0)) return 1.5;
       return y < -3.0 ? 0.0 : y > 3.0 ? 1.0 : std::abs((2 * y + 3) / 6);
     case Activation::Hardsigmoid: return (y > -3.0 && y < 3.0) || near(-3.0) || near(3.0) ? 1.0 / 6.0 : 0.0;
+    case Activation::Mish: {
+      const double t = std::tanh(std::log1p(std::exp(y))), sg = 1.0 / (1.0 + std::exp(-y));
+      return std::abs(t + y * (1.0 - t * t) * sg);
+    }
   }
   return 1.0;
 }

@@ -511,7 +511,7 @@ TEST(decode_rejects_malformed_specs) {
       {"stage kind -1", [](EncodedSpec& e) { e.spec[4] = -1; }},
       {"Linear out_features 0", [](EncodedSpec& e) { e.spec[5] = 0; }},
       {"Linear out_features -4", [](EncodedSpec& e) { e.spec[5] = -4; }},
-      {"activation code 10", [](EncodedSpec& e) { e.spec[6] = sk::kNumActivations; }},
+      {"activation code kNumActivations", [](EncodedSpec& e) { e.spec[6] = sk::kNumActivations; }},
       {"activation code -1", [](EncodedSpec& e) { e.spec[10] = -1; }},
       {"Pointwise changes width", [](EncodedSpec& e) { e.spec[9] = 13; }},
       {"ScaleShift changes width", [](EncodedSpec& e) {
@@ -726,6 +726,7 @@ template <typename T> void check_documented_special_values() {
       {Activation::GeluErf, kNaN, kNaN},     {Activation::GeluTanh, kInf, kInf},   {Activation::GeluTanh, kNaN, kNaN},
       {Activation::SiLU, kInf, kInf},        {Activation::SiLU, kNaN, kNaN},       {Activation::Hardswish, kInf, kInf},
       {Activation::Hardswish, kNaN, kNaN},   {Activation::None, kNaN, kNaN},       {Activation::None, -kInf, -kInf},
+      {Activation::Mish, kInf, kInf},        {Activation::Mish, -kInf, kNaN},      {Activation::Mish, kNaN, kNaN},
   };
   Rng rng(53);
   for (const Expect& e : table) {

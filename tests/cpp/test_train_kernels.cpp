@@ -13,12 +13,6 @@ using namespace test_util;
 using sk::ActSource;
 using sk::ChannelLayout;
 
-constexpr Activation kActivations[] = {
-    Activation::None,    Activation::ReLU,    Activation::LeakyReLU, Activation::ReLU6, Activation::Sigmoid,
-    Activation::Tanh,    Activation::GeluErf, Activation::GeluTanh,  Activation::SiLU,  Activation::Hardswish,
-    Activation::Hardsigmoid,
-};
-
 int64_t channel_of(const ChannelLayout& l, int64_t i) { return (i / l.inner) % l.channels; }
 
 double act_ref(Activation a, double x, double alpha) {
@@ -35,6 +29,7 @@ double act_ref(Activation a, double x, double alpha) {
     case Activation::SiLU: return x / (1 + std::exp(-x));
     case Activation::Hardswish: return x * std::min(std::max(x + 3, 0.0), 6.0) / 6;
     case Activation::Hardsigmoid: return std::min(std::max(x + 3, 0.0), 6.0) / 6;
+    case Activation::Mish: return x * std::tanh(std::log1p(std::exp(x)));
   }
   return x;
 }
@@ -63,6 +58,10 @@ double act_grad_ref(Activation a, double x, double alpha) {
     }
     case Activation::Hardswish: return x < -3 ? 0 : x <= 3 ? x / 3 + 0.5 : 1;
     case Activation::Hardsigmoid: return x > -3 && x < 3 ? 1.0f / 6.0f : 0;  // eager's slope, rounded to float
+    case Activation::Mish: {  // d/dx x tanh(sp(x)) = tanh(sp(x)) + x sech^2(sp(x)) sigmoid(x)
+      const double t = std::tanh(std::log1p(std::exp(x))), s = 1 / (1 + std::exp(-x));
+      return t + x * (1 - t * t) * s;
+    }
   }
   return 1;
 }
@@ -215,7 +214,7 @@ template <typename T> void run_all_kernels(uint64_t seed) {
   Rng rng(seed);
   for (const ChannelLayout& l : kLayouts) {
     check_moments<T>(l, rng);
-    for (Activation act : kActivations) {
+    for (Activation act : all_activations()) {
       for (bool affine : {false, true})
         for (bool keep_pre : {false, true})
           for (bool centered : {false, true}) check_forward<T>(l, act, affine, keep_pre, centered, rng);

@@ -155,17 +155,19 @@ at::Tensor run_stages_batched(const RunContext& ctx, size_t first, size_t stop, 
   return cur;
 }
 
-// ATen's in-place op for the activations engine 2 leaves to ATen, else null.
+// ATen's in-place op for the activations engine 2 leaves to ATen (the
+// `aten` column of activation_table.h), else null.
 using InPlaceActivation = void (*)(at::Tensor&);
 InPlaceActivation aten_activation(kernels::Activation a) {
-  switch (a) {
-    case kernels::Activation::Sigmoid: return [](at::Tensor& t) { at::sigmoid_(t); };
-    case kernels::Activation::Tanh: return [](at::Tensor& t) { at::tanh_(t); };
-    case kernels::Activation::SiLU: return [](at::Tensor& t) { at::silu_(t); };
-    case kernels::Activation::GeluErf: return [](at::Tensor& t) { at::gelu_(t, "none"); };
-    case kernels::Activation::GeluTanh: return [](at::Tensor& t) { at::gelu_(t, "tanh"); };
-    default: return nullptr;
-  }
+#define SEQFUSE_ATEN(op, ...) [](at::Tensor& t) { at::op(t __VA_OPT__(, ) __VA_ARGS__); }
+#define SEQFUSE_NO_ATEN nullptr
+#define SEQFUSE_ATEN_CASE(name, id, python_name, from_output, piecewise, registers, aten) \
+  case kernels::Activation::name: return aten;
+  switch (a) { SEQFUSE_ACTIVATION_TABLE(SEQFUSE_ATEN_CASE) }
+#undef SEQFUSE_ATEN_CASE
+#undef SEQFUSE_NO_ATEN
+#undef SEQFUSE_ATEN
+  return nullptr;
 }
 
 // Engine 2: each stage through ATen in the layout the input comes in (for
