@@ -23,7 +23,7 @@
 //   the row pass, one pass over the finished, cache-hot rows (activate_row):
 //   long polynomials (GELU, Tanh) would bloat every micro-tile.
 // aten: conv engine 2's ATen in-place op, SEQFUSE_ATEN(op, args...) for
-//   at::op(t, args...) (expanded in csrc/cpu/conv_cpu.cpp only: this header
+//   at::op(t, args...) (expanded in csrc/adapters/cpu/conv_cpu.cpp only: this header
 //   stays torch-free); SEQFUSE_NO_ATEN where the fused epilogue applies it.
 #pragma once
 

@@ -1,6 +1,6 @@
 // Torch-free entry points of the fused convolution kernels: packing, one
 // stage over a range of output pixels, a whole run over a range of images,
-// and the layout conversions at the run's boundaries. Adapters (csrc/cpu)
+// and the layout conversions at the run's boundaries. Adapters (csrc/adapters/cpu)
 // and the C++ unit tests (tests/cpp) call only what is declared here.
 #pragma once
 

@@ -1,5 +1,5 @@
 // Torch-free entry points of the fused MLP kernels: packing and the forward
-// over a range of rows (the ISA selection: isa.h). Adapters (csrc/cpu) and the C++ unit tests
+// over a range of rows (the ISA selection: isa.h). Adapters (csrc/adapters/cpu) and the C++ unit tests
 // (tests/cpp) call only what is declared here.
 #pragma once
 
