@@ -91,9 +91,9 @@ class EngineChoices {
 
 // Times run(0) .. run(engine_count - 1), calls on `device`, and returns the
 // fastest engine: how devices other than the CPU choose, in one call (timing
-// a call there synchronizes its stream, which trials in every call would
-// do to every caller). On such a device other than the CPU the calls are asynchronous:
-// its current stream is synchronized before each clock reading. -1 (nothing
+// a call there synchronizes its stream, which trials in every call would do
+// to every caller). There the calls are asynchronous: the device's current
+// stream is synchronized before each clock reading. -1 (nothing
 // run) when that stream is capturing a graph: captured calls do not execute,
 // so there is nothing to time (and synchronizing would break the capture).
 int measure_fastest_engine(c10::Device device, int engine_count, const std::function<void(int)>& run);
