@@ -80,9 +80,11 @@ def fuse(model: nn.Module, inplace: bool = False, capture: bool = True,
       runs (a training-mode model packs when an inference call needs it).
 
     ``example_inputs`` (a tensor, or a tuple of a forward's arguments, or a
-    list of those) are run once each, without autograd, before ``fuse()``
-    returns: the traces, plans and engine choices of those cases are then
-    ready, and a first call with the same shapes costs what a later one does.
+    list of those) are run without autograd before ``fuse()`` returns, each
+    until the engines of its shape classes are chosen (a few calls: the
+    choice is measured by the calls themselves): the traces, plans and engine
+    choices of those cases are then ready, and a first call with the same
+    shapes costs what a later one does.
     The engine choices they measured are saved for the next process
     (:mod:`seqfuse.engine_cache`).
 
@@ -116,7 +118,8 @@ def fuse(model: nn.Module, inplace: bool = False, capture: bool = True,
                 installed.append(installed_forward)
         # The one-tensor case, forward(x), is the one nearly every module is
         # called with: traced now (children first, so a parent takes in the
-        # chains of its children), a first call then only plans and packs.
+        # chains of its children); an eval-mode model is then planned and
+        # packed for it below, and a first call only runs.
         for cf in reversed(installed):
             cf.traced(torch.empty(0))
     if not model.training and _on_real_devices(model):
