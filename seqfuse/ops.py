@@ -20,7 +20,6 @@ from .spec import (  # noqa: F401  (the vocabulary, re-exported: seqfuse.ops.ENG
     CEIL_MODE,
     CONV_ENGINE_NAMES,
     COUNT_INCLUDE_PAD,
-    DERIVATIVE_FROM_OUTPUT,
     DEVICE_ONLY_DTYPES,
     ENGINE_ATEN_LAYOUT,
     ENGINE_FUSED,
@@ -35,11 +34,9 @@ from .spec import (  # noqa: F401  (the vocabulary, re-exported: seqfuse.ops.ENG
     ConvStageKind,
     MlpStage,
     StageKind,
-    conv_stages,
     encode_conv_spec,
     encode_mlp_spec,
     mlp_out_features,
-    mlp_stages,
 )
 
 __all__ = [

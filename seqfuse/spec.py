@@ -24,7 +24,7 @@ from ._loader import _C
 
 __all__ = [
     "Activation", "StageKind", "ConvStageKind", "MlpStage", "ConvStage", "encode_mlp_spec", "encode_conv_spec",
-    "mlp_out_features", "conv_stages", "SUPPORTED_DTYPES", "DEVICE_ONLY_DTYPES", "DERIVATIVE_FROM_OUTPUT",
+    "mlp_out_features", "SUPPORTED_DTYPES", "DEVICE_ONLY_DTYPES",
     "HAS_BIAS", "HAS_BATCHNORM", "BATCHNORM_AFFINE", "BATCH_STATS", "RUNNING_STATS", "CEIL_MODE",
     "COUNT_INCLUDE_PAD", "ENGINE_FUSED", "ENGINE_GEMM_EPILOGUE", "ENGINE_ATEN_LAYOUT", "ENGINE_NAMES",
     "CONV_ENGINE_NAMES", "ROUTE_STALE", "ROUTE_INFERENCE", "ROUTE_EAGER", "ROUTE_TRAIN",
@@ -57,8 +57,6 @@ ConvStageKind = enum.IntEnum("ConvStageKind", _VOCAB["conv_stage_kinds"], module
 ConvStageKind.__doc__ = "The kind of a conv-run stage (csrc/kernels/conv_spec.h)."
 Activation = enum.IntEnum("Activation", _VOCAB["activations"], module=__name__)
 Activation.__doc__ = "The activation a stage ends in (csrc/kernels/activation_table.h)."
-# Activations whose derivative the backward reads from the stage's output.
-DERIVATIVE_FROM_OUTPUT = frozenset(Activation[name] for name in _VOCAB["derivative_from_output"])
 
 _ENGINES = dict(_VOCAB["engines"])
 ENGINE_FUSED = _ENGINES["ENGINE_FUSED"]  # the fused kernels: every stage in one pass
@@ -121,13 +119,6 @@ def mlp_out_features(spec: Sequence[int]) -> int:
     return int(spec[_MLP_SPEC["header"] + _MLP_SPEC["per_stage"] * (int(spec[2]) - 1) + 1])
 
 
-def mlp_stages(spec: Sequence[int]):
-    """The (kind, out_features, activation, flags) of each stage of an encoded MLP run."""
-    h, n = _MLP_SPEC["header"], _MLP_SPEC["per_stage"]
-    for i in range(int(spec[2])):
-        yield spec[h + n * i: h + n * (i + 1)]
-
-
 @dataclass
 class ConvStage:
     """One stage of a fused conv run (see csrc/kernels/conv_spec.h): a Conv2d
@@ -168,11 +159,3 @@ def encode_conv_spec(
         spec += [int(v) for v in s.window] + [int(s.param), int(s.options)]
         fparams += [float(s.alpha), float(s.eps)]
     return spec, fparams
-
-
-def conv_stages(spec: Sequence[int]):
-    """The encoded values of each stage of a conv run (kind, out_channels,
-    activation, flags, the 10 window values, param, options)."""
-    h, n = _CONV_SPEC["header"], _CONV_SPEC["per_stage"]
-    for i in range(int(spec[2])):
-        yield spec[h + n * i: h + n * (i + 1)]

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <vector>
 
@@ -116,6 +117,35 @@ inline const at::Tensor& engine_weight(at::TensorList weights, size_t& next, siz
                     w.scalar_type(), " and device ", w.device(), ", expected [", s.out_features, ", ", s.in_features,
                     "] ", x.scalar_type(), " on ", x.device());
   return w;
+}
+
+// Engine 1's walk of an MLP run on every device: each Linear's product by
+// ATen's GEMM on its weight, then epilogue(i, in, out) for stage i (bias,
+// folded BatchNorm, activation; in place on a product). finished(s, x, w) may
+// instead return a Linear stage's whole output (a device's shortcut), or nullopt.
+template <typename Finished, typename Epilogue>
+at::Tensor gemm_epilogue_walk(const kernels::MlpDesc& d, const at::Tensor& x, at::TensorList weights, int64_t rows,
+                              Finished&& finished, Epilogue&& epilogue) {
+  at::Tensor cur = x;
+  size_t next_weight = 0;
+  for (size_t i = 0; i < d.stages.size(); ++i) {
+    const kernels::StageDesc& s = d.stages[i];
+    at::Tensor out;
+    if (s.kind == kernels::StageKind::Linear) {
+      const at::Tensor& w = engine_weight(weights, next_weight, i, s, x);
+      if (std::optional<at::Tensor> y = finished(s, cur, w)) {
+        cur = *y;
+        continue;
+      }
+      out = at::mm(cur, w.t());
+      cur = out;  // the epilogue runs in place on the product
+    } else {
+      out = cur.is_same(x) ? at::empty({rows, s.out_features}, x.options()) : cur;
+    }
+    epilogue(i, cur, out);
+    cur = out;
+  }
+  return cur;
 }
 
 // seqfuse::conv_forward's input on every device, checked against the spec;

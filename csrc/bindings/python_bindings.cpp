@@ -58,14 +58,11 @@ py::dict vocabulary() {
                                  {"GLOBAL_AVG_POOL", static_cast<int64_t>(ConvStageKind::GlobalAvgPool)},
                                  {"FLATTEN", static_cast<int64_t>(ConvStageKind::Flatten)},
                                  {"LINEAR", static_cast<int64_t>(ConvStageKind::Linear)}});
-  py::list activations, from_output;
-#define SEQFUSE_ACTIVATION_ROW(name, id, python_name, derivative_from_output, ...) \
-  activations.append(py::make_tuple(python_name, id));                        \
-  if (derivative_from_output) from_output.append(python_name);
+  py::list activations;
+#define SEQFUSE_ACTIVATION_ROW(name, id, python_name, ...) activations.append(py::make_tuple(python_name, id));
   SEQFUSE_ACTIVATION_TABLE(SEQFUSE_ACTIVATION_ROW)
 #undef SEQFUSE_ACTIVATION_ROW
   v["activations"] = activations;
-  v["derivative_from_output"] = from_output;
   v["engines"] = pairs({{"ENGINE_FUSED", kEngineFused},
                         {"ENGINE_GEMM_EPILOGUE", kEngineGemmEpilogue},
                         {"ENGINE_ATEN_LAYOUT", kEngineAtenLayout}});

@@ -59,26 +59,17 @@ at::Tensor mlp_pack_cpu(at::TensorList tensors, at::IntArrayRef spec, at::ArrayR
 template <typename T>
 at::Tensor mlp_forward_gemm_epilogue(const MlpDesc& d, const uint8_t* pk, const at::Tensor& x, at::TensorList weights,
                                      int64_t rows) {
-  at::Tensor cur = x;
-  size_t next_weight = 0;
-  for (size_t i = 0; i < d.stages.size(); ++i) {
-    const StageDesc& s = d.stages[i];
-    at::Tensor out;
-    if (s.kind == StageKind::Linear) {
-      out = at::mm(cur, engine_weight(weights, next_weight, i, s, x).t());
-      cur = out;  // the epilogue runs in place on the product
-    } else {
-      out = cur.is_same(x) ? at::empty({rows, s.out_features}, x.options()) : cur;
-    }
-    const T* in = reinterpret_cast<const T*>(cur.const_data_ptr());
-    T* o = reinterpret_cast<T*>(out.mutable_data_ptr());
-    const int64_t ld_in = cur.stride(0), ld_out = out.stride(0);
-    at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 15) / s.out_features), [&](int64_t b, int64_t e) {
-      kernels::mlp_stage_epilogue<T>(d, i, pk, in + b * ld_in, ld_in, o + b * ld_out, ld_out, e - b);
-    });
-    cur = out;
-  }
-  return cur;
+  return gemm_epilogue_walk(
+      d, x, weights, rows, [](const StageDesc&, const at::Tensor&, const at::Tensor&) { return std::optional<at::Tensor>(); },
+      [&](size_t i, const at::Tensor& cur, at::Tensor& out) {
+        const StageDesc& s = d.stages[i];
+        const T* in = reinterpret_cast<const T*>(cur.const_data_ptr());
+        T* o = reinterpret_cast<T*>(out.mutable_data_ptr());
+        const int64_t ld_in = cur.stride(0), ld_out = out.stride(0);
+        at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 15) / s.out_features), [&](int64_t b, int64_t e) {
+          kernels::mlp_stage_epilogue<T>(d, i, pk, in + b * ld_in, ld_in, o + b * ld_out, ld_out, e - b);
+        });
+      });
 }
 
 at::Tensor mlp_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,

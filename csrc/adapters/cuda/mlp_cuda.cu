@@ -107,31 +107,18 @@ template <typename T>
 at::Tensor gemm_epilogue(const MlpDesc& d, const at::Tensor& packed, const at::Tensor& x, at::TensorList weights,
                          int64_t rows) {
   const uint8_t* pk = packed.const_data_ptr<uint8_t>();
-  at::Tensor cur = x;
-  size_t next_weight = 0;
-  for (size_t i = 0; i < d.stages.size(); ++i) {
-    const StageDesc& s = d.stages[i];
-    at::Tensor out;
-    if (s.kind == StageKind::Linear) {
-      const at::Tensor& w = engine_weight(weights, next_weight, i, s, x);
-      if (bias_only(s)) {
-        // The bias is the packed shift (no BatchNorm: the scale is 1).
-        const at::Tensor bias = packed.narrow(0, s.shift_offset, s.out_features * int64_t(sizeof(dev::acc_of<T>)))
-                                    .view(c10::CppTypeToScalarType<dev::acc_of<T>>::value)
-                                    .to(x.scalar_type());
-        cur = at::addmm(bias, cur, w.t());
-        continue;
-      }
-      out = at::mm(cur, w.t());
-      cur = out;  // the epilogue runs in place on the product
-    } else {
-      out = cur.is_same(x) ? at::empty({rows, s.out_features}, x.options()) : cur;
-    }
-    launch_epilogue<T>(s, pk, static_cast<const T*>(cur.const_data_ptr()), cur.stride(0),
+  // A bias-only Linear is one addmm (the bias is the packed shift: no BatchNorm, the scale is 1).
+  auto finished = [&](const StageDesc& s, const at::Tensor& cur, const at::Tensor& w) -> std::optional<at::Tensor> {
+    if (!bias_only(s)) return std::nullopt;
+    const at::Tensor bias = packed.narrow(0, s.shift_offset, s.out_features * int64_t(sizeof(dev::acc_of<T>)))
+                                .view(c10::CppTypeToScalarType<dev::acc_of<T>>::value)
+                                .to(x.scalar_type());
+    return at::addmm(bias, cur, w.t());
+  };
+  return gemm_epilogue_walk(d, x, weights, rows, finished, [&](size_t i, const at::Tensor& cur, at::Tensor& out) {
+    launch_epilogue<T>(d.stages[i], pk, static_cast<const T*>(cur.const_data_ptr()), cur.stride(0),
                        static_cast<T*>(out.mutable_data_ptr()), out.stride(0), rows);
-    cur = out;
-  }
-  return cur;
+  });
 }
 
 at::Tensor mlp_forward_cuda(const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,
