@@ -17,6 +17,7 @@ from ._loader import BUILD_INFO  # noqa: E402
 from .container import Explanation, FusedSequential, SeqfuseWarning  # noqa: E402
 from .convert import fuse  # noqa: E402
 from .explain import ModelExplanation, explain  # noqa: E402
+from .profiling import ModelProfile, profile  # noqa: E402
 
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "fuse",
     "explain",
     "ModelExplanation",
+    "profile",
+    "ModelProfile",
     "Explanation",
     "SeqfuseWarning",
     "ops",

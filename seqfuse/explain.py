@@ -16,6 +16,7 @@ from torch import nn
 
 from .capture import CapturedForward
 from .container import FusedSequential, _describe
+from .profiling import ModelProfile, profile
 
 __all__ = ["explain", "ModelExplanation"]
 
@@ -39,6 +40,7 @@ class ModelExplanation:
     untraced: Dict[str, str] = field(default_factory=dict)  # module -> why its forward runs as written
     flops: Optional[Dict[str, int]] = None
     input_shape: Optional[Tuple[int, ...]] = None
+    profile: Optional["ModelProfile"] = None  # with timing=True: seqfuse.profile's report
 
     @property
     def module_share(self) -> float:
@@ -72,6 +74,8 @@ class ModelExplanation:
             lines.append("  Conv2d/Linear/BatchNorm modules left eager:")
             for name, why in self.eager.items():
                 lines.append(f"    {name}: {why}")
+        if self.profile is not None:
+            lines.append(str(self.profile))
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -82,12 +86,15 @@ def _segments_of(container: FusedSequential):
     return container.explain().segments
 
 
-def explain(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> ModelExplanation:
+def explain(model: nn.Module, example_input: Optional[torch.Tensor] = None, timing: bool = False) -> ModelExplanation:
     """Describes how ``model`` (as returned by :func:`seqfuse.fuse`, or a
     FusedSequential) runs now: its fused chains, the Conv2d/Linear/BatchNorm
     modules left eager and why, and the share of those modules in fused calls.
     With ``example_input`` also the share of their multiply-adds (measured by
-    one eager forward of a copy of the model with shape hooks).
+    one eager forward of a copy of the model with shape hooks). With
+    ``timing=True`` too, where the forward's time goes:
+    :func:`seqfuse.profile` of ``model`` on ``example_input``, in ``.profile``
+    and at the end of the report.
 
     >>> import torch, seqfuse
     >>> from torch import nn
@@ -174,9 +181,13 @@ def explain(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> M
                 why = f"{_describe(m)} is called where no chain reaches it"
             ex.eager[qual] = why
 
+    if timing and example_input is None:
+        raise ValueError("seqfuse.explain(timing=True) times a forward: give an example_input")
     if example_input is not None:
         ex.flops = _macs(model, example_input)
         ex.input_shape = tuple(example_input.shape)
+    if timing:
+        ex.profile = profile(model, example_input)
     return ex
 
 

@@ -19,6 +19,7 @@
 #include "runtime/engine_choice.h"
 #include "runtime/fused_call.h"
 #include "runtime/plan_guard.h"
+#include "runtime/stage_profile.h"
 #include "runtime/train_call.h"
 #include "adapters/spec_adapter.h"
 
@@ -183,6 +184,24 @@ PYBIND11_MODULE(_C, m) {
       "set_gelu_erf_at_pos_inf",
       [](float v) { kernels::gelu_erf_at_pos_inf.store(v, std::memory_order_relaxed); }, py::arg("value"),
       "The float32 GELU(+inf) of the fused CPU kernels: eager's, probed at import (NaN or +inf by ATen's kernel).");
+  m.def("set_stage_profile", &set_stage_profile, py::arg("on"),
+        "Record the per-stage timing of every fused CPU call (seqfuse.profile) while on.");
+  m.def(
+      "take_call_timings",
+      [] {
+        py::list out;
+        for (CallTiming& t : take_call_timings()) {
+          py::dict r;
+          r["op"] = t.op, r["plan"] = t.plan, r["engine"] = t.engine, r["batch"] = t.batch;
+          r["stages"] = t.stages, r["macs"] = t.macs, r["bytes"] = t.bytes, r["ns"] = t.ns;
+          r["layout_ns"] = t.layout_ns, r["total_ns"] = t.total_ns;
+          out.append(std::move(r));
+        }
+        return out;
+      },
+      "The fused CPU calls timed since the last take, oldest first: dicts of op, plan (the packed buffer's "
+      "address), engine, batch, and per stage: stages (labels), macs, bytes, ns (-1: not timed apart); "
+      "layout_ns, total_ns.");
   m.def("fma_peak_gflops", [](int threads, double seconds) { return kernels::fma_peak_gflops(threads, seconds); },
         py::arg("threads") = 1, py::arg("seconds") = 0.2, py::call_guard<py::gil_scoped_release>(),
         "Measured float32 FMA peak (GFLOP/s) of `threads` concurrent threads over ~`seconds`, best ISA of this CPU.");

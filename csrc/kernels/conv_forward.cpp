@@ -4,6 +4,7 @@
 #include "conv_forward.h"
 
 #include <algorithm>
+#include <chrono>
 #include <type_traits>
 
 #include "workspace.h"
@@ -83,6 +84,11 @@ void conv_stage_epilogue(const ConvDesc& d, const ConvGeometry& g, size_t i, con
 }
 
 namespace {
+int64_t clock_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 // Element strides of compact NHWC (N, C, H, W).
 bool is_compact_nhwc(const int64_t* s, int64_t C, int64_t H, int64_t W) {
   return (s[1] == 1 || C == 1) && (s[3] == C || W == 1) && (s[2] == W * C || H == 1) && s[0] == H * W * C;
@@ -92,7 +98,7 @@ bool is_compact_nhwc(const int64_t* s, int64_t C, int64_t H, int64_t W) {
 template <typename TI, typename A, typename TO>
 void conv_forward_images(const ConvDesc& d, const ConvGeometry& g, const uint8_t* packed, const TI* in,
                          const int64_t* in_strides, TO* out, const int64_t* out_strides, int64_t n_images,
-                         size_t stop) {
+                         size_t stop, int64_t* stage_ns) {
   int64_t scratch = 0;
   for (size_t i = 0; i < stop; ++i) scratch = std::max(scratch, scratch_elems(d, i));
   const int64_t image = g.max_image_elems;
@@ -104,6 +110,14 @@ void conv_forward_images(const ConvDesc& d, const ConvGeometry& g, const uint8_t
   const int64_t out_h = last.out_h, out_w = last.out_w;
   const bool in_direct = std::is_same_v<TI, A> && is_compact_nhwc(in_strides, first.in_c, first.in_h, first.in_w);
   const bool out_direct = std::is_same_v<TO, A> && is_compact_nhwc(out_strides, last.out_c, out_h, out_w);
+  // Profiled calls time each step into stage_ns (a clock read per step).
+  int64_t t = stage_ns ? clock_ns() : 0;
+  auto lap = [&](size_t slot) {
+    if (!stage_ns) return;
+    const int64_t now = clock_ns();
+    stage_ns[slot] += now - t;
+    t = now;
+  };
   for (int64_t n = 0; n < n_images; ++n) {
     const A* cur;
     if (in_direct) {
@@ -111,13 +125,18 @@ void conv_forward_images(const ConvDesc& d, const ConvGeometry& g, const uint8_t
     } else {  // stage 0 writes buffers[0], so its input may sit in buffers[1]
       load_nhwc<TI, A>(in + n * in_strides[0], in_strides, first.in_c, first.in_h, first.in_w, 0, 1, buffers[1]);
       cur = buffers[1];
+      lap(stop);
     }
     for (size_t i = 0; i < stop; ++i) {
       A* next = i + 1 == stop && out_direct ? reinterpret_cast<A*>(out) + n * out_strides[0] : buffers[i % 2];
       stage_kernel<A>(d, g, i, packed, cur, next, 0, g.stages[i].out_pixels(), ws + 2 * image, 0, -1);
       cur = next;
+      lap(i);
     }
-    if (!out_direct) store_nhwc<A, TO>(cur, last.out_c, out_h, out_w, out_strides, 0, 1, out + n * out_strides[0]);
+    if (!out_direct) {
+      store_nhwc<A, TO>(cur, last.out_c, out_h, out_w, out_strides, 0, 1, out + n * out_strides[0]);
+      lap(stop);
+    }
   }
 }
 
@@ -146,7 +165,8 @@ template void conv_stage_epilogue<bf16, float>(const ConvDesc&, const ConvGeomet
 
 #define SEQFUSE_INSTANTIATE_IO(T)                                                                               \
   template void conv_forward_images<T, acc_t<T>, T>(const ConvDesc&, const ConvGeometry&, const uint8_t*,        \
-                                                    const T*, const int64_t*, T*, const int64_t*, int64_t, size_t); \
+                                                    const T*, const int64_t*, T*, const int64_t*, int64_t, size_t, \
+                                                    int64_t*);                                                  \
   template void load_nhwc<T, acc_t<T>>(const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t,   \
                                        acc_t<T>*);                                                              \
   template void store_nhwc<acc_t<T>, T>(const acc_t<T>*, int64_t, int64_t, int64_t, const int64_t*, int64_t,    \
@@ -158,6 +178,6 @@ SEQFUSE_INSTANTIATE_IO(bf16)
 // bfloat16 runs with a Linear head hand the flattened rows over in float.
 template void conv_forward_images<bf16, float, float>(const ConvDesc&, const ConvGeometry&, const uint8_t*,
                                                       const bf16*, const int64_t*, float*, const int64_t*, int64_t,
-                                                      size_t);
+                                                      size_t, int64_t*);
 
 }  // namespace seqfuse::kernels

@@ -56,10 +56,12 @@ void conv_stage_epilogue(const ConvDesc& d, const ConvGeometry& g, size_t i, con
 // memory format; out: stage stop-1's output images, strides `out_strides`
 // (after a Flatten, (N, F) as (N, F, 1, 1)). Layout conversion happens per
 // image while it is cache-hot; compact NHWC in A is read and written in place.
+// stage_ns (optional, stop + 1 slots): nanoseconds spent in each stage, and
+// in the layout conversions (slot stop), added to.
 template <typename TI, typename A, typename TO>
 void conv_forward_images(const ConvDesc& d, const ConvGeometry& g, const uint8_t* packed, const TI* in,
                          const int64_t* in_strides, TO* out, const int64_t* out_strides, int64_t n_images,
-                         size_t stop);
+                         size_t stop, int64_t* stage_ns = nullptr);
 
 // ---- layout conversions (conv_forward.cpp) -----------------------------------
 

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{QUICK.target_s * 1e3:g})")
     ap.add_argument("--memory", action="store_true",
                     help="also measure peak RSS per (case, peer), each in a fresh subprocess")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timing, print seqfuse.profile of each --model: time per fused chain and "
+                         "stage, each stage's share of the FMA peak or memory bandwidth, the time outside "
+                         "the fused calls (CPU)")
     ap.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
     ap.add_argument("--json", metavar="PATH", help="write the full results (with samples) as JSON")
     ap.add_argument("--csv", metavar="PATH", help="write one row per case as CSV")
@@ -88,6 +92,18 @@ def _kinds(seq: torch.nn.Module) -> str:
         if name not in names:
             names.append(name)
     return ", ".join(names)
+
+
+def profile_model(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0) -> str:
+    """``seqfuse.profile`` of ``seqfuse.fuse`` of a model case (eval mode,
+    weights and input from ``seed``): what ``--profile`` prints."""
+    import seqfuse
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = case.build().eval().to(dtype)
+        x = torch.randn(case.input_shape).to(dtype)
+    return f"{case.name}: {seqfuse.profile(seqfuse.fuse(model), x)}"
 
 
 def describe_model(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0,
@@ -189,6 +205,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     _print(report.header(env, mode))
     _print(report.table(results))
     _print(report.footer(results))
+    if args.profile:
+        if not models:
+            print("seqfuse.bench: --profile profiles --model cases; none was given", file=sys.stderr)
+        old_threads = torch.get_num_threads()
+        if args.threads:
+            torch.set_num_threads(args.threads)  # as the run had them
+        try:
+            for c in models:
+                print()
+                _print(profile_model(c, dtype, args.seed))
+        finally:
+            torch.set_num_threads(old_threads)
 
     settings = {"mode": mode, "batch": args.batch, "threads_requested": args.threads, "peers": peers,
                 "repeats": args.repeats, "target_ms": args.target_ms, "seed": args.seed}

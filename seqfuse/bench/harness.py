@@ -19,7 +19,7 @@ from . import memory, timing
 from .cases import Case, layer_flops, select_cases
 from .peers import TRAINING_PEERS, BuildContext, build_peer, build_training_step, parse_peers, peer_context
 
-__all__ = ["run", "run_case", "parse_dtype", "environment", "fma_peak", "model_flops", "Progress", "TOLERANCES"]
+__all__ = ["run", "run_case", "time_alone", "parse_dtype", "environment", "fma_peak", "model_flops", "Progress", "TOLERANCES"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -308,6 +308,33 @@ def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch
                 result["steady_rss_mib"][p] = m["steady_rss_mib"]
                 result["memory_method"] = m["method"]
     return result
+
+
+def time_alone(case: Case, peer: str, dtype: torch.dtype = torch.float32,
+               settings: timing.Settings = timing.FULL, seed: int = 0) -> float:
+    """Median per-call time (µs) of one peer of ``case``, built and timed
+    with nothing else running: the same weights, input, warm-up, calibration
+    and rounds as :func:`run_case`, without the other peers between its
+    batches. ``benchmarks/peers_alone.py`` runs it in a fresh process per
+    peer to check the interleaved ratios against.
+
+    >>> from seqfuse.bench import get_case
+    >>> time_alone(get_case("policy_b1"), "fused", settings=timing.Settings(target_s=0.0005, rounds=2, warmup_s=0.0)) > 0
+    True
+    """
+    dtype = parse_dtype(dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        built = case.build()
+        modules = built.eval().to(dtype) if isinstance(built, nn.Module) else [m.eval().to(dtype) for m in built]
+        x = torch.randn(case.input_shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    with peer_context([peer]), BuildContext(x) as build:
+        fn = build_peer(peer, modules, build)
+        with torch.inference_mode():
+            timing.warm_up(fn, x, settings.warmup_calls, settings.warmup_s)
+            inner = timing.calibrate(fn, x, settings.target_s)
+            samples = timing.interleaved({peer: fn}, x, {peer: inner}, settings)[peer]
+    return timing.summarize(samples)["median"] * 1e6
 
 
 def run(cases: Optional[Iterable[Union[str, Case]]] = None, peers: Union[str, Sequence[str]] = ("eager", "fused"),

@@ -8,7 +8,11 @@ The method:
    (``inner``) is chosen so one batch lasts about ``target_s``;
 3. rounds: in each round every callable times one batch, in an order rotated
    by one each round, so slow drifts of the machine (turbo, other processes)
-   hit every callable alike; the per-call time of a batch is one sample;
+   hit every callable alike; the per-call time of a batch is one sample.
+   Before each batch the harness sleeps ``settle_s``: a runtime whose
+   worker threads spin after a call (ONNX Runtime's thread pool does) must
+   not take the next callable's cores, so each batch starts on an otherwise
+   idle machine;
 4. the reported time is the median sample. Each batch is bracketed by
    ``time.perf_counter()``, with the garbage collector off during the rounds.
 
@@ -38,6 +42,8 @@ class Settings:
         warmup_calls: calls before calibration (at least).
         warmup_s: keep warming up until this much time has passed (or 1000 calls).
         budget_s: soft limit on the time spent in rounds for one case.
+        settle_s: idle time before each timed batch (spinning worker threads
+            of the previous batch's runtime wind down).
     """
 
     rounds: int = 15
@@ -46,6 +52,7 @@ class Settings:
     warmup_calls: int = 3
     warmup_s: float = 0.1
     budget_s: float = 20.0
+    settle_s: float = 0.01
 
     def with_overrides(self, rounds: Optional[int] = None, target_ms: Optional[float] = None,
                        budget_s: Optional[float] = None) -> "Settings":
@@ -70,7 +77,7 @@ class Settings:
 #: Default settings: batches of ~20 ms, 15 rounds.
 FULL = Settings()
 #: ``--quick``: batches of ~3 ms, 5 rounds, at most ~1.5 s of rounds per case.
-QUICK = Settings(rounds=5, min_rounds=3, target_s=0.003, warmup_calls=2, warmup_s=0.02, budget_s=1.5)
+QUICK = Settings(rounds=5, min_rounds=3, target_s=0.003, warmup_calls=2, warmup_s=0.02, budget_s=1.5, settle_s=0.005)
 
 
 def _time_batch(fn: Callable, x, n: int) -> float:
@@ -137,6 +144,7 @@ def interleaved(fns: Mapping[str, Callable], x, inner: Mapping[str, int], settin
             k = r % len(names)
             for name in names[k:] + names[:k]:
                 n = inner[name]
+                time.sleep(settings.settle_s)
                 samples[name].append(_time_batch(fns[name], x, n) / n)
             if r + 1 >= settings.min_rounds and time.perf_counter() - start > settings.budget_s:
                 break

@@ -12,6 +12,7 @@
 #include "adapters/conv_output_layout.h"
 #include "adapters/spec_adapter.h"
 #include "adapters/channel_layout.h"
+#include "runtime/stage_profile.h"
 
 namespace seqfuse {
 namespace {
@@ -65,6 +66,9 @@ struct RunContext {
   const uint8_t* packed;
   int64_t images;
   at::TensorList weights;  // the Conv weights in stage order (ATen engine)
+  int64_t* stage_ns;       // profiled calls: nanoseconds per stage, else null
+  // The StageClock of stage i (a no-op unless the call is profiled).
+  int64_t* clock_slot(size_t i) const { return stage_ns ? stage_ns + i : nullptr; }
 };
 
 // Whether engine 1 runs stage i through ATen (a Conv2d ATen can express:
@@ -120,6 +124,7 @@ at::Tensor run_stages_batched(const RunContext& ctx, size_t first, size_t stop, 
   for (size_t i = 0; i < first; ++i) weight_index += ctx.d.stages[i].kind == ConvStageKind::Conv;
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
   for (size_t i = first; i < stop; ++i) {
+    const StageClock clock(ctx.clock_slot(i));
     const ConvStage& st = ctx.d.stages[i];
     const kernels::StageShape& s = ctx.g.stages[i];
     if (aten_runs_stage(st, engine)) {
@@ -183,6 +188,7 @@ at::Tensor run_stages_aten_layout(const RunContext& ctx, size_t stop, const at::
   bool owned = false;  // cur may be written in place (not the caller's input)
   size_t weight_index = 0;
   for (size_t i = 0; i < stop; ++i) {
+    const StageClock clock(ctx.clock_slot(i));
     const ConvStage& st = ctx.d.stages[i];
     const T* scale = nullptr;
     const T* shift = nullptr;
@@ -256,6 +262,33 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
   at::Tensor y = at::empty(start.out_sizes, start.out_options(input));
   if (N == 0) return y;
 
+  // A profiled call (seqfuse.profile) times each stage into stage_ns, and
+  // the layout conversions into its last slot.
+  const bool profiled = stage_profile_on();
+  const int64_t t_start = profiled ? profile_clock_ns() : 0;
+  std::vector<int64_t> stage_ns(profiled ? d.stages.size() + 1 : 0, 0);
+  int64_t* const layout_ns = profiled ? &stage_ns.back() : nullptr;
+  // Per-image runs: each thread's own slots, averaged into stage_ns after.
+  std::vector<int64_t> thread_ns;
+  auto thread_slots = [&](size_t stop) -> int64_t* {
+    return profiled ? thread_ns.data() + at::get_thread_num() * (stop + 1) : nullptr;
+  };
+  auto average_threads = [&](size_t stop) {
+    if (!profiled) return;
+    const size_t width = stop + 1;
+    int64_t ran = 0;
+    for (size_t t = 0; t * width < thread_ns.size(); ++t) {
+      bool any = false;
+      for (size_t k = 0; k < width; ++k) any = any || thread_ns[t * width + k] != 0;
+      ran += any;
+    }
+    if (ran == 0) return;
+    for (size_t t = 0; t * width < thread_ns.size(); ++t) {
+      for (size_t k = 0; k < stop; ++k) stage_ns[k] += thread_ns[t * width + k] / ran;
+      *layout_ns += thread_ns[t * width + stop] / ran;
+    }
+  };
+
   dispatch_mlp_dtype(d.dtype, [&]<typename T>() {
     using A = kernels::acc_t<T>;
     const auto acc_opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
@@ -264,7 +297,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
     const int64_t x_strides[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
     const int64_t oh = flat ? 1 : last.out_h, ow = flat ? 1 : last.out_w;
     const int64_t y_strides[4] = {y.stride(0), y.stride(1), flat ? 1 : y.stride(2), flat ? 1 : y.stride(3)};
-    const RunContext ctx{d, g, packed.const_data_ptr<uint8_t>(), N, weights};
+    const RunContext ctx{d, g, packed.const_data_ptr<uint8_t>(), N, weights, profiled ? stage_ns.data() : nullptr};
     const int run_engine = static_cast<int>(engine);
     const size_t n_stages = d.stages.size();
     const size_t spatial_stop = flat ? static_cast<size_t>(d.flatten_stage) + 1 : n_stages;
@@ -276,6 +309,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
           if (mid.sizes() == y.sizes() && mid.strides() == y.strides()) {
             y = mid;  // the last stage's output is already in eager's layout
           } else {
+            const StageClock clock(layout_ns);
             y.copy_(mid);
           }
           return;
@@ -295,11 +329,14 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
     // enough over the threads.
     const bool per_image = run_engine == kernels::kEngineFused && (threads == 1 || N % threads == 0 || N >= 4 * threads ||
                                            N * g.macs_per_image < kParallelMinMacs);
+    if (profiled && per_image) thread_ns.assign(at::get_num_threads() * (spatial_stop + 1), 0);
     if (per_image && spatial_stop == n_stages) {
       parallel_range(N, N * g.macs_per_image, [&](int64_t b, int64_t e) {
         kernels::conv_forward_images<T, A, T>(d, g, ctx.packed, xp + b * x_strides[0], x_strides,
-                                              yp + b * y_strides[0], y_strides, e - b, spatial_stop);
+                                              yp + b * y_strides[0], y_strides, e - b, spatial_stop,
+                                              thread_slots(spatial_stop));
       });
+      average_threads(spatial_stop);
       return;
     }
     // The last stage writes into y when y's layout is compact NHWC in A.
@@ -314,13 +351,16 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
       const int64_t mid_strides[4] = {mid_elems, 1, 1, 1};
       parallel_range(N, N * g.macs_per_image, [&](int64_t b, int64_t e) {
         kernels::conv_forward_images<T, A, A>(d, g, ctx.packed, xp + b * x_strides[0], x_strides,
-                                              mp + b * mid_elems, mid_strides, e - b, spatial_stop);
+                                              mp + b * mid_elems, mid_strides, e - b, spatial_stop,
+                                              thread_slots(spatial_stop));
       });
+      average_threads(spatial_stop);
       cur = run_stages_batched<T, A>(ctx, spatial_stop, n_stages, mid, out, staging, run_engine);
     } else {
       // NHWC input in A: the input itself when it already is, else one converting pass.
       at::Tensor x_nhwc = input;
       if (!std::is_same_v<T, A> || !input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+        const StageClock clock(layout_ns);
         x_nhwc = at::empty({N * H * W * C}, acc_opts);
         A* dst = x_nhwc.mutable_data_ptr<A>();
         parallel_range(N, N * H * W * C * 64, [&](int64_t b, int64_t e) {
@@ -330,6 +370,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
       cur = run_stages_batched<T, A>(ctx, 0, n_stages, x_nhwc, out, staging, run_engine);
     }
     if (direct_out && cur.const_data_ptr() == y.const_data_ptr()) return;
+    const StageClock clock(layout_ns);
     if (cur.scalar_type() != acc_opts.dtype()) {  // a last ATen convolution's output, in T (spatial, NHWC)
       y.copy_(cur.as_strided(y.sizes(), {last.out_elems(), 1, ow * last.out_c, last.out_c}));
       return;
@@ -339,6 +380,13 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
       kernels::store_nhwc<A, T>(src, last.out_c, oh, ow, y_strides, b, e, yp);
     });
   });
+  if (profiled) {
+    CallTiming t = conv_call_timing(d, g, N, engine, packed.const_data_ptr());
+    std::copy(stage_ns.begin(), stage_ns.end() - 1, t.ns.begin());
+    t.layout_ns = *layout_ns;
+    t.total_ns = profile_clock_ns() - t_start;
+    record_call_timing(std::move(t));
+  }
   return y;
 }
 

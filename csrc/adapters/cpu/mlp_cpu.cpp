@@ -9,6 +9,7 @@
 
 #include "kernels/mlp_forward.h"
 #include "adapters/spec_adapter.h"
+#include "runtime/stage_profile.h"
 
 namespace seqfuse {
 namespace {
@@ -72,9 +73,8 @@ at::Tensor mlp_forward_gemm_epilogue(const MlpDesc& d, const uint8_t* pk, const 
       });
 }
 
-at::Tensor mlp_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,
-                           at::IntArrayRef spec, at::ArrayRef<double> fparams, int64_t engine) {
-  const MlpDesc d = decode_mlp_spec(spec, fparams);
+at::Tensor mlp_forward_run(const MlpDesc& d, const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,
+                           int64_t engine) {
   const MlpRows in = mlp_rows(d, input);
   check_packed("seqfuse::mlp_forward", packed, input, d.packed_bytes);
   const int64_t K = d.in_features, N = d.out_features;
@@ -107,6 +107,21 @@ at::Tensor mlp_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at
     }
   });
   return y.view(out_shape);
+}
+
+at::Tensor mlp_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at::TensorList weights,
+                           at::IntArrayRef spec, at::ArrayRef<double> fparams, int64_t engine) {
+  const MlpDesc d = decode_mlp_spec(spec, fparams);
+  if (!stage_profile_on()) return mlp_forward_run(d, input, packed, weights, engine);
+  // Profiled (seqfuse.profile): the whole call, whose stages engine 0 runs
+  // together over row tiles (not timed apart).
+  const int64_t t0 = profile_clock_ns();
+  at::Tensor y = mlp_forward_run(d, input, packed, weights, engine);
+  const int64_t rows = input.numel() / std::max<int64_t>(d.in_features, 1);
+  CallTiming t = mlp_call_timing(d, rows, engine, packed.const_data_ptr());
+  t.total_ns = profile_clock_ns() - t0;
+  record_call_timing(std::move(t));
+  return y;
 }
 
 }  // namespace

@@ -1,0 +1,74 @@
+// Per-stage timing of fused CPU calls, for seqfuse.profile: what each fused
+// call spent in each of its stages, next to the stage's multiply-adds and
+// bytes, so a profile can put every stage against the machine's limits.
+//
+// Off unless a profile asks (one relaxed atomic load per call when off).
+// While on, every CPU conv/MLP op call appends one CallTiming; the profile
+// takes them after its timed forwards. Stage times are wall time on the
+// calling thread for runs split stage by stage (the thread hand-off
+// included), and the mean over the threads for runs where each thread
+// carries its own images through every stage.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/conv_spec.h"
+#include "kernels/mlp_spec.h"
+
+namespace seqfuse {
+
+struct CallTiming {
+  std::string op;  // "conv" or "mlp"
+  uintptr_t plan = 0;  // the packed buffer's address: which segment ran
+  int64_t engine = 0;
+  int64_t batch = 0;
+  std::vector<std::string> stages;  // what each stage is, with its shape
+  std::vector<int64_t> macs;        // per stage, whole call (one per value for stages without weights)
+  std::vector<int64_t> bytes;       // per stage: activations read and written, and packed weights
+  std::vector<int64_t> ns;          // per stage; -1 where the kernel runs stages together (not timed apart)
+  int64_t layout_ns = 0;            // layout conversions at the run's boundaries
+  int64_t total_ns = 0;             // the whole op call
+};
+
+namespace detail {
+extern std::atomic<bool> stage_profile_flag;
+}
+
+inline bool stage_profile_on() { return detail::stage_profile_flag.load(std::memory_order_relaxed); }
+void set_stage_profile(bool on);
+void record_call_timing(CallTiming&& t);
+// The timings recorded since the last take, oldest first.
+std::vector<CallTiming> take_call_timings();
+
+inline int64_t profile_clock_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Adds the time from construction to destruction to *slot (no-op for null).
+class StageClock {
+ public:
+  explicit StageClock(int64_t* slot) : slot_(slot), t0_(slot ? profile_clock_ns() : 0) {}
+  ~StageClock() {
+    if (slot_) *slot_ += profile_clock_ns() - t0_;
+  }
+  StageClock(const StageClock&) = delete;
+  StageClock& operator=(const StageClock&) = delete;
+
+ private:
+  int64_t* slot_;
+  int64_t t0_;
+};
+
+// The stage records of a conv run over `images` images (labels, multiply-adds,
+// bytes), ns left at -1 for the caller to fill.
+CallTiming conv_call_timing(const kernels::ConvDesc& d, const kernels::ConvGeometry& g, int64_t images, int64_t engine,
+                            const void* packed);
+// The same for an MLP run over `rows` rows.
+CallTiming mlp_call_timing(const kernels::MlpDesc& d, int64_t rows, int64_t engine, const void* packed);
+
+}  // namespace seqfuse
