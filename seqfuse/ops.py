@@ -61,6 +61,8 @@ __all__ = [
     "ENGINE_ATEN_LAYOUT",
     "cpu_capability",
     "set_cpu_capability",
+    "release_host_cache",
+    "host_cache_usage",
 ]
 
 def mlp_pack(tensors: List[torch.Tensor], spec: List[int], fparams: List[float]) -> torch.Tensor:
@@ -160,6 +162,26 @@ def set_cpu_capability(name: str) -> None:
 
 
 # ---- training ------------------------------------------------------------------
+
+
+def release_host_cache() -> int:
+    """Frees the blocks the fused CPU ops keep for reuse and returns how many
+    bytes that was. Outputs and intermediates of at least 128 KiB come from
+    a cache of recycled blocks whose pages are already mapped (a fresh
+    multi-megabyte block faults on every page at its first write); a block
+    goes back to the cache when its tensor is freed, up to 256 MiB of cached
+    blocks (``SEQFUSE_HOST_CACHE_MB`` sets the cap, 0 turns caching off).
+
+    >>> release_host_cache() >= 0
+    True
+    """
+    return _C.release_host_cache()
+
+
+def host_cache_usage() -> Tuple[int, int]:
+    """(bytes in cached free blocks, bytes in blocks held by live tensors) of
+    the host cache (see :func:`release_host_cache`)."""
+    return tuple(_C.host_cache_usage())
 
 
 def mlp_train_forward(

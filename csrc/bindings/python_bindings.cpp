@@ -19,6 +19,7 @@
 #include "runtime/engine_choice.h"
 #include "runtime/fused_call.h"
 #include "runtime/plan_guard.h"
+#include "runtime/host_cache.h"
 #include "runtime/stage_profile.h"
 #include "runtime/train_call.h"
 #include "adapters/spec_adapter.h"
@@ -184,6 +185,10 @@ PYBIND11_MODULE(_C, m) {
       "set_gelu_erf_at_pos_inf",
       [](float v) { kernels::gelu_erf_at_pos_inf.store(v, std::memory_order_relaxed); }, py::arg("value"),
       "The float32 GELU(+inf) of the fused CPU kernels: eager's, probed at import (NaN or +inf by ATen's kernel).");
+  m.def("release_host_cache", &release_host_cache,
+        "Frees the host cache's blocks (recycled memory of the fused CPU ops' outputs); returns the bytes freed.");
+  m.def("host_cache_usage", &host_cache_usage,
+        "(bytes cached in free blocks, bytes in blocks handed out) of the fused CPU ops' host cache.");
   m.def("set_stage_profile", &set_stage_profile, py::arg("on"),
         "Record the per-stage timing of every fused CPU call (seqfuse.profile) while on.");
   m.def(

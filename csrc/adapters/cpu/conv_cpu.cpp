@@ -12,6 +12,7 @@
 #include "adapters/conv_output_layout.h"
 #include "adapters/spec_adapter.h"
 #include "adapters/channel_layout.h"
+#include "runtime/host_cache.h"
 #include "runtime/stage_profile.h"
 
 namespace seqfuse {
@@ -122,7 +123,6 @@ at::Tensor run_stages_batched(const RunContext& ctx, size_t first, size_t stop, 
                               const at::Tensor& final_holder, int engine) {
   size_t weight_index = 0;
   for (size_t i = 0; i < first; ++i) weight_index += ctx.d.stages[i].kind == ConvStageKind::Conv;
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
   for (size_t i = first; i < stop; ++i) {
     const StageClock clock(ctx.clock_slot(i));
     const ConvStage& st = ctx.d.stages[i];
@@ -140,7 +140,7 @@ at::Tensor run_stages_batched(const RunContext& ctx, size_t first, size_t stop, 
     if (i + 1 == stop && final_out) {
       out = final_holder, op = final_out;
     } else {
-      out = at::empty({ctx.images * s.out_elems()}, opts);
+      out = host_empty({ctx.images * s.out_elems()}, c10::CppTypeToScalarType<A>::value);
       op = out.mutable_data_ptr<A>();
     }
     const A* in = cur.const_data_ptr<A>();
@@ -259,7 +259,9 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
   const bool flat = start.flat, channels_last = start.channels_last;
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const kernels::StageShape& last = g.stages.back();
-  at::Tensor y = at::empty(start.out_sizes, start.out_options(input));
+  // Outputs and intermediates from the host cache: recycled blocks whose pages are mapped already.
+  at::Tensor y = host_empty(start.out_sizes, input.scalar_type(),
+                            channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (N == 0) return y;
 
   // A profiled call (seqfuse.profile) times each stage into stage_ns, and
@@ -291,7 +293,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
 
   dispatch_mlp_dtype(d.dtype, [&]<typename T>() {
     using A = kernels::acc_t<T>;
-    const auto acc_opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
+    constexpr at::ScalarType acc_type = c10::CppTypeToScalarType<A>::value;
     const T* xp = reinterpret_cast<const T*>(input.const_data_ptr());
     T* yp = reinterpret_cast<T*>(y.mutable_data_ptr());
     const int64_t x_strides[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
@@ -341,12 +343,12 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
     }
     // The last stage writes into y when y's layout is compact NHWC in A.
     const bool direct_out = std::is_same_v<T, A> && (flat || channels_last);
-    at::Tensor staging = direct_out ? y : at::empty({N * last.out_elems()}, acc_opts);
+    at::Tensor staging = direct_out ? y : host_empty({N * last.out_elems()}, acc_type);
     A* out = reinterpret_cast<A*>(staging.mutable_data_ptr());
     at::Tensor cur;
     if (per_image) {  // the spatial stages per image, then the head over the batch
       const int64_t mid_elems = g.stages[spatial_stop - 1].out_elems();
-      at::Tensor mid = at::empty({N * mid_elems}, acc_opts);
+      at::Tensor mid = host_empty({N * mid_elems}, acc_type);
       A* mp = mid.mutable_data_ptr<A>();
       const int64_t mid_strides[4] = {mid_elems, 1, 1, 1};
       parallel_range(N, N * g.macs_per_image, [&](int64_t b, int64_t e) {
@@ -361,7 +363,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
       at::Tensor x_nhwc = input;
       if (!std::is_same_v<T, A> || !input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
         const StageClock clock(layout_ns);
-        x_nhwc = at::empty({N * H * W * C}, acc_opts);
+        x_nhwc = host_empty({N * H * W * C}, acc_type);
         A* dst = x_nhwc.mutable_data_ptr<A>();
         parallel_range(N, N * H * W * C * 64, [&](int64_t b, int64_t e) {
           kernels::load_nhwc<T, A>(xp, x_strides, C, H, W, b, e, dst);
@@ -371,7 +373,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
     }
     if (direct_out && cur.const_data_ptr() == y.const_data_ptr()) return;
     const StageClock clock(layout_ns);
-    if (cur.scalar_type() != acc_opts.dtype()) {  // a last ATen convolution's output, in T (spatial, NHWC)
+    if (cur.scalar_type() != acc_type) {  // a last ATen convolution's output, in T (spatial, NHWC)
       y.copy_(cur.as_strided(y.sizes(), {last.out_elems(), 1, ow * last.out_c, last.out_c}));
       return;
     }

@@ -9,6 +9,7 @@
 
 #include "kernels/mlp_forward.h"
 #include "adapters/spec_adapter.h"
+#include "runtime/host_cache.h"
 #include "runtime/stage_profile.h"
 
 namespace seqfuse {
@@ -89,7 +90,7 @@ at::Tensor mlp_forward_run(const MlpDesc& d, const at::Tensor& input, const at::
       return mlp_forward_gemm_epilogue<T>(d, packed.const_data_ptr<uint8_t>(), x2, weights, rows);
     }).view(out_shape);
   }
-  at::Tensor y = at::empty(out_shape, input.options());
+  at::Tensor y = host_empty(out_shape, input.scalar_type());
   if (rows == 0) return y;
 
   dispatch_mlp_dtype(d.dtype, [&]<typename T>() {
