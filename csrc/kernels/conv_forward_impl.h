@@ -94,6 +94,10 @@ void conv_gemm(const ConvStage& st, const StageShape& g, const uint8_t* packed, 
   const RegisterActivation<A> act(st.activation, st.alpha);
   int64_t tile = kIm2colBudget / K / MR * MR;
   if (tile < MR) tile = MR;
+  if (p1 > p0) {  // patch tiles of equal size too (see the row tiles below)
+    const int64_t n_chunks = (p1 - p0 + tile - 1) / tile;
+    tile = (p1 - p0 + n_chunks - 1) / n_chunks;
+  }
   for (int64_t t0 = p0; t0 < p1; t0 += tile) {
     const int64_t rows = p1 - t0 < tile ? p1 - t0 : tile;
     for (int64_t grp = 0; grp < G; ++grp) {
@@ -105,9 +109,14 @@ void conv_gemm(const ConvStage& st, const StageShape& g, const uint8_t* packed, 
       }
       const A* w = weight + (grp * np + panel0) * K * kPanelWidth;
       const int64_t c = grp * cout_g + col0;
-      for (int64_t r0 = 0; r0 < rows; r0 += MR) {
-        const int mr = static_cast<int>(rows - r0 < MR ? rows - r0 : MR);
+      // Row tiles of equal size (within one row): each tile streams its
+      // panels' weights once, so 49 rows (a 7x7 map) run as 5 tiles of 10 or
+      // 9 rows instead of 4 of 12 and one of 1, which costs nearly a full tile.
+      const int64_t n_tiles = (rows + MR - 1) / MR, base = rows / n_tiles, extra = rows % n_tiles;
+      for (int64_t t = 0, r0 = 0; t < n_tiles; ++t) {
+        const int mr = static_cast<int>(base + (t < extra));
         gemm_rows<MR>(mr, act, a + r0 * lda, lda, w, K, cols, scale + c, shift + c, out + (t0 + r0) * C + c, C);
+        r0 += mr;
       }
     }
     if (!act.on) {
@@ -146,7 +155,7 @@ struct RowWindow {
 // Direct depthwise convolution over output rows: per row segment, one vector
 // of channels at a time across the segment's pixels, so the channel block's
 // taps stay in L1 (in registers for the 3x3 and 5x5 instantiations, whose tap
-// loops unroll). Pixels whose window lies inside the input take the unchecked
+// loops unroll; 7x7 unrolls too). Pixels whose window lies inside the input take the unchecked
 // path; only the border pixels test each tap. Activations RegisterActivation
 // does not apply in registers run over the finished row segment while it is
 // cache-hot.
@@ -189,24 +198,44 @@ void depthwise_row(const ConvStage& st, const StageShape& g, const A* weight, in
       if constexpr (KH > 0 && KW > 0) {
         // Fixed taps, every kernel row inside the input: the taps' weights
         // held in registers across the segment and P pixels at a time, P
-        // independent accumulation chains (one chain per pixel is bound by
-        // the FMA latency). Each output sums its taps in the order of the
-        // loop below: the same bits.
+        // independent accumulation chains (8 on AVX-512 for 3x3: two FMA
+        // pipes of 4-cycle latency; one chain per pixel is bound by the
+        // latency). Unstrided, the P + KW - 1 input vectors of a kernel row
+        // are loaded once and shared by the kernel's columns (P * KW loads
+        // otherwise: the loads, not the FMAs, bound the loop). Each output
+        // sums its taps in the order (kh, kw), as every path here: the same
+        // bits whichever path computes a pixel.
         if (kh_lo == 0 && kh_hi == KH) {
-          constexpr int T = KH * KW, P = T <= 9 ? 4 : 2;
+          constexpr bool kWide = L * sizeof(A) >= 64;  // 32 vector registers
+          constexpr int T = KH * KW, kMaxP = T <= 9 ? (kWide ? 8 : 4) : (kWide ? 4 : 2);
           Vec<A> wv[T];
           unroll<T>([&](auto t) SEQFUSE_INLINE { wv[t] = load_vec<A>(wc + t * cpad); });
-          for (; ox + P <= in_hi; ox += P) {
-            const A* src = image + (iy0 * W + ox * sw - st.pad_left) * C + c0;
+          const bool dense = sw == 1 && dw == 1;
+          auto block = [&]<int P>(int64_t px) SEQFUSE_INLINE {
+            const A* src = image + (iy0 * W + px * sw - st.pad_left) * C + c0;
             Vec<A> acc[P];
             unroll<P>([&](auto i) SEQFUSE_INLINE { acc[i] = Vec<A>{}; });
-            unroll<T>([&](auto t) SEQFUSE_INLINE {
-              constexpr int kh = t / KW, kw = t % KW;
-              const A* tap = src + (kh * dh * W + kw * dw) * C;
-              unroll<P>([&](auto i) SEQFUSE_INLINE { acc[i] += load_vec<A>(tap + i * sw * C) * wv[t]; });
+            unroll<KH>([&](auto kh) SEQFUSE_INLINE {
+              const A* row = src + kh * dh * W * C;
+              if (dense) {
+                Vec<A> x[P + KW - 1];
+                unroll<P + KW - 1>([&](auto j) SEQFUSE_INLINE { x[j] = load_vec<A>(row + j * C); });
+                unroll<KW>([&](auto kw) SEQFUSE_INLINE {
+                  unroll<P>([&](auto i) SEQFUSE_INLINE { acc[i] += x[i + kw] * wv[kh * KW + kw]; });
+                });
+              } else {
+                unroll<KW>([&](auto kw) SEQFUSE_INLINE {
+                  const A* tap = row + kw * dw * C;
+                  unroll<P>([&](auto i) SEQFUSE_INLINE { acc[i] += load_vec<A>(tap + i * sw * C) * wv[kh * KW + kw]; });
+                });
+              }
             });
-            unroll<P>([&](auto i) SEQFUSE_INLINE { finish(acc[i], out + (ox + i - ox0) * C + c0); });
-          }
+            unroll<P>([&](auto i) SEQFUSE_INLINE { finish(acc[i], out + (px + i - ox0) * C + c0); });
+          };
+          for (; ox + kMaxP <= in_hi; ox += kMaxP) block.template operator()<kMaxP>(ox);
+          if constexpr (kMaxP > 4)
+            for (; ox + 4 <= in_hi; ox += 4) block.template operator()<4>(ox);
+          for (; ox + 2 <= in_hi; ox += 2) block.template operator()<2>(ox);
         }
       }
       for (; ox < in_hi; ++ox) {
@@ -240,6 +269,7 @@ void conv_depthwise(const ConvStage& st, const StageShape& g, const uint8_t* pac
   auto row = depthwise_row<A, 0, 0>;
   if (st.kernel_h == 3 && st.kernel_w == 3) row = depthwise_row<A, 3, 3>;
   if (st.kernel_h == 5 && st.kernel_w == 5) row = depthwise_row<A, 5, 5>;
+  if (st.kernel_h == 7 && st.kernel_w == 7) row = depthwise_row<A, 7, 7>;  // ConvNeXt
   for_each_row_segment(g, p0, p1, [&](int64_t n, int64_t oy, int64_t ox0, int64_t ox1, int64_t p) {
     row(st, g, weight, cpad, scale, shift, act, in + n * g.in_h * g.in_w * C, oy, ox0, ox1, out + p * C);
   });

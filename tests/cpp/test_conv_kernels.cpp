@@ -1293,6 +1293,25 @@ TEST(conv_forward_random_runs) {
 // im2col tile budget (one micro-tile of rows per tile), several tiles per call,
 // wide outputs (several panels, partial last), groups of more than one panel,
 // a depthwise conv of several vectors, a long Linear.
+// Depthwise convolutions through every path of the direct kernel: rows long
+// enough for blocks of 8, 4 and 2 pixels and single ones, unstrided (input
+// vectors shared by the kernel columns), strided and dilated, 3x3, 5x5 and
+// 7x7 taps, full and partial channel vectors, windows cut by the borders.
+TEST(conv_forward_depthwise_blocks) {
+  std::vector<ConvCase> cases;
+  for (int64_t k : {3, 5, 7})
+    for (int64_t c : {16, 33})
+      for (int64_t stride : {1, 2}) {
+        cases.push_back({ConvSpec{c}.conv(c, square(k, stride, k / 2), c, Activation::ReLU6, kBias | kBn), 2, 9, 29});
+        Window dilated = square(k, 1, k - 1);
+        dilated.dilation_h = dilated.dilation_w = 2;
+        cases.push_back({ConvSpec{c}.conv(c, dilated, c, Activation::SiLU, kBias), 1, 15, 23});
+      }
+  check_cases<float>(cases, 234);
+  check_cases<double>(cases, 235);
+  check_cases<bf16>(cases, 236);
+}
+
 TEST(conv_forward_wide_and_long) {
   const std::vector<ConvCase> cases = {
       {ConvSpec{300}.conv(3, square(5, 1, 2), 1, Activation::Tanh, kBias | kBnAffine), 1, 5, 4},
