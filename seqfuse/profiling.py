@@ -60,6 +60,7 @@ class ChainProfile:
     calls: int  # calls per forward
     ms: float
     layout_ms: float
+    before_ms: float  # time outside fused calls between the previous fused call (or the forward's start) and this one
     stages: List[StageProfile] = field(default_factory=list)
 
 
@@ -74,6 +75,7 @@ class ModelProfile:
     bandwidth_gbs: float
     forward_ms: float  # median over the timed forwards
     chains: List[ChainProfile] = field(default_factory=list)
+    tail_ms: float = 0.0  # time outside fused calls after the last one
 
     @property
     def fused_ms(self) -> float:
@@ -116,6 +118,8 @@ class ModelProfile:
             lines.append(f"  compute-bound conv/linear stages: {100 * share:.0f}% of the FMA peak (FLOP-weighted)")
         for c in self.chains:
             calls = f" x{c.calls}" if c.calls != 1 else ""
+            if c.before_ms >= 0.0005:
+                lines.append(f"  {c.before_ms:8.3f} ms  (outside fused calls)")
             lines.append(f"  {c.ms:8.3f} ms  {c.where}{calls} [{c.op}, {c.engine}]")
             if c.layout_ms:
                 lines.append(f"    {c.layout_ms:8.3f} ms  layout conversions")
@@ -125,6 +129,8 @@ class ModelProfile:
                     continue
                 limit = f"{100 * s.share:.0f}% of {'FMA peak' if s.bound == 'FMA' else 'bandwidth'}"
                 lines.append(f"    {s.ms:8.3f} ms  {s.label}: {s.gflops:.0f} GFLOP/s, {limit}")
+        if self.tail_ms >= 0.0005:
+            lines.append(f"  {self.tail_ms:8.3f} ms  (outside fused calls)")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -221,14 +227,23 @@ def profile(model: nn.Module, example_input: torch.Tensor, repeats: int = 10) ->
                 break
         _C.take_call_timings()
         walls: List[float] = []
+        tails: List[float] = []
         per_forward: List[list] = []
         _C.set_stage_profile(True)
         try:
             for _ in range(max(repeats, 1)):
-                t0 = time.perf_counter()
+                t0 = time.monotonic_ns()  # the records' clock
                 model(example_input)
-                walls.append((time.perf_counter() - t0) * 1e3)
-                per_forward.append(_C.take_call_timings())
+                t1 = time.monotonic_ns()
+                records = _C.take_call_timings()
+                # The records' own making is the profile's cost, not the forward's.
+                walls.append((t1 - t0 - sum(r["record_ns"] for r in records)) / 1e6)
+                end = t0
+                for r in records:  # the time outside fused calls before each call
+                    r["before_ns"] = r["start_ns"] - end
+                    end = r["start_ns"] + r["total_ns"] + r["record_ns"]
+                tails.append((t1 - end) / 1e6)
+                per_forward.append(records)
         finally:
             _C.set_stage_profile(False)
             _C.take_call_timings()
@@ -245,7 +260,7 @@ def profile(model: nn.Module, example_input: torch.Tensor, repeats: int = 10) ->
             by_plan[r["plan"]][k].append(r)
 
     result = ModelProfile(type(model).__name__, tuple(example_input.shape), torch.get_num_threads(), peak, bandwidth,
-                          statistics.median(walls))
+                          statistics.median(walls), tail_ms=max(statistics.median(tails), 0.0))
     for plan in order:
         forwards = [f for f in by_plan[plan] if f]
         first = forwards[0][0]
@@ -258,6 +273,7 @@ def profile(model: nn.Module, example_input: torch.Tensor, repeats: int = 10) ->
             calls=len(forwards[0]),
             ms=statistics.median(sum(r["total_ns"] for r in f) for f in forwards) / 1e6,
             layout_ms=statistics.median(sum(r["layout_ns"] for r in f) for f in forwards) / 1e6,
+            before_ms=max(statistics.median(sum(r["before_ns"] for r in f) for f in forwards) / 1e6, 0.0),
         )
         for i, text in enumerate(first["stages"]):
             macs = sum(r["macs"][i] for r in forwards[0])

@@ -199,14 +199,15 @@ PYBIND11_MODULE(_C, m) {
           py::dict r;
           r["op"] = t.op, r["plan"] = t.plan, r["engine"] = t.engine, r["batch"] = t.batch;
           r["stages"] = t.stages, r["macs"] = t.macs, r["bytes"] = t.bytes, r["ns"] = t.ns;
-          r["layout_ns"] = t.layout_ns, r["total_ns"] = t.total_ns;
+          r["layout_ns"] = t.layout_ns, r["start_ns"] = t.start_ns, r["total_ns"] = t.total_ns;
+          r["record_ns"] = t.record_ns;
           out.append(std::move(r));
         }
         return out;
       },
       "The fused CPU calls timed since the last take, oldest first: dicts of op, plan (the packed buffer's "
       "address), engine, batch, and per stage: stages (labels), macs, bytes, ns (-1: not timed apart); "
-      "layout_ns, total_ns.");
+      "layout_ns, start_ns (time.monotonic_ns's clock), total_ns, record_ns (building the record: not the call's time).");
   m.def("fma_peak_gflops", [](int threads, double seconds) { return kernels::fma_peak_gflops(threads, seconds); },
         py::arg("threads") = 1, py::arg("seconds") = 0.2, py::call_guard<py::gil_scoped_release>(),
         "Measured float32 FMA peak (GFLOP/s) of `threads` concurrent threads over ~`seconds`, best ISA of this CPU.");

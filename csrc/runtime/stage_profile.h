@@ -31,7 +31,9 @@ struct CallTiming {
   std::vector<int64_t> bytes;       // per stage: activations read and written, and packed weights
   std::vector<int64_t> ns;          // per stage; -1 where the kernel runs stages together (not timed apart)
   int64_t layout_ns = 0;            // layout conversions at the run's boundaries
+  int64_t start_ns = 0;             // when the call began (profile_clock_ns: CLOCK_MONOTONIC, Python's time.monotonic_ns)
   int64_t total_ns = 0;             // the whole op call
+  int64_t record_ns = 0;            // building this record, after the call: a profile subtracts it from the forward
 };
 
 namespace detail {
