@@ -513,10 +513,18 @@ constexpr int64_t kChannelBlock = 8;
 
 template <typename T, typename A>
 void load_nhwc(const T* x, const int64_t* s, int64_t C, int64_t H, int64_t W, int64_t n0, int64_t n1, A* out) {
+  // Rows already in NHWC order (channels_last input, the bfloat16 chains of a
+  // channels_last run): one contiguous conversion per row, which vectorizes;
+  // the per-channel gather below was 5x slower on them.
+  const bool nhwc_rows = s[1] == 1 && s[3] == C;
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t h = 0; h < H; ++h) {
       A* __restrict row = out + ((n * H + h) * W) * C;
       const T* __restrict src = x + n * s[0] + h * s[2];
+      if (nhwc_rows) {
+        for (int64_t i = 0; i < W * C; ++i) row[i] = convert<A>(src[i]);
+        continue;
+      }
       for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
         const int64_t cn = C - c0 < kChannelBlock ? C - c0 : kChannelBlock;
         for (int64_t c = 0; c < cn; ++c) {
@@ -533,10 +541,15 @@ void load_nhwc(const T* x, const int64_t* s, int64_t C, int64_t H, int64_t W, in
 
 template <typename A, typename T>
 void store_nhwc(const A* y, int64_t C, int64_t H, int64_t W, const int64_t* s, int64_t n0, int64_t n1, T* out) {
+  const bool nhwc_rows = s[1] == 1 && s[3] == C;  // as load_nhwc
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t h = 0; h < H; ++h) {
       const A* __restrict row = y + ((n * H + h) * W) * C;
       T* __restrict dst = out + n * s[0] + h * s[2];
+      if (nhwc_rows) {
+        for (int64_t i = 0; i < W * C; ++i) dst[i] = convert<T>(row[i]);
+        continue;
+      }
       for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
         const int64_t cn = C - c0 < kChannelBlock ? C - c0 : kChannelBlock;
         for (int64_t c = 0; c < cn; ++c) {
