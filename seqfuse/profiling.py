@@ -12,7 +12,9 @@ The stage times come from the kernels themselves (``csrc/runtime/stage_profile.h
 wall time on the calling thread for runs split over the threads stage by
 stage, the thread hand-off included, and the mean over the threads for runs
 where each thread carries its own images through every stage. An MLP run's
-stages run together over row tiles and are timed as one.
+stages run together over row tiles and are timed as one. Only the calling
+thread's fused calls are recorded: other threads running models at the same
+time stay out of the profile (though they share the cores it times).
 """
 
 from __future__ import annotations

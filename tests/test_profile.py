@@ -74,6 +74,34 @@ def test_profiling_stops_after_the_profile():
     assert _C.take_call_timings() == []
 
 
+def test_other_threads_calls_stay_out_of_the_profile():
+    import threading
+
+    torch.manual_seed(0)
+    other = seqfuse.FusedSequential(nn.Conv2d(4, 6, 3), nn.ReLU()).eval()
+    other_x = torch.randn(1, 4, 9, 9)
+    stop = threading.Event()
+    calls = []
+
+    def serve():
+        with torch.no_grad():
+            while not stop.is_set():
+                other(other_x)
+                calls.append(1)
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    try:
+        while not calls:
+            pass
+        p = seqfuse.profile(_model(), torch.randn(1, 3, 11, 9), repeats=5)
+    finally:
+        stop.set()
+        worker.join()
+    assert [c.op for c in p.chains] == ["conv", "mlp"]
+    assert not any("4->6" in s.label for c in p.chains for s in c.stages)
+
+
 def test_chain_called_twice_per_forward_sums_both_calls():
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())

@@ -190,7 +190,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("host_cache_usage", &host_cache_usage,
         "(bytes cached in free blocks, bytes in blocks handed out) of the fused CPU ops' host cache.");
   m.def("set_stage_profile", &set_stage_profile, py::arg("on"),
-        "Record the per-stage timing of every fused CPU call (seqfuse.profile) while on.");
+        "Record the per-stage timing of the calling thread's fused CPU calls (seqfuse.profile) while on.");
   m.def(
       "take_call_timings",
       [] {

@@ -7,7 +7,7 @@
 namespace seqfuse {
 
 namespace detail {
-std::atomic<bool> stage_profile_flag{false};
+thread_local bool stage_profile_flag = false;
 }
 
 namespace {
@@ -63,7 +63,7 @@ std::string conv_label(const kernels::ConvStage& st, const kernels::StageShape& 
 
 }  // namespace
 
-void set_stage_profile(bool on) { detail::stage_profile_flag.store(on, std::memory_order_relaxed); }
+void set_stage_profile(bool on) { detail::stage_profile_flag = on; }
 
 void record_call_timing(CallTiming&& t) {
   std::lock_guard<std::mutex> lock(timings_mutex);

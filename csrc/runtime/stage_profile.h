@@ -2,15 +2,16 @@
 // call spent in each of its stages, next to the stage's multiply-adds and
 // bytes, so a profile can put every stage against the machine's limits.
 //
-// Off unless a profile asks (one relaxed atomic load per call when off).
-// While on, every CPU conv/MLP op call appends one CallTiming; the profile
-// takes them after its timed forwards. Stage times are wall time on the
+// Off unless a profile asks (one thread-local load per call when off). The
+// switch is per thread: while it is on for a thread, every CPU conv/MLP op
+// call that thread makes appends one CallTiming, and the profile takes them
+// after its timed forwards; other threads running models meanwhile neither
+// enter the profile nor pay for it. Stage times are wall time on the
 // calling thread for runs split stage by stage (the thread hand-off
 // included), and the mean over the threads for runs where each thread
 // carries its own images through every stage.
 #pragma once
 
-#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -37,10 +38,12 @@ struct CallTiming {
 };
 
 namespace detail {
-extern std::atomic<bool> stage_profile_flag;
+extern thread_local bool stage_profile_flag;
 }
 
-inline bool stage_profile_on() { return detail::stage_profile_flag.load(std::memory_order_relaxed); }
+// Whether the calling thread's fused calls are profiled now.
+inline bool stage_profile_on() { return detail::stage_profile_flag; }
+// Turns profiling of the calling thread's fused calls on or off.
 void set_stage_profile(bool on);
 void record_call_timing(CallTiming&& t);
 // The timings recorded since the last take, oldest first.
