@@ -486,3 +486,37 @@ def test_gradcheck_through_a_captured_residual_chain():
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(fused, (x,))
     torch.testing.assert_close(fused(x), model(x))
+
+
+def test_native_residual_add_takes_only_the_in_place_case():
+    """_C.add_residual_ (Chain's residual epilogue in one call) adds in place
+    only where the Python path would, and hands every other case back (None)."""
+    from seqfuse._loader import _C
+
+    x = torch.randn(2, 3, 4, 4)
+    r = torch.randn(2, 3, 4, 4)
+    y = torch.randn(2, 3, 4, 4)
+    expect = torch.relu(y + r)
+    with torch.no_grad():
+        out = _C.add_residual_(y, r, x, True)
+    assert out is y and torch.equal(y, expect)
+    y2 = torch.randn(2, 3, 4, 4)
+    expect = y2 + r
+    assert _C.add_residual_(y2, r, x, False) is y2 and torch.equal(y2, expect)
+
+    class Sub(torch.Tensor):
+        pass
+
+    fresh = lambda: torch.randn(2, 3, 4, 4)  # noqa: E731
+    declined = [
+        (x, r, x),                                          # the chain returned its input
+        (fresh(), torch.randn(1, 3, 1, 1), x),              # broadcasting: out of place
+        (fresh(), r.double(), x),                           # dtype promotion
+        (fresh()[:, :2], r[:, :2], x),                      # a view
+        (fresh().as_subclass(Sub), r, x),                   # a subclass sees its own add
+        (fresh().requires_grad_(), r, x),                   # autograd records it
+    ]
+    for y_, r_, x_ in declined:
+        before = y_.detach().clone()
+        assert _C.add_residual_(y_, r_, x_, True) is None
+        assert torch.equal(y_.detach(), before)  # untouched

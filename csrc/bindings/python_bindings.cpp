@@ -19,6 +19,7 @@
 #include "runtime/engine_choice.h"
 #include "runtime/fused_call.h"
 #include "runtime/plan_guard.h"
+#include "runtime/residual.h"
 #include "runtime/host_cache.h"
 #include "runtime/stage_profile.h"
 #include "runtime/train_call.h"
@@ -185,6 +186,9 @@ PYBIND11_MODULE(_C, m) {
       "set_gelu_erf_at_pos_inf",
       [](float v) { kernels::gelu_erf_at_pos_inf.store(v, std::memory_order_relaxed); }, py::arg("value"),
       "The float32 GELU(+inf) of the fused CPU kernels: eager's, probed at import (NaN or +inf by ATen's kernel).");
+  m.def("add_residual_", &add_residual_, py::arg("y"), py::arg("residual"), py::arg("x"), py::arg("relu"),
+        "y += residual (then ReLU) in place and y, for a captured chain's residual epilogue; None where the "
+        "in-place path does not apply (the caller's general path runs).");
   m.def("release_host_cache", &release_host_cache,
         "Frees the host cache's blocks (recycled memory of the fused CPU ops' outputs); returns the bytes freed.");
   m.def("host_cache_usage", &host_cache_usage,

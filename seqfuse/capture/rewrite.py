@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .._loader import _C
 from ..container import FusedSequential
 from ..planner import ACTIVATION_FORMS, CONV, LINEAR, BATCHNORM, BATCHNORM2D, classify
 
@@ -255,6 +256,10 @@ class Chain:
         y = self.seq(x)
         if not self.residual:
             return y
+        relu = self._relu_post and not has_hooks(self.post)
+        out = _C.add_residual_(y, residual, x, relu)  # the common case in one native call
+        if out is not None:
+            return out if self.post is None or relu else self.post(out)
         # In place only on a fresh output of the same shape and dtype, and
         # only where autograd records nothing.
         in_place = (
