@@ -108,6 +108,40 @@ class ModelProfile:
                 ns += s.ms * 1e6
         return flops / ns / self.peak_gflops if ns else None
 
+    def by_kind(self) -> Dict[str, float]:
+        """Milliseconds per forward by what spent them, largest first: each
+        stage kind (``conv 1x1``, ``conv 3x3 depthwise``, ``linear``,
+        ``maxpool``, ...), ``layout conversions``, ``MLP runs`` (timed whole),
+        ``other in fused calls`` (checks, allocation, hand-offs not in a
+        stage) and ``outside fused calls``."""
+        kinds: Dict[str, float] = {}
+
+        def add(kind: str, ms: float) -> None:
+            kinds[kind] = kinds.get(kind, 0.0) + ms
+
+        for c in self.chains:
+            staged = c.layout_ms
+            add("layout conversions", c.layout_ms)
+            for st in c.stages:
+                if st.ms is None:
+                    continue
+                words = st.label.split()
+                kind = words[0]
+                if kind == "conv":
+                    kind = "conv " + words[1].split("/")[0] + (" depthwise" if "depthwise" in words else
+                                                               " grouped" if any(w.startswith("g") and w[1:].isdigit()
+                                                                                 for w in words) else "")
+                elif kind == "global":
+                    kind = "global avgpool"
+                add(kind, st.ms)
+                staged += st.ms
+            if all(st.ms is None for st in c.stages):
+                add("MLP runs", c.ms)
+            else:
+                add("other in fused calls", max(c.ms - staged, 0.0))
+        add("outside fused calls", self.outside_ms)
+        return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
     def __str__(self) -> str:
         shape = "x".join(map(str, self.input_shape))
         lines = [
@@ -118,6 +152,8 @@ class ModelProfile:
         share = self.compute_share()
         if share is not None:
             lines.append(f"  compute-bound conv/linear stages: {100 * share:.0f}% of the FMA peak (FLOP-weighted)")
+        top = [f"{k} {v:.3f}" for k, v in self.by_kind().items() if v >= 0.0005]
+        lines.append("  by kind, ms: " + ", ".join(top))
         for c in self.chains:
             calls = f" x{c.calls}" if c.calls != 1 else ""
             if c.before_ms >= 0.0005:

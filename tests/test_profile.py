@@ -63,7 +63,12 @@ def test_every_conv_stage_is_timed_with_its_work(batch, engine):
         assert 0 <= gap <= p.forward_ms
     assert p.peak_gflops > 0 and p.bandwidth_gbs > 0
     text = str(p)
-    assert "outside them" in text and "conv 3x3/2 8->5" in text and "% of" in text
+    assert "outside them" in text and "conv 3x3/2 8->5" in text and "% of" in text and "by kind, ms:" in text
+    kinds = p.by_kind()
+    assert kinds["conv 3x3"] == pytest.approx(sum(s.ms for s in conv.stages))
+    assert kinds["MLP runs"] == pytest.approx(mlp.ms) and kinds["outside fused calls"] == pytest.approx(p.outside_ms)
+    # Every chain's time is in some kind (its stages' medians may exceed the call's median by noise).
+    assert sum(kinds.values()) >= p.fused_ms + p.outside_ms - 1e-9
 
 
 def test_profiling_stops_after_the_profile():
