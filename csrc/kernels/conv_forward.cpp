@@ -4,7 +4,6 @@
 #include "conv_forward.h"
 
 #include <algorithm>
-#include <chrono>
 #include <type_traits>
 
 #include "workspace.h"
@@ -84,11 +83,6 @@ void conv_stage_epilogue(const ConvDesc& d, const ConvGeometry& g, size_t i, con
 }
 
 namespace {
-int64_t clock_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 // Element strides of compact NHWC (N, C, H, W).
 bool is_compact_nhwc(const int64_t* s, int64_t C, int64_t H, int64_t W) {
   return (s[1] == 1 || C == 1) && (s[3] == C || W == 1) && (s[2] == W * C || H == 1) && s[0] == H * W * C;
@@ -111,10 +105,10 @@ void conv_forward_images(const ConvDesc& d, const ConvGeometry& g, const uint8_t
   const bool in_direct = std::is_same_v<TI, A> && is_compact_nhwc(in_strides, first.in_c, first.in_h, first.in_w);
   const bool out_direct = std::is_same_v<TO, A> && is_compact_nhwc(out_strides, last.out_c, out_h, out_w);
   // Profiled calls time each step into stage_ns (a clock read per step).
-  int64_t t = stage_ns ? clock_ns() : 0;
+  int64_t t = stage_ns ? monotonic_ns() : 0;
   auto lap = [&](size_t slot) {
     if (!stage_ns) return;
-    const int64_t now = clock_ns();
+    const int64_t now = monotonic_ns();
     stage_ns[slot] += now - t;
     t = now;
   };

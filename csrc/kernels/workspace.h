@@ -1,7 +1,9 @@
-// Per-thread scratch memory for the kernel cores.
+// Per-thread scratch memory for the kernel cores, and their clock.
 #pragma once
 
 #include <algorithm>
+#include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <memory>
 #include <new>
@@ -26,6 +28,13 @@ template <typename A> A* thread_workspace(size_t elements) {
     capacity = bytes;
   }
   return static_cast<A*>(buffer.get());
+}
+
+// Nanoseconds on the monotonic clock (CLOCK_MONOTONIC on Linux, the clock of
+// Python's time.monotonic_ns): the stage timings of seqfuse.profile.
+inline int64_t monotonic_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 }  // namespace seqfuse::kernels

@@ -12,13 +12,13 @@
 // carries its own images through every stage.
 #pragma once
 
-#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "kernels/conv_spec.h"
 #include "kernels/mlp_spec.h"
+#include "kernels/workspace.h"
 
 namespace seqfuse {
 
@@ -32,7 +32,7 @@ struct CallTiming {
   std::vector<int64_t> bytes;       // per stage: activations read and written, and packed weights
   std::vector<int64_t> ns;          // per stage; -1 where the kernel runs stages together (not timed apart)
   int64_t layout_ns = 0;            // layout conversions at the run's boundaries
-  int64_t start_ns = 0;             // when the call began (profile_clock_ns: CLOCK_MONOTONIC, Python's time.monotonic_ns)
+  int64_t start_ns = 0;             // when the call began (kernels::monotonic_ns)
   int64_t total_ns = 0;             // the whole op call
   int64_t record_ns = 0;            // building this record, after the call: a profile subtracts it from the forward
 };
@@ -49,17 +49,12 @@ void record_call_timing(CallTiming&& t);
 // The timings recorded since the last take, oldest first.
 std::vector<CallTiming> take_call_timings();
 
-inline int64_t profile_clock_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 // Adds the time from construction to destruction to *slot (no-op for null).
 class StageClock {
  public:
-  explicit StageClock(int64_t* slot) : slot_(slot), t0_(slot ? profile_clock_ns() : 0) {}
+  explicit StageClock(int64_t* slot) : slot_(slot), t0_(slot ? kernels::monotonic_ns() : 0) {}
   ~StageClock() {
-    if (slot_) *slot_ += profile_clock_ns() - t0_;
+    if (slot_) *slot_ += kernels::monotonic_ns() - t0_;
   }
   StageClock(const StageClock&) = delete;
   StageClock& operator=(const StageClock&) = delete;

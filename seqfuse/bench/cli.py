@@ -10,7 +10,7 @@ import torch
 
 from . import report
 from .cases import CASES, Case, model_case
-from .harness import environment, parse_dtype, run
+from .harness import environment, materialize, parse_dtype, run
 from .peers import PEERS, parse_peers
 from .timing import FULL, QUICK
 
@@ -95,15 +95,12 @@ def _kinds(seq: torch.nn.Module) -> str:
 
 
 def profile_model(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0) -> str:
-    """``seqfuse.profile`` of ``seqfuse.fuse`` of a model case (eval mode,
-    weights and input from ``seed``): what ``--profile`` prints."""
+    """``seqfuse.profile`` of ``seqfuse.fuse`` of a model case (the timed
+    run's weights and input): what ``--profile`` prints."""
     import seqfuse
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = case.build().eval().to(dtype)
-        x = torch.randn(case.input_shape).to(dtype)
-    return f"{case.name}: {seqfuse.profile(seqfuse.fuse(model), x)}"
+    model, x = materialize(case, dtype, seed)
+    return f"{case.name}: {seqfuse.profile(seqfuse.fuse(model.eval()), x)}"
 
 
 def describe_model(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0,

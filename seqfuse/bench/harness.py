@@ -19,7 +19,7 @@ from . import memory, timing
 from .cases import Case, layer_flops, select_cases
 from .peers import TRAINING_PEERS, BuildContext, build_peer, build_training_step, parse_peers, peer_context
 
-__all__ = ["run", "run_case", "time_alone", "parse_dtype", "environment", "fma_peak", "model_flops", "Progress", "TOLERANCES"]
+__all__ = ["run", "run_case", "time_alone", "materialize", "parse_dtype", "environment", "fma_peak", "model_flops", "Progress", "TOLERANCES"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -168,6 +168,21 @@ def model_flops(model: nn.Module, x: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
+def materialize(case: Case, dtype: torch.dtype, seed: int = 0):
+    """(modules or model, input) of a case as every peer gets them: weights
+    drawn from ``seed`` (the caller's RNG state kept), the input from
+    ``seed + 1``, both in ``dtype``, the modules in the case's mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        built = case.build()
+        if isinstance(built, nn.Module):  # a whole-model case
+            modules = built.train(case.train).to(dtype)
+        else:
+            modules = [m.train(case.train).to(dtype) for m in built]
+        x = torch.randn(case.input_shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    return modules, x
+
+
 def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch.dtype = torch.float32,
              settings: timing.Settings = timing.FULL, memory_probe: bool = False, seed: int = 0,
              check: bool = True, progress: Optional[Progress] = None, label: str = "",
@@ -188,14 +203,7 @@ def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch
     progress = progress or Progress(False)
     say = lambda what, major=False: progress.update(f"{label}{case.name} {what} ...", major)  # noqa: E731
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        built = case.build()
-        if isinstance(built, nn.Module):  # a whole-model case
-            modules = built.train(case.train).to(dtype)
-        else:
-            modules = [m.train(case.train).to(dtype) for m in built]
-        x = torch.randn(case.input_shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    modules, x = materialize(case, dtype, seed)
 
     if isinstance(modules, nn.Module):
         flops, flops_counted = model_flops(modules, x), "flop_counter"
@@ -322,12 +330,7 @@ def time_alone(case: Case, peer: str, dtype: torch.dtype = torch.float32,
     >>> time_alone(get_case("policy_b1"), "fused", settings=timing.Settings(target_s=0.0005, rounds=2, warmup_s=0.0)) > 0
     True
     """
-    dtype = parse_dtype(dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        built = case.build()
-        modules = built.eval().to(dtype) if isinstance(built, nn.Module) else [m.eval().to(dtype) for m in built]
-        x = torch.randn(case.input_shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    modules, x = materialize(case, parse_dtype(dtype), seed)
     with peer_context([peer]), BuildContext(x) as build:
         fn = build_peer(peer, modules, build)
         with torch.inference_mode():

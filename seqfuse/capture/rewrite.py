@@ -229,9 +229,9 @@ class Chain:
 
     ``seq`` is a FusedSequential over the run's module objects (registered in
     no module of the model); ``residual`` (optional) is the tensor added to its
-    output, ``post`` an activation applied after that addition. Without
-    autograd the addition and activation happen in place on ``seq``'s freshly
-    produced output.
+    output, ``post`` an activation applied after that addition. Where
+    autograd records nothing, the addition (and a ReLU) happen in place on
+    ``seq``'s freshly produced output (plain tensors of one shape and dtype).
     """
 
     def __init__(self, names: List[str], modules: List[nn.Module], residual: bool, post: Optional[nn.Module],
@@ -257,22 +257,17 @@ class Chain:
         if not self.residual:
             return y
         relu = self._relu_post and not has_hooks(self.post)
-        out = _C.add_residual_(y, residual, x, relu)  # the common case in one native call
-        if out is not None:
-            return out if self.post is None or relu else self.post(out)
-        # In place only on a fresh output of the same shape and dtype, and
-        # only where autograd records nothing.
-        in_place = (
-            isinstance(residual, torch.Tensor) and isinstance(y, torch.Tensor)
-            and (not torch.is_grad_enabled() or not (y.requires_grad or residual.requires_grad))
-            and y.shape == residual.shape and y.dtype == residual.dtype and y is not x and y._base is None
-        )
-        y = y.add_(residual) if in_place else y + residual
-        if self.post is None:
-            return y
-        if self._relu_post and not has_hooks(self.post):
-            return y.relu_() if in_place else torch.relu(y)
-        return self.post(y)
+        # In place (and the ReLU too) on a fresh output where that is what
+        # eager computes, decided and done in one native call (see
+        # csrc/runtime/residual.h); out of place in every other case.
+        y_in_place = _C.add_residual_(y, residual, x, relu)
+        if y_in_place is not None:
+            y = y_in_place
+        else:
+            y = y + residual
+            if relu:
+                y = torch.relu(y)
+        return y if self.post is None or relu else self.post(y)
 
     def describe(self) -> str:
         text = " -> ".join(self.names)

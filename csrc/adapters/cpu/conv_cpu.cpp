@@ -256,7 +256,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
   // A profiled call (seqfuse.profile) is timed whole, decoding and checks
   // included; each stage into stage_ns, the layout conversions into its last slot.
   const bool profiled = stage_profile_on();
-  const int64_t t_start = profiled ? profile_clock_ns() : 0;
+  const int64_t t_start = profiled ? kernels::monotonic_ns() : 0;
   const ConvForwardStart start = start_conv_forward(input, packed, weights, spec, fparams, engine);
   const ConvDesc& d = start.d;
   const ConvGeometry& g = start.g;
@@ -383,13 +383,13 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
     });
   });
   if (profiled) {
-    const int64_t t_end = profile_clock_ns();
+    const int64_t t_end = kernels::monotonic_ns();
     CallTiming t = conv_call_timing(d, g, N, engine, packed.const_data_ptr());
     std::copy(stage_ns.begin(), stage_ns.end() - 1, t.ns.begin());
     t.layout_ns = *layout_ns;
     t.start_ns = t_start;
     t.total_ns = t_end - t_start;
-    t.record_ns = profile_clock_ns() - t_end;
+    t.record_ns = kernels::monotonic_ns() - t_end;
     record_call_timing(std::move(t));
   }
   return y;

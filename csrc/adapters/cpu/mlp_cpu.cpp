@@ -115,15 +115,15 @@ at::Tensor mlp_forward_cpu(const at::Tensor& input, const at::Tensor& packed, at
   if (!stage_profile_on()) return mlp_forward_run(decode_mlp_spec(spec, fparams), input, packed, weights, engine);
   // Profiled (seqfuse.profile): the whole call, decoding included, whose
   // stages engine 0 runs together over row tiles (not timed apart).
-  const int64_t t0 = profile_clock_ns();
+  const int64_t t0 = kernels::monotonic_ns();
   const MlpDesc d = decode_mlp_spec(spec, fparams);
   at::Tensor y = mlp_forward_run(d, input, packed, weights, engine);
-  const int64_t t_end = profile_clock_ns();
+  const int64_t t_end = kernels::monotonic_ns();
   const int64_t rows = input.numel() / std::max<int64_t>(d.in_features, 1);
   CallTiming t = mlp_call_timing(d, rows, engine, packed.const_data_ptr());
   t.start_ns = t0;
   t.total_ns = t_end - t0;
-  t.record_ns = profile_clock_ns() - t_end;
+  t.record_ns = kernels::monotonic_ns() - t_end;
   record_call_timing(std::move(t));
   return y;
 }
