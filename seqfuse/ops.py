@@ -23,6 +23,7 @@ from .spec import (  # noqa: F401  (the vocabulary, re-exported: seqfuse.ops.ENG
     DEVICE_ONLY_DTYPES,
     ENGINE_ATEN_LAYOUT,
     ENGINE_FUSED,
+    ENGINE_WINOGRAD,
     ENGINE_GEMM_EPILOGUE,
     ENGINE_NAMES,
     HAS_BATCHNORM,
@@ -59,6 +60,7 @@ __all__ = [
     "ENGINE_FUSED",
     "ENGINE_GEMM_EPILOGUE",
     "ENGINE_ATEN_LAYOUT",
+    "ENGINE_WINOGRAD",
     "cpu_capability",
     "set_cpu_capability",
     "release_host_cache",
@@ -129,15 +131,17 @@ def set_engine_override(engine: Optional[int]) -> None:
     """Forces every fused call onto one engine (``ENGINE_FUSED``: the fused
     kernels; ``ENGINE_GEMM_EPILOGUE``: ATen's GEMM or convolution for each
     Linear or Conv2d + the fused epilogue; ``ENGINE_ATEN_LAYOUT``: for conv
-    runs ATen in the input's layout + the epilogue, for MLP runs engine 1);
-    ``None`` restores the per-shape
-    choice by measurement. For tests and studies.
+    runs ATen in the input's layout + the epilogue, for MLP runs engine 1;
+    ``ENGINE_WINOGRAD``: for conv runs the fused kernels with their 3x3
+    stride-1 convolutions as Winograd tiles, for a run without one its last
+    engine, for MLP runs engine 1); ``None`` restores the per-shape choice
+    by measurement. For tests and studies.
 
     >>> set_engine_override(ENGINE_GEMM_EPILOGUE); set_engine_override(None)
     """
-    if engine not in (None, ENGINE_FUSED, ENGINE_GEMM_EPILOGUE, ENGINE_ATEN_LAYOUT):
-        raise ValueError(f"unknown engine {engine!r}: expected None, ENGINE_FUSED, ENGINE_GEMM_EPILOGUE or "
-                         "ENGINE_ATEN_LAYOUT")
+    if engine not in (None, ENGINE_FUSED, ENGINE_GEMM_EPILOGUE, ENGINE_ATEN_LAYOUT, ENGINE_WINOGRAD):
+        raise ValueError(f"unknown engine {engine!r}: expected None, ENGINE_FUSED, ENGINE_GEMM_EPILOGUE, "
+                         "ENGINE_ATEN_LAYOUT or ENGINE_WINOGRAD")
     _C.set_engine_override(-1 if engine is None else int(engine))
 
 

@@ -26,7 +26,8 @@ __all__ = [
     "Activation", "StageKind", "ConvStageKind", "MlpStage", "ConvStage", "encode_mlp_spec", "encode_conv_spec",
     "mlp_out_features", "SUPPORTED_DTYPES", "DEVICE_ONLY_DTYPES",
     "HAS_BIAS", "HAS_BATCHNORM", "BATCHNORM_AFFINE", "BATCH_STATS", "RUNNING_STATS", "CEIL_MODE",
-    "COUNT_INCLUDE_PAD", "ENGINE_FUSED", "ENGINE_GEMM_EPILOGUE", "ENGINE_ATEN_LAYOUT", "ENGINE_NAMES",
+    "COUNT_INCLUDE_PAD", "ENGINE_FUSED", "ENGINE_GEMM_EPILOGUE", "ENGINE_ATEN_LAYOUT", "ENGINE_WINOGRAD",
+    "ENGINE_NAMES",
     "CONV_ENGINE_NAMES", "ROUTE_STALE", "ROUTE_INFERENCE", "ROUTE_EAGER", "ROUTE_TRAIN",
 ]
 
@@ -64,11 +65,15 @@ ENGINE_GEMM_EPILOGUE = _ENGINES["ENGINE_GEMM_EPILOGUE"]  # ATen's GEMM / convolu
 # Conv runs only (float32, float64): ATen per stage in the input's own layout
 # (NCHW stays NCHW) + the fused epilogue in place; MLP runs treat it as engine 1.
 ENGINE_ATEN_LAYOUT = _ENGINES["ENGINE_ATEN_LAYOUT"]
+# Conv runs only (float32, float64): engine 0 with each 3x3 stride-1 stage that
+# packs a Winograd weight run as Winograd F(2x2, 3x3) tiles (docs/kernels.md).
+ENGINE_WINOGRAD = _ENGINES["ENGINE_WINOGRAD"]
 ENGINE_NAMES = {ENGINE_FUSED: "fused kernel", ENGINE_GEMM_EPILOGUE: "ATen GEMM + fused epilogue"}
 CONV_ENGINE_NAMES = {
     ENGINE_FUSED: "fused kernels",
     ENGINE_GEMM_EPILOGUE: "ATen convolution (NHWC) + fused epilogue",
     ENGINE_ATEN_LAYOUT: "ATen convolution in the input's layout + fused epilogue",
+    ENGINE_WINOGRAD: "fused kernels, 3x3 convolutions as Winograd F(2x2,3x3)",
 }
 
 # The route a FusedSequential call takes (PlanGuard.check).

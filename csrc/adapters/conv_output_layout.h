@@ -71,7 +71,7 @@ inline ConvForwardStart start_conv_forward(const at::Tensor& input, const at::Te
   ConvForwardStart c{decode_conv_spec(spec, fparams), {}, false, false, {}};
   c.g = conv_geometry(c.d, input);
   check_packed("seqfuse::conv_forward", packed, input, c.d.packed_bytes);
-  TORCH_CHECK_VALUE(engine >= kernels::kEngineFused && engine <= kernels::kEngineAtenLayout,
+  TORCH_CHECK_VALUE(engine >= kernels::kEngineFused && engine <= kernels::kEngineWinograd,
                     "seqfuse::conv_forward: unknown engine ", engine);
   const kernels::StageShape& last = c.g.stages.back();
   c.flat = c.d.flatten_stage >= 0;

@@ -68,7 +68,8 @@ py::dict vocabulary() {
   v["activations"] = activations;
   v["engines"] = pairs({{"ENGINE_FUSED", kEngineFused},
                         {"ENGINE_GEMM_EPILOGUE", kEngineGemmEpilogue},
-                        {"ENGINE_ATEN_LAYOUT", kEngineAtenLayout}});
+                        {"ENGINE_ATEN_LAYOUT", kEngineAtenLayout},
+                        {"ENGINE_WINOGRAD", kEngineWinograd}});
   v["routes"] = py::dict(py::arg("STALE") = static_cast<int>(PlanGuard::kStale),
                          py::arg("INFERENCE") = static_cast<int>(PlanGuard::kInference),
                          py::arg("EAGER") = static_cast<int>(PlanGuard::kEager),

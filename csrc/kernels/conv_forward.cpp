@@ -54,9 +54,10 @@ void stage_kernel(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint
   })
 }
 
-// Scratch for the patch tile of stage i (the same for every ISA).
-int64_t scratch_elems(const ConvDesc& d, size_t i) {
+// Scratch for the patch tile of stage i, or its Winograd blocks (the same for every ISA).
+int64_t scratch_elems(const ConvDesc& d, const ConvGeometry& g, size_t i) {
   const ConvStage& st = d.stages[i];
+  if (g.stages[i].winograd) return winograd_scratch_elems(st.in_channels, st.out_channels);
   if (!st.has_weights() || st.depthwise) return 0;
   return std::max<int64_t>(baseline::conv::conv_im2col_budget(), kPanelWidth * st.reduction());
 }
@@ -66,14 +67,17 @@ int64_t scratch_elems(const ConvDesc& d, size_t i) {
 template <typename A>
 void conv_stage_forward(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* packed, const A* in,
                         A* out, int64_t p0, int64_t p1, int64_t panel0, int64_t panel1) {
-  A* scratch = thread_workspace<A>(static_cast<size_t>(scratch_elems(d, i)));
+  A* scratch = thread_workspace<A>(static_cast<size_t>(scratch_elems(d, g, i)));
   stage_kernel<A>(d, g, i, packed, in, out, p0, p1, scratch, panel0, panel1);
 }
 
-bool gemm_splits_channels(const ConvDesc& d, size_t i, int64_t pixels, int64_t parts) {
+bool gemm_splits_channels(const ConvDesc& d, const ConvGeometry& g, size_t i, int64_t images, int64_t parts) {
   const ConvStage& st = d.stages[i];
+  const StageShape& s = g.stages[i];
   if (!st.has_weights() || st.depthwise || st.groups != 1 || parts < 2) return false;
-  return st.out_channels > pixels && panel_count(st.out_channels) >= parts;
+  // A Winograd stage's GEMM rows are its tiles.
+  const int64_t rows = images * (s.winograd ? winograd_tile_rows(s) * winograd_tile_cols(s) : s.out_pixels());
+  return st.out_channels > rows && panel_count(st.out_channels) >= parts;
 }
 
 template <typename TI, typename TO>
@@ -94,7 +98,7 @@ void conv_forward_images(const ConvDesc& d, const ConvGeometry& g, const uint8_t
                          const int64_t* in_strides, TO* out, const int64_t* out_strides, int64_t n_images,
                          size_t stop, int64_t* stage_ns) {
   int64_t scratch = 0;
-  for (size_t i = 0; i < stop; ++i) scratch = std::max(scratch, scratch_elems(d, i));
+  for (size_t i = 0; i < stop; ++i) scratch = std::max(scratch, scratch_elems(d, g, i));
   const int64_t image = g.max_image_elems;
   A* ws = thread_workspace<A>(static_cast<size_t>(2 * image + scratch));
   A* buffers[2] = {ws, ws + image};

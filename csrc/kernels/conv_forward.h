@@ -35,12 +35,13 @@ template <typename A>
 void conv_stage_forward(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* packed, const A* in,
                         A* out, int64_t p0, int64_t p1, int64_t panel0 = 0, int64_t panel1 = -1);
 
-// Whether stage i, over `pixels` output pixels split into `parts` tasks, is
-// better split by output channels than by pixels: an ungrouped Conv/Linear
-// whose weights are larger than its pixels' values (out_channels > pixels),
-// so that each task streams only its share of the weights (late 7x7 layers,
-// batch-1 Linear heads). Its channel panels then go to the tasks.
-bool gemm_splits_channels(const ConvDesc& d, size_t i, int64_t pixels, int64_t parts);
+// Whether stage i, over `images` images split into `parts` tasks, is better
+// split by output channels than by pixels: an ungrouped Conv/Linear whose
+// weights are larger than its GEMM rows' values (out_channels > pixels, or
+// tiles for a Winograd stage), so that each task streams only its share of
+// the weights (late 7x7 layers, batch-1 Linear heads). Its channel panels
+// then go to the tasks.
+bool gemm_splits_channels(const ConvDesc& d, const ConvGeometry& g, size_t i, int64_t images, int64_t parts);
 
 // Applies a Conv stage's epilogue (folded bias/BatchNorm, activation) to
 // pixels [p0, p1) of a convolution computed elsewhere, compact NHWC: TI -> TO,

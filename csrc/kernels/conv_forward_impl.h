@@ -137,6 +137,134 @@ void conv_gemm(const ConvStage& st, const StageShape& g, const uint8_t* packed, 
   }
 }
 
+// Winograd F(2x2, 3x3) (conv_spec.h) for output pixels [p0, p1) and output
+// channels [16 * panel0, 16 * panel1) (panel1 < 0: all): the tiles whose
+// rows cover those pixels, in blocks of winograd_block_tiles. Per block, the
+// input transform V = B^T d B into [16][tiles][in]; 16 GEMMs on the
+// micro-kernel, M = V x U per point, into [tiles][16][cols]; then the output
+// transform Y = A^T M A with the epilogue (folded bias/BatchNorm, activation)
+// while in registers, storing only pixels inside the map and in [p0, p1).
+// The caller's pixel ranges start and end on tile rows (2 output rows) where
+// it splits a stage between threads; any other range is still right (a tile
+// row shared by two ranges is computed by both, each storing its own pixels).
+template <typename A>
+void conv_winograd(const ConvStage& st, const StageShape& g, const uint8_t* packed, const A* in, A* out, int64_t p0,
+                   int64_t p1, A* scratch, int64_t panel0, int64_t panel1) {
+  constexpr int L = kLanes<A>, MR = rows_per_tile<A>();
+  constexpr int64_t P = kWinogradPoints;
+  const int64_t Cin = g.in_c, C = g.out_c, np = panel_count(C), H = g.in_h, W = g.in_w;
+  if (panel1 < 0) panel0 = 0, panel1 = np;
+  const int64_t col0 = panel0 * kPanelWidth, cols = std::min(C, panel1 * kPanelWidth) - col0;
+  if (cols <= 0 || p1 <= p0) return;
+  const A* U = reinterpret_cast<const A*>(packed + st.winograd_offset) + panel0 * Cin * kPanelWidth;
+  const int64_t point_stride = np * Cin * kPanelWidth;  // between the points' weight matrices
+  const A* scale = reinterpret_cast<const A*>(packed + st.scale_offset) + col0;
+  const A* shift = reinterpret_cast<const A*>(packed + st.shift_offset) + col0;
+  const RegisterActivation<A> act(st.activation, st.alpha);
+  const RegisterActivation<A> raw(Activation::None);
+  const int64_t T = winograd_block_tiles(Cin, C);
+  A* V = scratch;              // [16][T][Cin]
+  A* M = V + P * T * Cin;      // [T][16][cols]
+  A* ones = M + T * P * C;     // the GEMMs' epilogue is the identity: acc * 1 + 0 (winograd_scratch_elems)
+  A* zeros = ones + round_up(C, kPanelWidth) + kPanelWidth;
+  for (int64_t c = 0; c < round_up(cols, kPanelWidth); ++c) ones[c] = A(1), zeros[c] = A(0);
+
+  const int64_t plane = g.out_h * g.out_w, trows = winograd_tile_rows(g), tcols = winograd_tile_cols(g);
+  const int64_t image_tiles = trows * tcols;
+  auto tile_row_of = [&](int64_t p) { return (p / plane) * trows + (p % plane) / g.out_w / kWinogradOut; };
+  const int64_t first = tile_row_of(p0) * tcols, last = (tile_row_of(p1 - 1) + 1) * tcols;
+  for (int64_t t0 = first; t0 < last; t0 += T) {
+    const int64_t nt = std::min(T, last - t0);
+    for (int64_t t = 0; t < nt; ++t) {  // input transform
+      const int64_t k = t0 + t, n = k / image_tiles, ty = k % image_tiles / tcols, tx = k % tcols;
+      const int64_t iy0 = ty * kWinogradOut - st.pad_top, ix0 = tx * kWinogradOut - st.pad_left;
+      const A* image = in + n * H * W * Cin;
+      const bool inside = iy0 >= 0 && ix0 >= 0 && iy0 + 4 <= H && ix0 + 4 <= W;
+      for (int64_t c0 = 0; c0 < Cin; c0 += L) {
+        const int64_t len = std::min<int64_t>(L, Cin - c0);
+        Vec<A> d[4][4];
+        unroll<4>([&](auto i) SEQFUSE_INLINE {
+          unroll<4>([&](auto j) SEQFUSE_INLINE {
+            const int64_t iy = iy0 + i, ix = ix0 + j;
+            const A* src = image + (iy * W + ix) * Cin + c0;
+            if (inside && len == L)
+              d[i][j] = load_vec<A>(src);
+            else if (iy < 0 || iy >= H || ix < 0 || ix >= W)
+              d[i][j] = Vec<A>{};
+            else
+              d[i][j] = len == L ? load_vec<A>(src) : load_partial(src, len);
+          });
+        });
+        Vec<A> r[4][4];  // B^T d, then (B^T d) B
+        unroll<4>([&](auto j) SEQFUSE_INLINE {
+          r[0][j] = d[0][j] - d[2][j], r[1][j] = d[1][j] + d[2][j];
+          r[2][j] = d[2][j] - d[1][j], r[3][j] = d[1][j] - d[3][j];
+        });
+        unroll<4>([&](auto i) SEQFUSE_INLINE {
+          const Vec<A> v[4] = {r[i][0] - r[i][2], r[i][1] + r[i][2], r[i][2] - r[i][1], r[i][1] - r[i][3]};
+          unroll<4>([&](auto j) SEQFUSE_INLINE {
+            A* dst = V + ((i * 4 + j) * T + t) * Cin + c0;
+            if (len == L)
+              store_vec(dst, v[j]);
+            else
+              store_partial(dst, v[j], len);
+          });
+        });
+      }
+    }
+    // The 16 products, in row tiles of equal size (as conv_gemm's).
+    const int64_t n_tiles = (nt + MR - 1) / MR, base = nt / n_tiles, extra = nt % n_tiles;
+    for (int64_t xi = 0; xi < P; ++xi)
+      for (int64_t q = 0, r0 = 0; q < n_tiles; ++q) {
+        const int mr = static_cast<int>(base + (q < extra));
+        gemm_rows<MR>(mr, raw, V + (xi * T + r0) * Cin, Cin, U + xi * point_stride, Cin, cols, ones, zeros,
+                      M + (r0 * P + xi) * cols, P * cols);
+        r0 += mr;
+      }
+    for (int64_t t = 0; t < nt; ++t) {  // output transform and epilogue
+      const int64_t k = t0 + t, n = k / image_tiles, ty = k % image_tiles / tcols, tx = k % tcols;
+      int64_t pix[2][2];  // the tile's output pixels, -1 where outside the map or [p0, p1)
+      unroll<2>([&](auto a) SEQFUSE_INLINE {
+        unroll<2>([&](auto b) SEQFUSE_INLINE {
+          const int64_t oy = ty * kWinogradOut + a, ox = tx * kWinogradOut + b, p = n * plane + oy * g.out_w + ox;
+          pix[a][b] = oy < g.out_h && ox < g.out_w && p >= p0 && p < p1 ? p : -1;
+        });
+      });
+      const A* mt = M + t * P * cols;
+      for (int64_t c = 0; c < cols; c += L) {
+        const int64_t len = std::min<int64_t>(L, cols - c);
+        Vec<A> m[16];
+        unroll<16>([&](auto xi) SEQFUSE_INLINE {
+          m[xi] = len == L ? load_vec<A>(mt + xi * cols + c) : load_partial(mt + xi * cols + c, len);
+        });
+        Vec<A> r[2][4];  // A^T m, then (A^T m) A
+        unroll<4>([&](auto j) SEQFUSE_INLINE {
+          r[0][j] = m[j] + m[4 + j] + m[8 + j];
+          r[1][j] = m[4 + j] - m[8 + j] - m[12 + j];
+        });
+        const Vec<A> sc = load_vec<A>(scale + c), sh = load_vec<A>(shift + c);
+        unroll<2>([&](auto a) SEQFUSE_INLINE {
+          const Vec<A> y[2] = {r[a][0] + r[a][1] + r[a][2], r[a][1] - r[a][2] - r[a][3]};
+          unroll<2>([&](auto b) SEQFUSE_INLINE {
+            if (pix[a][b] < 0) return;
+            Vec<A> v = y[b] * sc + sh;
+            if (act.on) v = act(v);
+            A* dst = out + pix[a][b] * C + col0 + c;
+            if (len == L)
+              store_vec(dst, v);
+            else
+              store_partial(dst, v, len);
+          });
+        });
+      }
+      if (!act.on)
+        for (const int64_t* p : {pix[0], pix[1]})
+          for (int b = 0; b < 2; ++b)
+            if (p[b] >= 0) activate_row(out + p[b] * C + col0, cols, st.activation, st.alpha);
+    }
+  }
+}
+
 // Calls row(n, oy, ox0, ox1, p) for the output-row segments of pixels [p0, p1).
 template <typename F> inline void for_each_row_segment(const StageShape& g, int64_t p0, int64_t p1, F&& row) {
   const int64_t plane = g.out_h * g.out_w;
@@ -455,7 +583,9 @@ void conv_stage(const ConvDesc& d, const ConvGeometry& geom, size_t i, const uin
   switch (st.kind) {
     case ConvStageKind::Conv:
     case ConvStageKind::Linear:
-      if (st.depthwise)
+      if (g.winograd)
+        conv_winograd(st, g, packed, in, out, p0, p1, scratch, panel0, panel1);
+      else if (st.depthwise)
         conv_depthwise(st, g, packed, in, out, p0, p1);
       else if (grouped_direct(st))
         conv_grouped(st, g, packed, in, out, p0, p1);

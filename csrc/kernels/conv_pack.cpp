@@ -4,6 +4,33 @@
 
 namespace seqfuse::kernels {
 
+namespace {
+// U = G g G^T for each (out, in) channel pair's 3x3 kernel g (conv_spec.h's
+// Winograd F(2x2, 3x3)), computed in double, stored [point][panel][in][16]:
+// each point's matrix in the layout of a 1x1 convolution's panels, so the
+// products run on the GEMM micro-kernel.
+template <typename T, typename A> void pack_winograd(const ConvStage& st, const T* weight, A* dst) {
+  static constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  const int64_t cin = st.in_channels, np = panel_count(st.out_channels);
+  for (int64_t co = 0; co < st.out_channels; ++co)
+    for (int64_t ci = 0; ci < cin; ++ci) {
+      const T* g = weight + (co * cin + ci) * 9;
+      double gg[4][3];  // G g
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 3; ++j)
+          gg[i][j] = G[i][0] * static_cast<double>(convert<A>(g[j])) +
+                     G[i][1] * static_cast<double>(convert<A>(g[3 + j])) +
+                     G[i][2] * static_cast<double>(convert<A>(g[6 + j]));
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) {
+          const double u = gg[i][0] * G[j][0] + gg[i][1] * G[j][1] + gg[i][2] * G[j][2];
+          dst[(((i * 4 + j) * np + co / kPanelWidth) * cin + ci) * kPanelWidth + co % kPanelWidth] =
+              static_cast<A>(u);
+        }
+    }
+}
+}  // namespace
+
 template <typename T>
 void pack_conv_stage(const ConvStage& st, const T* weight, const T* bias, const T* bn_weight, const T* bn_bias,
                      const T* bn_mean, const T* bn_var, uint8_t* packed) {
@@ -20,6 +47,7 @@ void pack_conv_stage(const ConvStage& st, const T* weight, const T* bias, const 
       for (int64_t t = 0; t < khw; ++t) dst[t * cpad + c] = convert<A>(weight[c * khw + t]);
     return;
   }
+  if (st.winograd_offset >= 0) pack_winograd(st, weight, reinterpret_cast<A*>(packed + st.winograd_offset));
   // Per group, [panel][k][16] with k = (kh * kernel_w + kw) * cin_g + ci: the
   // order of the patch rows im2col gathers from NHWC activations.
   const int64_t cin_g = st.in_channels / st.groups, cout_g = st.out_channels / st.groups;

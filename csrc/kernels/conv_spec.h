@@ -76,6 +76,7 @@ struct ConvStage {
   int64_t weight_offset;    // -1 when the stage packs no weight
   int64_t scale_offset;     // -1 when the stage has no scale/shift
   int64_t shift_offset;
+  int64_t winograd_offset;  // the Winograd-transformed weight (see winograd_eligible), -1 when none
 
   bool has_weights() const { return kind == ConvStageKind::Conv || kind == ConvStageKind::Linear; }
   // Rows of the GEMM's reduction: what one output value sums over.
@@ -95,6 +96,7 @@ struct ConvDesc {
 struct StageShape {
   int64_t in_h, in_w, in_c;
   int64_t out_h, out_w, out_c;
+  bool winograd = false;  // this call runs the stage as Winograd F(2x2, 3x3) tiles (select_winograd)
   int64_t out_pixels() const { return out_h * out_w; }
   int64_t in_elems() const { return in_h * in_w * in_c; }
   int64_t out_elems() const { return out_h * out_w * out_c; }
@@ -163,6 +165,40 @@ std::vector<MapShape<Int>> stage_output_shapes(const ConvDesc& d, Int c, Int h, 
   return out;
 }
 
+// Winograd F(2x2, 3x3) (Lavin & Gray, 2016): a 3x3 stride-1 convolution as
+// 16 independent products per 4x4 input tile (2x2 outputs), V = B^T d B
+// times U = G g G^T, summed over input channels (16 GEMMs of
+// [tiles x in] x [in x out]), then Y = A^T M A: 16 multiply-adds per 2x2
+// outputs instead of 36, 2.25x fewer. Its rounding stays within a few
+// units of the direct sum's (the transforms' coefficients are 0, +-1 and
+// +-1/2); F(4x4, 3x3)'s (4x fewer, coefficients up to 8) does not.
+constexpr int64_t kWinogradPoints = 16;  // the 4x4 transformed tile
+constexpr int64_t kWinogradOut = 2;      // output rows and columns per tile
+// What one block of tiles keeps in the per-thread scratch (values): the
+// transformed inputs [16][tiles][in] and products [tiles][16][out], sized
+// to stay in a core's L2 with the weights streaming through.
+constexpr int64_t kWinogradBudget = 98304;
+
+// Whether a stage packs a Winograd-transformed weight (so that engine 3 can
+// run it that way): an ungrouped 3x3 stride-1 undilated Conv of at least 16
+// input and output channels, in float32 or float64. Fewer channels (the
+// first layer's 3) leave the products too small to pay for the transforms.
+inline bool winograd_eligible(DType dtype, const ConvStage& st) {
+  return (dtype == DType::Float32 || dtype == DType::Float64) && st.kind == ConvStageKind::Conv && st.groups == 1 &&
+         st.kernel_h == 3 && st.kernel_w == 3 && st.stride_h == 1 && st.stride_w == 1 && st.dilation_h == 1 &&
+         st.dilation_w == 1 && st.in_channels >= 16 && st.out_channels >= 16;
+}
+
+// Tiles per block for a Winograd stage of `in` input and `cols` output channels.
+inline int64_t winograd_block_tiles(int64_t in, int64_t cols) {
+  return std::clamp<int64_t>(kWinogradBudget / (kWinogradPoints * (in + cols)), 8, 64);
+}
+// Scratch values a Winograd stage needs: a block's transformed inputs and
+// products, and the ones and zeros its GEMMs' epilogue reads.
+inline int64_t winograd_scratch_elems(int64_t in, int64_t out) {
+  return kWinogradPoints * winograd_block_tiles(in, out) * (in + out) + 2 * (round_up(out, kPanelWidth) + kPanelWidth);
+}
+
 inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const double* fparams, size_t fparams_len) {
   auto fail = [](const std::string& m) { throw std::invalid_argument("seqfuse: malformed conv spec: " + m); };
   if (spec_len < static_cast<size_t>(kConvSpecHeader)) fail("too short");
@@ -206,7 +242,7 @@ inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const dou
     st.options = s[15];
     st.alpha = fparams[kFParamsPerStage * i];
     st.eps = fparams[kFParamsPerStage * i + 1];
-    st.weight_offset = st.scale_offset = st.shift_offset = -1;
+    st.weight_offset = st.scale_offset = st.shift_offset = st.winograd_offset = -1;
     st.in_channels = st.kind == ConvStageKind::Linear ? s[14] : channels;
     if (*stage_flags_error(st.flags)) fail(where + stage_flags_error(st.flags));
     if (!in_range(st.in_channels, 1, kMaxWidth) || !in_range(st.out_channels, 1, kMaxWidth))
@@ -266,6 +302,8 @@ inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const dou
       else  // per group: [panel][reduction][kPanelWidth]
         st.weight_offset = section(st.groups * panel_count(st.out_channels / st.groups) * kPanelWidth *
                                    st.reduction());
+      if (winograd_eligible(d.dtype, st))  // [16 points][panel][in][kPanelWidth]
+        st.winograd_offset = section(kWinogradPoints * panel_count(st.out_channels) * kPanelWidth * st.in_channels);
     }
     if (st.has_weights() || st.kind == ConvStageKind::ScaleShift) {
       if (st.kind == ConvStageKind::ScaleShift && !(st.flags & kHasBatchNorm)) fail(where + "ScaleShift without BatchNorm");
@@ -329,5 +367,15 @@ inline ConvGeometry resolve_conv_geometry(const ConvDesc& d, int64_t in_h, int64
   }
   return g;
 }
+
+// Marks the stages of `g` that have a Winograd weight to run as Winograd
+// tiles (engine 3); the rest run as they would on engine 0.
+inline void select_winograd(const ConvDesc& d, ConvGeometry& g) {
+  for (size_t i = 0; i < d.stages.size(); ++i) g.stages[i].winograd = d.stages[i].winograd_offset >= 0;
+}
+
+// Output tiles of a stage that runs as Winograd tiles, per image: ceil(h/2) x ceil(w/2).
+inline int64_t winograd_tile_rows(const StageShape& s) { return (s.out_h + kWinogradOut - 1) / kWinogradOut; }
+inline int64_t winograd_tile_cols(const StageShape& s) { return (s.out_w + kWinogradOut - 1) / kWinogradOut; }
 
 }  // namespace seqfuse::kernels

@@ -56,6 +56,7 @@ enum Engine : int64_t {
   kEngineFused = 0,         // the fused kernels: every stage in one pass
   kEngineGemmEpilogue = 1,  // ATen's GEMM / convolution per Linear / Conv2d + the fused epilogue
   kEngineAtenLayout = 2,    // conv runs: ATen in the input's own layout + the epilogue in place
+  kEngineWinograd = 3,      // conv runs: engine 0, the 3x3 stages with a Winograd weight as Winograd tiles
 };
 
 // Stage flags: which inputs the packing op receives for the stage.

@@ -21,7 +21,7 @@ namespace seqfuse {
 std::atomic<int>& engine_override();
 
 // The most engines one op offers (measure_fastest_engine's limit).
-constexpr int kMaxEngines = 3;
+constexpr int kMaxEngines = 4;
 
 // For calls big enough that the engine matters, each shape class (batch size
 // bucketed by powers of two; for conv runs also the spatial size and layout)

@@ -127,7 +127,10 @@ FusedConvCall::FusedConvCall(kernels::ConvDesc d, at::Tensor packed, std::vector
     : FusedCall(1, "seqfuse::conv_forward", std::move(packed), std::move(weights), std::move(spec),
                 std::move(fparams), scalar_type_of(d.dtype)),
       desc_(std::move(d)) {
-  for (const auto& st : desc_.stages) has_conv_ = has_conv_ || st.kind == kernels::ConvStageKind::Conv;
+  for (const auto& st : desc_.stages) {
+    has_conv_ = has_conv_ || st.kind == kernels::ConvStageKind::Conv;
+    has_winograd_ = has_winograd_ || st.winograd_offset >= 0;
+  }
 }
 
 std::optional<FusedCall::Shape> FusedConvCall::prepare(at::Tensor& x) const {
@@ -153,7 +156,8 @@ std::optional<FusedCall::Shape> FusedConvCall::prepare(at::Tensor& x) const {
 // On CUDA every engine number runs the one path (cuDNN + epilogue): nothing to measure.
 int FusedConvCall::engine_count() const {
   if (!packed().device().is_cpu()) return 1;
-  return desc_.dtype == kernels::DType::BFloat16 ? 2 : 3;
+  if (desc_.dtype == kernels::DType::BFloat16) return 2;
+  return has_winograd_ ? 4 : 3;  // engine 3 only where a stage has a Winograd weight
 }
 
 }  // namespace seqfuse

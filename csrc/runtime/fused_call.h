@@ -147,6 +147,7 @@ class FusedConvCall final : public FusedCall {
 
   kernels::ConvDesc desc_;
   bool has_conv_ = false;
+  bool has_winograd_ = false;  // a stage packs a Winograd weight: engine 3 is offered
 };
 
 }  // namespace seqfuse

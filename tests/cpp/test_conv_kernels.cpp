@@ -612,9 +612,18 @@ void check_model_on(const ConvModel<T>& m, int64_t n, Shape in, const std::vecto
     if constexpr (std::is_same_v<T, bf16>) {
       check_bf16_run(m, g, x, ref, terms, label);
     } else {
-      check_stage_by_stage(m, g, x, ref, terms, rng, label);
-      check_images(m, g, x, ref, terms, spatial_stop, label);
-      if (spatial_stop != n_stages) check_images(m, g, x, ref, terms, n_stages, label);
+      // As engine 0 runs it, and (where a stage has a Winograd weight) as engine 3 does.
+      sk::ConvGeometry winograd = g;
+      sk::select_winograd(m.desc, winograd);
+      const bool any = std::any_of(winograd.stages.begin(), winograd.stages.end(),
+                                   [](const sk::StageShape& s) { return s.winograd; });
+      for (const sk::ConvGeometry* run : {&g, any ? &winograd : nullptr}) {
+        if (!run) continue;
+        const std::string how = label + (run == &g ? "" : " winograd");
+        check_stage_by_stage(m, *run, x, ref, terms, rng, how);
+        check_images(m, *run, x, ref, terms, spatial_stop, how);
+        if (spatial_stop != n_stages) check_images(m, *run, x, ref, terms, n_stages, how);
+      }
     }
   }
 }
@@ -1310,6 +1319,35 @@ TEST(conv_forward_depthwise_blocks) {
   check_cases<float>(cases, 234);
   check_cases<double>(cases, 235);
   check_cases<bf16>(cases, 236);
+}
+
+// Winograd F(2x2, 3x3) stages (engine 3; check_model_on runs every model
+// with such a stage both ways): odd and even map sizes down to 1x1 (partial
+// tiles at the right and bottom edges), every padding 0..2 per side, channel
+// counts off the vector width, several tile blocks, GELU (an epilogue not in
+// registers), and a Winograd stage between others.
+TEST(conv_forward_winograd) {
+  std::vector<ConvCase> cases;
+  const int64_t sizes[][2] = {{1, 1}, {2, 3}, {5, 7}, {8, 8}, {13, 11}, {30, 3}};
+  const int64_t channels[][2] = {{16, 16}, {17, 33}, {40, 24}, {64, 70}};
+  int k = 0;
+  for (const auto& hw : sizes)
+    for (const auto& cc : channels) {
+      Window w = square(3, 1, 1);
+      w.pad_top = k % 3, w.pad_left = (k + 1) % 3, w.pad_bottom = (k + 2) % 3, w.pad_right = k % 2;
+      const int64_t out_h = hw[0] + w.pad_top + w.pad_bottom - 2, out_w = hw[1] + w.pad_left + w.pad_right - 2;
+      if (out_h < 1 || out_w < 1) w = square(3, 1, 1);
+      const Activation act = k % 4 == 0 ? Activation::GeluErf : k % 4 == 1 ? Activation::ReLU : Activation::None;
+      cases.push_back({ConvSpec{cc[0]}.conv(cc[1], w, 1, act, (k % 2 ? kBias : 0) | kBn), 1 + k % 3, hw[0], hw[1]});
+      ++k;
+    }
+  // Between other stages, and a map of many tile blocks.
+  cases.push_back({ConvSpec{8}.conv(32, square(1), 1, Activation::ReLU, kBn).conv(32, square(3, 1, 1), 1,
+                                                                                   Activation::ReLU, kBn)
+                       .conv(48, square(3, 1, 1), 1, Activation::SiLU, kBias).max_pool(square(2, 2, 0)),
+                   2, 37, 29});
+  check_cases<float>(cases, 251);
+  check_cases<double>(cases, 252);
 }
 
 TEST(conv_forward_wide_and_long) {

@@ -146,9 +146,17 @@ at::Tensor run_stages_batched(const RunContext& ctx, size_t first, size_t stop, 
     const A* in = cur.const_data_ptr<A>();
     const int64_t pixels = ctx.images * s.out_pixels();
     const int64_t work = ctx.g.macs_per_image * ctx.images;  // whole-run size: a stage of it is worth splitting
-    if (kernels::gemm_splits_channels(ctx.d, i, pixels, at::get_num_threads())) {
+    if (kernels::gemm_splits_channels(ctx.d, ctx.g, i, ctx.images, at::get_num_threads())) {
       parallel_range(kernels::panel_count(st.out_channels), work, [&](int64_t b, int64_t e) {
         kernels::conv_stage_forward<A>(ctx.d, ctx.g, i, ctx.packed, in, op, 0, pixels, b, e);
+      });
+    } else if (s.winograd) {  // split on tile rows: no tile computed twice
+      const int64_t tile_rows = kernels::winograd_tile_rows(s);
+      auto first_pixel = [&](int64_t k) {
+        return k / tile_rows * s.out_pixels() + std::min(k % tile_rows * kernels::kWinogradOut, s.out_h) * s.out_w;
+      };
+      parallel_range(ctx.images * tile_rows, work, [&](int64_t b, int64_t e) {
+        kernels::conv_stage_forward<A>(ctx.d, ctx.g, i, ctx.packed, in, op, first_pixel(b), first_pixel(e));
       });
     } else {
       parallel_range(pixels, work, [&](int64_t b, int64_t e) {
@@ -259,7 +267,9 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
   const int64_t t_start = profiled ? kernels::monotonic_ns() : 0;
   const ConvForwardStart start = start_conv_forward(input, packed, weights, spec, fparams, engine);
   const ConvDesc& d = start.d;
-  const ConvGeometry& g = start.g;
+  // Engine 3 is engine 0 with the stages that have a Winograd weight run as Winograd tiles.
+  ConvGeometry g = start.g;
+  if (engine == kernels::kEngineWinograd) kernels::select_winograd(d, g);
   const bool flat = start.flat, channels_last = start.channels_last;
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const kernels::StageShape& last = g.stages.back();
@@ -300,7 +310,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
     const int64_t oh = flat ? 1 : last.out_h, ow = flat ? 1 : last.out_w;
     const int64_t y_strides[4] = {y.stride(0), y.stride(1), flat ? 1 : y.stride(2), flat ? 1 : y.stride(3)};
     const RunContext ctx{d, g, packed.const_data_ptr<uint8_t>(), N, weights, profiled ? stage_ns.data() : nullptr};
-    const int run_engine = static_cast<int>(engine);
+    const int run_engine = static_cast<int>(engine == kernels::kEngineWinograd ? kernels::kEngineFused : engine);
     const size_t n_stages = d.stages.size();
     const size_t spatial_stop = flat ? static_cast<size_t>(d.flatten_stage) + 1 : n_stages;
     if constexpr (std::is_same_v<T, A>) {
