@@ -95,12 +95,17 @@ class ModelProfile:
 
     def compute_share(self, min_in_channels: int = 0) -> Optional[float]:
         """FLOP-weighted share of the FMA peak over the compute-bound conv and
-        linear stages (with at least ``min_in_channels`` input channels when
-        given): total FLOPs / (total time * peak)."""
+        linear stages computed directly (with at least ``min_in_channels``
+        input channels when given): total FLOPs / (total time * peak).
+        Winograd stages are left out: they do fewer multiply-adds than the
+        convolution's count (their own ``share`` is against that count, so
+        it can pass 100%)."""
         flops = ns = 0.0
         for c in self.chains:
             for s in c.stages:
                 if s.bound != "FMA" or s.ms is None or not s.label.startswith(("conv", "linear")):
+                    continue
+                if "winograd" in s.label.split():
                     continue
                 if min_in_channels and _in_channels(s.label) < min_in_channels:
                     continue
@@ -129,6 +134,7 @@ class ModelProfile:
                 kind = words[0]
                 if kind == "conv":
                     kind = "conv " + words[1].split("/")[0] + (" depthwise" if "depthwise" in words else
+                                                               " winograd" if "winograd" in words else
                                                                " grouped" if any(w.startswith("g") and w[1:].isdigit()
                                                                                  for w in words) else "")
                 elif kind == "global":

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import seqfuse
 from seqfuse import FusedSequential
 
 from conftest import (
@@ -603,6 +604,43 @@ def test_direct_grouped_geometries_in_the_fused_kernel(kernel, grouping, cpu_cap
             dtype = rng.choice([torch.float32, torch.float32, torch.float64])
             mods = [m.to(dtype) for m in mods]
             check_fused(mods, make_input((rng.choice([1, 2]), c, h, w), dtype, layout, gen))
+    finally:
+        torch.set_num_threads(threads)
+        ops.set_engine_override(None)
+
+
+def test_winograd_engine_matches_eager(cpu_capability):
+    """Engine 3 (3x3 stride-1 convolutions as Winograd F(2x2, 3x3) tiles):
+    chains of such convolutions between others, map sizes odd and even down
+    to 1x1, every padding, channel counts off the vector width, batches of
+    1-5 (per-image and stage-by-stage runs), 1-3 threads (tile-row and
+    channel splits), float32 and float64, on every kernel variant; and the
+    engine really ran (its stages are the ones profiled)."""
+    from seqfuse import ops
+
+    rng = stable_rng("winograd", cpu_capability)
+    gen = torch.Generator().manual_seed(11)
+    ops.set_engine_override(ops.ENGINE_WINOGRAD)
+    threads = torch.get_num_threads()
+    try:
+        for i in range(8):
+            c, c2 = rng.choice([16, 19, 32, 48]), rng.choice([16, 24, 33, 64])
+            padding = rng.choice([0, 1, 2, "same"])
+            h, w = rng.randint(3, 30), rng.randint(3, 30)
+            act = rng.choice([nn.ReLU(), nn.SiLU(), nn.GELU(), nn.Identity()])
+            mods = [nn.Conv2d(c, c2, 3, padding=padding, bias=rng.random() < 0.5), nn.BatchNorm2d(c2), act,
+                    nn.Conv2d(c2, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU()]
+            if rng.random() < 0.5:
+                mods = [nn.Conv2d(c, c, 1), nn.ReLU()] + mods + [nn.MaxPool2d(2, ceil_mode=True)]
+            mods = [m for m in prepared(mods, seed=i) if not isinstance(m, nn.Identity)]
+            torch.set_num_threads(rng.choice([1, 2, 3]))
+            dtype = rng.choice([torch.float32, torch.float32, torch.float64])
+            mods = [m.to(dtype) for m in mods]
+            x = make_input((rng.choice([1, 2, 5]), c, h, w), dtype, rng.choice(["contiguous", "channels_last"]), gen)
+            check_fused(mods, x)
+        torch.set_num_threads(threads)
+        p = seqfuse.profile(FusedSequential(*mods), x, repeats=1)
+        assert p.chains[0].engine == ops.CONV_ENGINE_NAMES[ops.ENGINE_WINOGRAD], str(p)
     finally:
         torch.set_num_threads(threads)
         ops.set_engine_override(None)

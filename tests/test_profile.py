@@ -34,7 +34,8 @@ def _model():
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5])
-@pytest.mark.parametrize("engine", [None, ops.ENGINE_FUSED, ops.ENGINE_GEMM_EPILOGUE, ops.ENGINE_ATEN_LAYOUT])
+@pytest.mark.parametrize("engine", [None, ops.ENGINE_FUSED, ops.ENGINE_GEMM_EPILOGUE, ops.ENGINE_ATEN_LAYOUT,
+                                    ops.ENGINE_WINOGRAD])
 def test_every_conv_stage_is_timed_with_its_work(batch, engine):
     model = _model()
     x = torch.randn(batch, 3, 11, 9)

@@ -86,6 +86,27 @@ def test_eval_matches_eager_with_every_layer_fused(name):
         _assert_close_scaled(fused(xc), model(xc), model, xc)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_eval_with_winograd_keeps_the_numerics_rule(name):
+    """Engine 3 forced (every 3x3 stride-1 convolution of 16+ channels as
+    Winograd F(2x2, 3x3); runs without one take their last engine): the
+    outputs keep the rule the default engines keep, so the engine choice may
+    pick it for any shape."""
+    from seqfuse import ops
+
+    model = _model(name)
+    fused = seqfuse.fuse(model)
+    x = _input(name)
+    ops.set_engine_override(ops.ENGINE_WINOGRAD)
+    try:
+        with torch.no_grad():
+            ref = model(x)
+            out = fused(x)
+    finally:
+        ops.set_engine_override(None)
+    _assert_close_scaled(out, ref, model, x)
+
+
 # float32 training of these three differs from a float64 twin by more than 4x
 # eager's own distance in a few gradients (up to ~3000x in mobilenet_v3_large's
 # first convolution weight), while float64 training matches eager to 1e-9 in

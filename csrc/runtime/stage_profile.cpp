@@ -48,6 +48,7 @@ std::string conv_label(const kernels::ConvStage& st, const kernels::StageShape& 
         t += " depthwise";
       else if (st.groups > 1)
         t += " g" + std::to_string(st.groups);
+      if (s.winograd) t += " winograd";
       t += map;
       break;
     case K::Linear: t = "linear " + std::to_string(st.in_channels) + "->" + std::to_string(st.out_channels); break;
