@@ -10,7 +10,7 @@ first calls then cost what later ones do (plus tracing and weight packing).
 * Where: ``$SEQFUSE_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/seqfuse`` or
   ``~/.cache/seqfuse``. ``SEQFUSE_CACHE_DIR=""`` (or ``off``) disables it.
 * One file per machine fingerprint: CPU model, the kernels' ISA, the number of
-  CPUs, seqfuse's and torch's versions. A change of any of them reads another
+  CPUs, seqfuse's and torch's versions, the engines the build has. A change of any of them reads another
   file (and so measures again); the thread count is part of each choice.
 * When: read once at import; written at interpreter exit, after
   ``fuse(..., example_inputs=...)``, and by :func:`save`, only when new choices
@@ -66,7 +66,10 @@ def fingerprint() -> str:
     """What the choices depend on besides the shapes and the thread count."""
     from . import __version__
 
-    facts = [_cpu_model(), _C.detected_cpu_capability(), str(os.cpu_count()), __version__, torch.__version__]
+    # The engines this build has: a choice made among fewer is no choice once one is added.
+    engines = sorted(dict(_C.vocabulary()["engines"]).items())
+    facts = [_cpu_model(), _C.detected_cpu_capability(), str(os.cpu_count()), __version__, torch.__version__,
+             repr(engines)]
     return hashlib.sha1("|".join(facts).encode()).hexdigest()[:16]
 
 

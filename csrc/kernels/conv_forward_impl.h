@@ -212,15 +212,19 @@ void conv_winograd(const ConvStage& st, const StageShape& g, const uint8_t* pack
         });
       }
     }
-    // The 16 products, in row tiles of equal size (as conv_gemm's).
+    // The 16 products, in row tiles of equal size (as conv_gemm's), each
+    // point's weight panels outermost: a chunk of panels is read from
+    // memory once and stays in L1/L2 while every row tile passes over it.
+    constexpr int64_t kChunk = panels_for_rows<A>(MR) * kPanelWidth;
     const int64_t n_tiles = (nt + MR - 1) / MR, base = nt / n_tiles, extra = nt % n_tiles;
     for (int64_t xi = 0; xi < P; ++xi)
-      for (int64_t q = 0, r0 = 0; q < n_tiles; ++q) {
-        const int mr = static_cast<int>(base + (q < extra));
-        gemm_rows<MR>(mr, raw, V + (xi * T + r0) * Cin, Cin, U + xi * point_stride, Cin, cols, ones, zeros,
-                      M + (r0 * P + xi) * cols, P * cols);
-        r0 += mr;
-      }
+      for (int64_t c = 0; c < cols; c += kChunk)
+        for (int64_t q = 0, r0 = 0; q < n_tiles; ++q) {
+          const int mr = static_cast<int>(base + (q < extra));
+          gemm_rows<MR>(mr, raw, V + (xi * T + r0) * Cin, Cin, U + xi * point_stride + c * Cin, Cin,
+                        std::min(kChunk, cols - c), ones, zeros, M + (r0 * P + xi) * cols + c, P * cols);
+          r0 += mr;
+        }
     for (int64_t t = 0; t < nt; ++t) {  // output transform and epilogue
       const int64_t k = t0 + t, n = k / image_tiles, ty = k % image_tiles / tcols, tx = k % tcols;
       int64_t pix[2][2];  // the tile's output pixels, -1 where outside the map or [p0, p1)

@@ -174,10 +174,15 @@ std::vector<MapShape<Int>> stage_output_shapes(const ConvDesc& d, Int c, Int h, 
 // +-1/2); F(4x4, 3x3)'s (4x fewer, coefficients up to 8) does not.
 constexpr int64_t kWinogradPoints = 16;  // the 4x4 transformed tile
 constexpr int64_t kWinogradOut = 2;      // output rows and columns per tile
-// What one block of tiles keeps in the per-thread scratch (values): the
-// transformed inputs [16][tiles][in] and products [tiles][16][out], sized
-// to stay in a core's L2 with the weights streaming through.
+// Tiles per block. Where the transformed weight (16 x in x out values) fits
+// kWinogradBudget, it stays in the core's L2 from block to block, and a
+// block's transformed inputs [16][tiles][in] and products [tiles][16][out]
+// are sized to fit beside it. A larger weight streams from L3 or memory
+// once per block: the blocks are then as long as kWinogradMaxTiles (a
+// resnet's 14x14 and 7x7 maps at batch 1 in one block per thread), and
+// only each point's slices of them need to stay in cache.
 constexpr int64_t kWinogradBudget = 98304;
+constexpr int64_t kWinogradMaxTiles = 64;
 
 // Whether a stage packs a Winograd-transformed weight (so that engine 3 can
 // run it that way): an ungrouped 3x3 stride-1 undilated Conv of at least 16
@@ -189,9 +194,10 @@ inline bool winograd_eligible(DType dtype, const ConvStage& st) {
          st.dilation_w == 1 && st.in_channels >= 16 && st.out_channels >= 16;
 }
 
-// Tiles per block for a Winograd stage of `in` input and `cols` output channels.
-inline int64_t winograd_block_tiles(int64_t in, int64_t cols) {
-  return std::clamp<int64_t>(kWinogradBudget / (kWinogradPoints * (in + cols)), 8, 64);
+// Tiles per block for a Winograd stage of `in` input and `out` output channels.
+inline int64_t winograd_block_tiles(int64_t in, int64_t out) {
+  if (kWinogradPoints * in * out > kWinogradBudget) return kWinogradMaxTiles;
+  return std::clamp<int64_t>(kWinogradBudget / (kWinogradPoints * (in + out)), 8, kWinogradMaxTiles);
 }
 // Scratch values a Winograd stage needs: a block's transformed inputs and
 // products, and the ones and zeros its GEMMs' epilogue reads.
