@@ -136,6 +136,15 @@ def test_another_version_reads_another_file(cache, monkeypatch):
     assert engine_cache.load() == 0 and _C.engine_choices() == []
 
 
+def test_a_build_with_another_engine_set_reads_another_file(cache, monkeypatch):
+    """Choices made among fewer engines must not hide one a build adds."""
+    path = engine_cache.cache_file()
+    vocabulary = _C.vocabulary()
+    more = dict(vocabulary, engines=list(vocabulary["engines"]) + [("ENGINE_NEXT", 99)])
+    monkeypatch.setattr(engine_cache._C, "vocabulary", lambda: more)
+    assert engine_cache.cache_file() != path
+
+
 def test_disabled_and_cleared(cache, monkeypatch):
     _C.set_engine_choice(1, "cpu", [5], 1, 2, 0)
     path = engine_cache.save()
