@@ -146,9 +146,10 @@ def set_engine_override(engine: Optional[int]) -> None:
 
 
 def cpu_capability() -> str:
-    """The CPU kernel variant in use: ``'avx512'``, ``'avx2'`` or ``'baseline'``.
+    """The CPU kernel variant in use: ``'avx512_bf16'`` (AVX-512 with the
+    bfloat16 dot product), ``'avx512'``, ``'avx2'`` or ``'baseline'``.
 
-    >>> cpu_capability() in ("avx512", "avx2", "baseline")
+    >>> cpu_capability() in ("avx512_bf16", "avx512", "avx2", "baseline")
     True
     """
     return _C.cpu_capability()

@@ -184,10 +184,10 @@ def rng(request):
     return random.Random(zlib.crc32(request.node.nodeid.encode()))
 
 
-@pytest.fixture(params=["avx512", "avx2", "baseline"])
+@pytest.fixture(params=["avx512_bf16", "avx512", "avx2", "baseline"])
 def cpu_capability(request):
     """Runs a test once per kernel variant this CPU supports."""
-    order = ["baseline", "avx2", "avx512"]
+    order = ["baseline", "avx2", "avx512", "avx512_bf16"]
     detected = seqfuse.ops._C.detected_cpu_capability()
     if order.index(request.param) > order.index(detected):
         pytest.skip(f"CPU does not support {request.param}")

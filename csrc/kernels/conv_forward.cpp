@@ -12,7 +12,6 @@ namespace seqfuse::kernels {
 
 #define SEQFUSE_DECLARE_ISA(ns)                                                                                   \
   namespace ns {                                                                                                  \
-  int64_t conv_im2col_budget();                                                                                   \
   void conv_stage_f32(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const float*, float*, int64_t, \
                       int64_t, float*, int64_t, int64_t);                                                         \
   void conv_stage_f64(const ConvDesc&, const ConvGeometry&, size_t, const uint8_t*, const double*, double*,       \
@@ -59,7 +58,7 @@ int64_t scratch_elems(const ConvDesc& d, const ConvGeometry& g, size_t i) {
   const ConvStage& st = d.stages[i];
   if (g.stages[i].winograd) return winograd_scratch_elems(st.in_channels, st.out_channels);
   if (!st.has_weights() || st.depthwise) return 0;
-  return std::max<int64_t>(baseline::conv::conv_im2col_budget(), kPanelWidth * st.reduction());
+  return conv_scratch_elems(st.reduction(), packs_bf16_pairs(d.dtype, st));
 }
 
 }  // namespace

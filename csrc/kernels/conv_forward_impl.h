@@ -49,9 +49,6 @@ template <typename A> SEQFUSE_INLINE inline void copy_values(A* dst, const A* sr
   if (i < n) store_partial(dst + i, load_partial(src + i, n - i), n - i);
 }
 
-// Values in one patch tile (64 KiB of float): a tile of output pixels whose
-// patches are gathered once and then multiplied by every weight panel.
-constexpr int64_t kIm2colBudget = 16384;
 
 // rows x K patch matrix of output pixels [p0, p0 + rows), group g.
 template <typename A>
@@ -88,12 +85,28 @@ void im2col(const ConvStage& st, const StageShape& g, const A* in, int64_t group
 // every channel). A channel range splits a stage whose weights outweigh its
 // pixels between threads by weights instead of by pixels (see
 // gemm_splits_channels); it is for ungrouped stages only.
+// rows x K values of A (row stride lda) -> rows x Kp bfloat16 (Kp = K rounded
+// up to even, the pad 0): the rows of a bfloat16 run's GEMM, rounded to
+// nearest even as eager's bfloat16 tensors are.
+template <typename A>
+void round_rows_to_bf16(const A* a, int64_t lda, int64_t rows, int64_t K, int64_t Kp, bf16* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const A* src = a + r * lda;
+    bf16* row = dst + r * Kp;
+    for (int64_t k = 0; k < K; ++k) row[k] = convert<bf16>(static_cast<float>(src[k]));
+    if (Kp > K) row[K] = bf16{0};
+  }
+}
+
+// A bfloat16 run's Conv/Linear (packs_bf16_pairs) multiplies bfloat16 pairs:
+// each tile's patch rows (or input rows) are rounded to bfloat16 into the
+// scratch after the patch tile, and the weights are the bfloat16 pairs.
 template <typename A>
 void conv_gemm(const ConvStage& st, const StageShape& g, const uint8_t* packed, const A* in, A* out, int64_t p0,
-               int64_t p1, A* scratch, int64_t panel0, int64_t panel1) {
+               int64_t p1, A* scratch, int64_t panel0, int64_t panel1, bool pairs) {
   constexpr int MR = rows_per_tile<A>();
   const int64_t G = st.groups, cout_g = st.out_channels / G;
-  const int64_t K = st.reduction(), np = panel_count(cout_g), C = g.out_c;
+  const int64_t K = st.reduction(), np = panel_count(cout_g), C = g.out_c, Kp = pairs ? round_up(K, 2) : K;
   if (panel1 < 0 || G != 1) panel0 = 0, panel1 = np;
   const int64_t col0 = panel0 * kPanelWidth, cols = std::min(cout_g, panel1 * kPanelWidth) - col0;
   if (cols <= 0) return;
@@ -118,12 +131,26 @@ void conv_gemm(const ConvStage& st, const StageShape& g, const uint8_t* packed, 
         im2col(st, g, in, grp, t0, rows, scratch);
         a = scratch, lda = K;
       }
-      const A* w = weight + (grp * np + panel0) * K * kPanelWidth;
       const int64_t c = grp * cout_g + col0;
       // Row tiles of equal size (within one row): each tile streams its
       // panels' weights once, so 49 rows (a 7x7 map) run as 5 tiles of 10 or
       // 9 rows instead of 4 of 12 and one of 1, which costs nearly a full tile.
       const int64_t n_tiles = (rows + MR - 1) / MR, base = rows / n_tiles, extra = rows % n_tiles;
+      if constexpr (std::is_same_v<A, float>) {
+        if (pairs) {
+          bf16* rows16 = reinterpret_cast<bf16*>(scratch + conv_scratch_elems(K, false));
+          round_rows_to_bf16(a, lda, rows, K, Kp, rows16);
+          const bf16* w16 = reinterpret_cast<const bf16*>(packed + st.weight_offset) + (grp * np + panel0) * Kp * kPanelWidth;
+          for (int64_t t = 0, r0 = 0; t < n_tiles; ++t) {
+            const int mr = static_cast<int>(base + (t < extra));
+            gemm_rows<MR, true>(mr, act, rows16 + r0 * Kp, Kp, w16, Kp, cols, scale + c, shift + c,
+                                out + (t0 + r0) * C + c, C);
+            r0 += mr;
+          }
+          continue;
+        }
+      }
+      const A* w = weight + (grp * np + panel0) * K * kPanelWidth;
       for (int64_t t = 0, r0 = 0; t < n_tiles; ++t) {
         const int mr = static_cast<int>(base + (t < extra));
         gemm_rows<MR>(mr, act, a + r0 * lda, lda, w, K, cols, scale + c, shift + c, out + (t0 + r0) * C + c, C);
@@ -482,11 +509,6 @@ void grouped_row(const ConvStage& st, const StageShape& g, const A* weight, cons
   if (!act.on) activate_row(out, (ox1 - ox0) * C, st.activation, st.alpha);
 }
 
-// Whether conv_grouped serves a stage: groups of at most one panel of outputs.
-inline bool grouped_direct(const ConvStage& st) {
-  return st.groups > 1 && !st.depthwise && st.out_channels / st.groups <= kPanelWidth;
-}
-
 template <typename A>
 void conv_grouped(const ConvStage& st, const StageShape& g, const uint8_t* packed, const A* in, A* out, int64_t p0,
                   int64_t p1) {
@@ -576,7 +598,7 @@ template <typename A> void flatten_nchw(const StageShape& g, const A* in, A* out
 
 // One stage over output pixels [p0, p1) (images for GlobalAvgPool and
 // Flatten, whose output is one pixel per image). `scratch` holds
-// max(kIm2colBudget, 16 * reduction) values (scratch_elems in conv_forward.cpp).
+// conv_scratch_elems or winograd_scratch_elems values (scratch_elems in conv_forward.cpp).
 // in and out never alias.
 template <typename A>
 void conv_stage(const ConvDesc& d, const ConvGeometry& geom, size_t i, const uint8_t* packed, const A* in, A* out,
@@ -594,7 +616,7 @@ void conv_stage(const ConvDesc& d, const ConvGeometry& geom, size_t i, const uin
       else if (grouped_direct(st))
         conv_grouped(st, g, packed, in, out, p0, p1);
       else
-        conv_gemm(st, g, packed, in, out, p0, p1, scratch, panel0, panel1);
+        conv_gemm(st, g, packed, in, out, p0, p1, scratch, panel0, panel1, packs_bf16_pairs(d.dtype, st));
       break;
     case ConvStageKind::ScaleShift:
     case ConvStageKind::Pointwise: {
@@ -626,7 +648,6 @@ void conv_epilogue(const ConvDesc& d, const ConvGeometry& geom, size_t i, const 
                               in + p0 * C, C, p1 - p0, out + p0 * C, C);
 }
 
-int64_t conv_im2col_budget() { return conv_detail::kIm2colBudget; }
 
 void conv_stage_f32(const ConvDesc& d, const ConvGeometry& g, size_t i, const uint8_t* pk, const float* in,
                     float* out, int64_t p0, int64_t p1, float* scratch, int64_t panel0, int64_t panel1) {

@@ -2,6 +2,8 @@
 // bias + eval BatchNorm into the per-channel epilogue. Runs once per plan.
 #include "conv_forward.h"
 
+#include <type_traits>
+
 namespace seqfuse::kernels {
 
 namespace {
@@ -49,17 +51,29 @@ void pack_conv_stage(const ConvStage& st, const T* weight, const T* bias, const 
   }
   if (st.winograd_offset >= 0) pack_winograd(st, weight, reinterpret_cast<A*>(packed + st.winograd_offset));
   // Per group, [panel][k][16] with k = (kh * kernel_w + kw) * cin_g + ci: the
-  // order of the patch rows im2col gathers from NHWC activations.
+  // order of the patch rows im2col gathers from NHWC activations. bfloat16
+  // pairs (packs_bf16_pairs): [panel][k / 2][16][2], K rounded up to even,
+  // the weight's own bfloat16 values.
   const int64_t cin_g = st.in_channels / st.groups, cout_g = st.out_channels / st.groups;
   const int64_t K = st.reduction(), np = panel_count(cout_g);
+  const bool pairs = std::is_same_v<T, bf16> && packs_bf16_pairs(DType::BFloat16, st);
+  const int64_t Kp = pairs ? round_up(K, 2) : K;
   for (int64_t grp = 0; grp < st.groups; ++grp)
     for (int64_t p = 0; p < np; ++p)
       for (int64_t t = 0; t < khw; ++t)
         for (int64_t ci = 0; ci < cin_g; ++ci) {
-          A* panel_row = dst + ((grp * np + p) * K + t * cin_g + ci) * kPanelWidth;
+          const int64_t k = t * cin_g + ci, panel = (grp * np + p) * Kp * kPanelWidth;
           for (int64_t j = 0; j < kPanelWidth; ++j) {
             const int64_t co = p * kPanelWidth + j;
-            if (co < cout_g) panel_row[j] = convert<A>(weight[((grp * cout_g + co) * cin_g + ci) * khw + t]);
+            if (co >= cout_g) continue;
+            const T w = weight[((grp * cout_g + co) * cin_g + ci) * khw + t];
+            if constexpr (std::is_same_v<T, bf16>) {
+              if (pairs) {
+                reinterpret_cast<bf16*>(packed + st.weight_offset)[panel + (k / 2) * 2 * kPanelWidth + 2 * j + k % 2] = w;
+                continue;
+              }
+            }
+            dst[panel + k * kPanelWidth + j] = convert<A>(w);
           }
         }
 }

@@ -22,7 +22,10 @@
 //   Flatten       (N, C, H, W) -> (N, C*H*W) in NCHW order
 //   Linear        after a Flatten: a 1x1 convolution of the (N, F, 1, 1) rows
 // Activations live between stages in NHWC order (channels contiguous), in the
-// accumulate type; packed weights and scale/shift are in the accumulate type too.
+// accumulate type; packed weights and scale/shift are in the accumulate type
+// too, except a bfloat16 run's GEMM weights, in bfloat16 pairs
+// (packs_bf16_pairs), and the Winograd weights beside some 3x3 ones
+// (winograd_eligible).
 #pragma once
 
 #include <algorithm>
@@ -165,6 +168,34 @@ std::vector<MapShape<Int>> stage_output_shapes(const ConvDesc& d, Int c, Int h, 
   return out;
 }
 
+// Values in one patch tile (64 KiB of float): a tile of output pixels whose
+// patches are gathered once and then multiplied by every weight panel.
+constexpr int64_t kIm2colBudget = 16384;
+
+// Scratch values (of the accumulate type) conv_gemm needs for a reduction
+// of K: the patch tile, and for bfloat16 pairs the tile's rows rounded to
+// bfloat16 after it (at most twice the tile's values with K rounded up to
+// even, counted in halves of a float).
+inline int64_t conv_scratch_elems(int64_t K, bool pairs) {
+  const int64_t tile = std::max<int64_t>(kIm2colBudget, kPanelWidth * K);
+  return pairs ? 2 * tile + 32 : tile;
+}
+
+// Whether the direct grouped kernel (conv_grouped) runs a stage: groups of
+// at most one panel of outputs (RegNet, ResNeXt); other grouped stages run
+// conv_gemm per group.
+inline bool grouped_direct(const ConvStage& st) {
+  return st.groups > 1 && !st.depthwise && st.out_channels / st.groups <= kPanelWidth;
+}
+
+// Whether a stage's weight is packed as bfloat16 pairs, [group][panel][K/2][16][2]
+// with K rounded up to even (the GEMMs of bfloat16 runs multiply bfloat16
+// operands: gemm_micro_tile's kPairs): every Conv/Linear of a bfloat16 run
+// that conv_gemm runs. Depthwise and direct grouped stages keep float weights.
+inline bool packs_bf16_pairs(DType dtype, const ConvStage& st) {
+  return dtype == DType::BFloat16 && st.has_weights() && !st.depthwise && !grouped_direct(st);
+}
+
 // Winograd F(2x2, 3x3) (Lavin & Gray, 2016): a 3x3 stride-1 convolution as
 // 16 independent products per 4x4 input tile (2x2 outputs), V = B^T d B
 // times U = G g G^T, summed over input channels (16 GEMMs of
@@ -224,11 +255,12 @@ inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const dou
   const int64_t asize = accumulate_size(d.dtype);
   int64_t offset = 0, channels = d.in_channels;
   bool width_known = true;
-  auto section = [&](int64_t elems) {
+  auto section_bytes = [&](int64_t bytes) {
     const int64_t at = offset;
-    offset = round_up(offset + elems * asize, kSectionAlign);
+    offset = round_up(offset + bytes, kSectionAlign);
     return at;
   };
+  auto section = [&](int64_t elems) { return section_bytes(elems * asize); };
   auto in_range = [](int64_t v, int64_t lo, int64_t hi) { return v >= lo && v <= hi; };
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* s = spec + kConvSpecHeader + kConvSpecPerStage * i;
@@ -305,6 +337,9 @@ inline ConvDesc decode_conv_spec(const int64_t* spec, size_t spec_len, const dou
     if (st.has_weights()) {
       if (st.depthwise)  // [kernel_h * kernel_w][channels padded to a panel]
         st.weight_offset = section(st.kernel_h * st.kernel_w * padded);
+      else if (packs_bf16_pairs(d.dtype, st))  // per group: [panel][reduction / 2][kPanelWidth][2], bfloat16
+        st.weight_offset = section_bytes(st.groups * panel_count(st.out_channels / st.groups) * kPanelWidth *
+                                         round_up(st.reduction(), 2) * 2);
       else  // per group: [panel][reduction][kPanelWidth]
         st.weight_offset = section(st.groups * panel_count(st.out_channels / st.groups) * kPanelWidth *
                                    st.reduction());

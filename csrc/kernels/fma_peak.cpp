@@ -100,7 +100,7 @@ __attribute__((noinline)) float fma_loop_baseline(float seed, int64_t rounds) {
 
 Variant variant_for(Isa isa) {
 #ifdef SEQFUSE_FMA_X86
-  if (isa == Isa::Avx512) return {fma_loop_avx512, 16 * 16 * 2};
+  if (isa == Isa::Avx512 || isa == Isa::Avx512Bf16) return {fma_loop_avx512, 16 * 16 * 2};
   if (isa == Isa::Avx2) return {fma_loop_avx2, 12 * 8 * 2};
 #endif
   (void)isa;

@@ -9,11 +9,12 @@ namespace seqfuse::kernels {
 namespace {
 
 Isa parse_isa(const std::string& name) {
+  if (name == "avx512_bf16") return Isa::Avx512Bf16;
   if (name == "avx512") return Isa::Avx512;
   if (name == "avx2") return Isa::Avx2;
   if (name == "baseline") return Isa::Baseline;
   throw std::invalid_argument("seqfuse: unknown CPU capability '" + name +
-                              "' (expected 'avx512', 'avx2', 'baseline' or '')");
+                              "' (expected 'avx512_bf16', 'avx512', 'avx2', 'baseline' or '')");
 }
 
 // Environment override, read once: SEQFUSE_CPU_CAPABILITY=avx2 etc.
@@ -35,6 +36,7 @@ std::atomic<int>& isa_state() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::Avx512Bf16: return "avx512_bf16";
     case Isa::Avx512: return "avx512";
     case Isa::Avx2: return "avx2";
     case Isa::Baseline: return "baseline";
@@ -47,7 +49,7 @@ Isa detect_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return Isa::Avx512;
+    return __builtin_cpu_supports("avx512bf16") ? Isa::Avx512Bf16 : Isa::Avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
 #endif
   return Isa::Baseline;

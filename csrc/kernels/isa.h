@@ -13,11 +13,14 @@
 
 namespace seqfuse::kernels {
 
-enum class Isa { Baseline = 0, Avx2 = 1, Avx512 = 2 };
+// Ordered: each level runs everything the ones before it do. Avx512Bf16 is
+// Avx512 plus the bfloat16 dot product (vdpbf16ps), which the GEMMs of
+// bfloat16 conv runs multiply with (kernel_impl.h).
+enum class Isa { Baseline = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 const char* isa_name(Isa isa);
 Isa detect_isa();  // the best the CPU supports
 Isa active_isa();  // detect_isa(), unless overridden (SEQFUSE_CPU_CAPABILITY, set_isa_override)
-// Overrides the variant used from now on ("avx512", "avx2", "baseline", or "" for
+// Overrides the variant used from now on ("avx512_bf16", "avx512", "avx2", "baseline", or "" for
 // the detected one). Throws std::invalid_argument for an unknown name or one the
 // CPU does not support. Used by tests to force each variant.
 void set_isa_override(const std::string& name);
@@ -25,10 +28,11 @@ void set_isa_override(const std::string& name);
 }  // namespace seqfuse::kernels
 
 // X(<isa>::family) for every variant this build has: x86-64 builds have all
-// three, other CPUs the baseline only.
+// four, other CPUs the baseline only.
 #if defined(__x86_64__) || defined(_M_X64)
 #define SEQFUSE_HAVE_X86_VARIANTS 1
-#define SEQFUSE_FOR_EACH_ISA(X, family) X(baseline::family) X(avx2::family) X(avx512::family)
+#define SEQFUSE_FOR_EACH_ISA(X, family) \
+  X(baseline::family) X(avx2::family) X(avx512::family) X(avx512bf16::family)
 #else
 #define SEQFUSE_FOR_EACH_ISA(X, family) X(baseline::family)
 #endif
@@ -38,6 +42,10 @@ void set_isa_override(const std::string& name);
 #ifdef SEQFUSE_HAVE_X86_VARIANTS
 #define SEQFUSE_ISA_DISPATCH(family, ...)         \
   switch (::seqfuse::kernels::active_isa()) {     \
+    case ::seqfuse::kernels::Isa::Avx512Bf16: {   \
+      namespace isa = avx512bf16::family;         \
+      __VA_ARGS__                                 \
+    } break;                                      \
     case ::seqfuse::kernels::Isa::Avx512: {       \
       namespace isa = avx512::family;             \
       __VA_ARGS__                                 \

@@ -1,7 +1,7 @@
 // The body of every per-ISA translation unit <family>_<isa>.cpp. Such a unit
 // includes its family's header, then defines
 //   SEQFUSE_VARIANT(X) as X(isa, family, impl_header, accumulator_registers)
-// (isa: avx512, avx2 or baseline; family: the namespace <isa>::<family> of
+// (isa: avx512bf16, avx512, avx2 or baseline; family: the namespace <isa>::<family> of
 // the entry points its dispatch calls, see isa.h; impl_header: the family's
 // arithmetic, unquoted; accumulator_registers: how many vector registers the
 // family's GEMM tiles may keep accumulators in) and includes this file. Only
@@ -20,16 +20,25 @@
 
 // Vector width in bytes of each ISA.
 #define SEQFUSE_VECTOR_BYTES_avx512 64
+#define SEQFUSE_VECTOR_BYTES_avx512bf16 64
 #define SEQFUSE_VECTOR_BYTES_avx2 32
 #define SEQFUSE_VECTOR_BYTES_baseline 16
 #define SEQFUSE_VECTOR_BYTES SEQFUSE_CAT(SEQFUSE_VECTOR_BYTES_, SEQFUSE_VARIANT(SEQFUSE_VARIANT_ISA))
+// Whether the ISA multiplies bfloat16 pairs (vdpbf16ps): 1 for avx512bf16 only.
+#define SEQFUSE_DPBF16_avx512bf16 1
+#define SEQFUSE_DPBF16_avx512 0
+#define SEQFUSE_DPBF16_avx2 0
+#define SEQFUSE_DPBF16_baseline 0
+#define SEQFUSE_DPBF16 SEQFUSE_CAT(SEQFUSE_DPBF16_, SEQFUSE_VARIANT(SEQFUSE_VARIANT_ISA))
 #define SEQFUSE_ACC_REGISTERS SEQFUSE_VARIANT(SEQFUSE_VARIANT_REGISTERS)
 
 #if SEQFUSE_VECTOR_BYTES == 16
 #define SEQFUSE_ISA_ENABLED 1  // SSE2 on x86-64, or any other CPU
 #elif defined(__x86_64__) || defined(_M_X64)
 #define SEQFUSE_ISA_ENABLED 1
-#if SEQFUSE_VECTOR_BYTES == 64
+#if SEQFUSE_DPBF16
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,bmi2")
+#elif SEQFUSE_VECTOR_BYTES == 64
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi2")
 #else
 #pragma GCC target("avx2,fma,bmi2")

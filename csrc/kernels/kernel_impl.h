@@ -143,25 +143,75 @@ template <typename A> struct RegisterActivation {
   }
 };
 
+// The two float values of a bfloat16 pair (k even, k + 1) held in 32 bits:
+// the even one in the low half.
+SEQFUSE_INLINE inline float pair_even(uint32_t w) { return __builtin_bit_cast(float, w << 16); }
+SEQFUSE_INLINE inline float pair_odd(uint32_t w) { return __builtin_bit_cast(float, w & 0xffff0000u); }
+
 // out[r][16p + j] = epilogue(sum_k in[r][k] * panel_p[k][j]) for r < MR, p < NP.
 // The last panel stores only its first `cols_last` columns (1..16), so outputs
 // need no padding columns (conv channels are stored compact).
-template <int MR, int NP, bool kAct, typename TI, typename TW, typename A>
+//
+// kPairs: bfloat16 operands in pairs along k (the GEMMs of bfloat16 conv
+// runs): in[r] is K bfloat16 values (K even), a panel is [K/2][16][2], the
+// values of k and k + 1 adjacent. With the bfloat16 dot product
+// (SEQFUSE_DPBF16), one vdpbf16ps multiplies a row's pair by 16 columns'
+// pairs (32 products, twice the float FMA's 16); other ISAs widen each pair
+// to two floats and multiply in float, odd then even as vdpbf16ps adds them.
+// The products of bfloat16 values are exact in float either way.
+template <int MR, int NP, bool kAct, bool kPairs = false, typename TI, typename TW, typename A>
 inline void gemm_micro_tile(const TI* __restrict in, int64_t ld_in, const TW* __restrict panels, int64_t K,
                             const A* __restrict scale, const A* __restrict shift, A* __restrict out,
                             int64_t ld_out, int64_t cols_last, const RegisterActivation<A>& act) {
   constexpr int V = kVecsPerPanel<A>, L = kLanes<A>, Q = NP * V;  // Q registers per row
   Vec<A> acc[MR][Q];
   unroll<MR>([&](auto r) SEQFUSE_INLINE { unroll<Q>([&](auto q) SEQFUSE_INLINE { acc[r][q] = Vec<A>{}; }); });
-  for (int64_t k = 0; k < K; ++k) {
-    Vec<A> b[Q];
-    unroll<Q>([&](auto q) SEQFUSE_INLINE {
-      b[q] = load_vec<A>(panels + ((q / V) * K + k) * kPanelWidth + (q % V) * L);
-    });
-    unroll<MR>([&](auto r) SEQFUSE_INLINE {
-      const A a = convert<A>(in[r * ld_in + k]);
-      unroll<Q>([&](auto q) SEQFUSE_INLINE { acc[r][q] += a * b[q]; });
-    });
+  if constexpr (kPairs) {
+    static_assert(std::is_same_v<TI, bf16> && std::is_same_v<TW, bf16> && std::is_same_v<A, float>);
+    for (int64_t k = 0; k < K; k += 2) {
+#if SEQFUSE_DPBF16
+      static_assert(V == 1, "one register of 16 floats per panel");
+      __m512bh b[NP];
+      unroll<NP>([&](auto p) SEQFUSE_INLINE {
+        b[p] = (__m512bh)_mm512_loadu_si512(panels + (p * K + k) * kPanelWidth);
+      });
+      unroll<MR>([&](auto r) SEQFUSE_INLINE {
+        uint32_t pair;
+        __builtin_memcpy(&pair, in + r * ld_in + k, sizeof(pair));
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+        unroll<NP>([&](auto p) SEQFUSE_INLINE { acc[r][p] = _mm512_dpbf16_ps(acc[r][p], a, b[p]); });
+      });
+#else
+      typedef uint32_t Word __attribute__((vector_size(SEQFUSE_VECTOR_BYTES)));
+      Vec<A> even[Q], odd[Q];
+      unroll<Q>([&](auto q) SEQFUSE_INLINE {
+        Word w;
+        __builtin_memcpy(&w, panels + ((q / V) * K + k) * kPanelWidth + (q % V) * L * 2, sizeof(w));
+        even[q] = __builtin_bit_cast(Vec<A>, w << 16);
+        odd[q] = __builtin_bit_cast(Vec<A>, w & 0xffff0000u);
+      });
+      unroll<MR>([&](auto r) SEQFUSE_INLINE {
+        uint32_t pair;
+        __builtin_memcpy(&pair, in + r * ld_in + k, sizeof(pair));
+        const A a_even = pair_even(pair), a_odd = pair_odd(pair);
+        unroll<Q>([&](auto q) SEQFUSE_INLINE {
+          acc[r][q] += a_odd * odd[q];
+          acc[r][q] += a_even * even[q];
+        });
+      });
+#endif
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k) {
+      Vec<A> b[Q];
+      unroll<Q>([&](auto q) SEQFUSE_INLINE {
+        b[q] = load_vec<A>(panels + ((q / V) * K + k) * kPanelWidth + (q % V) * L);
+      });
+      unroll<MR>([&](auto r) SEQFUSE_INLINE {
+        const A a = convert<A>(in[r * ld_in + k]);
+        unroll<Q>([&](auto q) SEQFUSE_INLINE { acc[r][q] += a * b[q]; });
+      });
+    }
   }
   unroll<Q>([&](auto q) SEQFUSE_INLINE {
     constexpr int p = q / V, col = p * static_cast<int>(kPanelWidth) + (q % V) * L;
@@ -193,7 +243,7 @@ template <typename A> constexpr int panels_for_rows(int mr) {
 
 // All panels of an `MR`-row tile, NP panels at a time, then single panels.
 // Columns at and beyond n_cols are not stored.
-template <int MR, typename TI, typename TW, typename A>
+template <int MR, bool kPairs = false, typename TI, typename TW, typename A>
 inline void gemm_row_block(const RegisterActivation<A>& act, const TI* in, int64_t ld_in, const TW* weight, int64_t K,
                            int64_t n_cols, const A* scale, const A* shift, A* out, int64_t ld_out) {
   constexpr int NP = panels_for_rows<A>(MR);
@@ -202,11 +252,11 @@ inline void gemm_row_block(const RegisterActivation<A>& act, const TI* in, int64
     const int64_t cols_last = n_cols - (p + P - 1) * kPanelWidth;
     const TW* w = weight + p * K * kPanelWidth;
     if (act.on)
-      gemm_micro_tile<MR, P, true>(in, ld_in, w, K, scale + p * kPanelWidth, shift + p * kPanelWidth,
-                                   out + p * kPanelWidth, ld_out, cols_last, act);
+      gemm_micro_tile<MR, P, true, kPairs>(in, ld_in, w, K, scale + p * kPanelWidth, shift + p * kPanelWidth,
+                                           out + p * kPanelWidth, ld_out, cols_last, act);
     else
-      gemm_micro_tile<MR, P, false>(in, ld_in, w, K, scale + p * kPanelWidth, shift + p * kPanelWidth,
-                                    out + p * kPanelWidth, ld_out, cols_last, act);
+      gemm_micro_tile<MR, P, false, kPairs>(in, ld_in, w, K, scale + p * kPanelWidth, shift + p * kPanelWidth,
+                                            out + p * kPanelWidth, ld_out, cols_last, act);
   };
   int64_t p = 0;
   for (; p + NP <= n_panels; p += NP) tile.template operator()<NP>(p);
@@ -214,14 +264,14 @@ inline void gemm_row_block(const RegisterActivation<A>& act, const TI* in, int64
 }
 
 // Picks the row-block instantiation for `mr` rows at run time.
-template <int MR, typename TI, typename TW, typename A>
+template <int MR, bool kPairs = false, typename TI, typename TW, typename A>
 inline void gemm_rows(int mr, const RegisterActivation<A>& act, const TI* in, int64_t ld_in, const TW* weight,
                       int64_t K, int64_t n_cols, const A* scale, const A* shift, A* out, int64_t ld_out) {
   if constexpr (MR > 0) {
     if (mr == MR)
-      gemm_row_block<MR>(act, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
+      gemm_row_block<MR, kPairs>(act, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
     else
-      gemm_rows<MR - 1>(mr, act, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
+      gemm_rows<MR - 1, kPairs>(mr, act, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
   }
 }
 

@@ -222,7 +222,7 @@ struct AlignedBytes {
 
 inline std::vector<std::string> supported_isas() {
   std::vector<std::string> names;
-  for (sk::Isa isa : {sk::Isa::Baseline, sk::Isa::Avx2, sk::Isa::Avx512})
+  for (sk::Isa isa : {sk::Isa::Baseline, sk::Isa::Avx2, sk::Isa::Avx512, sk::Isa::Avx512Bf16})
     if (static_cast<int>(isa) <= static_cast<int>(sk::detect_isa())) names.emplace_back(sk::isa_name(isa));
   return names;
 }

@@ -451,9 +451,12 @@ int64_t max_terms(const sk::ConvDesc& d, const sk::ConvGeometry& g) {
 
 // |got - want| allowed for an output whose computation summed terms of total
 // size `magnitude`, through stages summing at most `terms` terms each.
+// bfloat16 runs also round their GEMMs' inputs to bfloat16 (packs_bf16_pairs:
+// half an ulp of 8 bits per term, through every such stage of the run).
 template <typename T> double tolerance(double want, double magnitude, int64_t terms) {
+  const double rounded_inputs = std::is_same_v<T, bf16> ? 1.0 / 128 : 0.0;
   return TypeInfo<T>::arithmetic_rtol * std::sqrt(static_cast<double>(terms)) * (1.0 + magnitude) +
-         TypeInfo<T>::storage_rtol * std::abs(want);
+         rounded_inputs * magnitude + TypeInfo<T>::storage_rtol * std::abs(want);
 }
 
 // Counts the values outside their tolerance; got(i) is the kernel's value at
@@ -835,19 +838,31 @@ TEST(conv_decode_layout) {
         "options / fparams not decoded");
 
   // float64 doubles every section (all are multiples of 64 bytes in float32);
-  // bfloat16 packs in float, like float32.
+  // bfloat16 packs in float, like float32, except the GEMM weights
+  // (packs_bf16_pairs), in bfloat16 pairs.
   const sk::ConvDesc d64 = decode(encode(spec, DType::Float64)), b16 = decode(encode(spec, DType::BFloat16));
-  CHECK(d64.packed_bytes == 2 * d.packed_bytes && b16.packed_bytes == d.packed_bytes,
-        "float64 " << d64.packed_bytes << " / bfloat16 " << b16.packed_bytes << " bytes");
+  CHECK(d64.packed_bytes == 2 * d.packed_bytes, "float64 " << d64.packed_bytes << " bytes");
   for (size_t i = 0; i < 8; ++i) {
-    const sk::ConvStage &f = d.stages[i], &g = d64.stages[i], &b = b16.stages[i];
+    const sk::ConvStage &f = d.stages[i], &g = d64.stages[i];
     auto twice = [](int64_t v) { return v < 0 ? v : 2 * v; };
     CHECK(g.weight_offset == twice(f.weight_offset) && g.scale_offset == twice(f.scale_offset) &&
               g.shift_offset == twice(f.shift_offset),
           "float64 stage " << i << ": weight@" << g.weight_offset << " scale@" << g.scale_offset);
-    CHECK(b.weight_offset == f.weight_offset && b.scale_offset == f.scale_offset && b.shift_offset == f.shift_offset,
-          "bfloat16 stage " << i << ": weight@" << b.weight_offset << " scale@" << b.scale_offset);
   }
+  // Stage 0 (3 -> 20, K 27 -> 28): 2 panels x 28 x 16 x 2 B = 1792; stage 1
+  // depthwise, stage 4 direct grouped: float; stage 7 (K 6): 1 panel x 6 x 16 x 2 B = 192.
+  const int64_t b16_offsets[8][3] = {{0, 1792, 1984},     {2176, 3328, 3520}, {-1, -1, -1},
+                                     {-1, 3712, 3904},    {4096, 5376, 5504}, {-1, -1, -1},
+                                     {-1, -1, -1},        {5632, 5824, 5952}};
+  for (size_t i = 0; i < 8; ++i) {
+    const sk::ConvStage& b = b16.stages[i];
+    CHECK(b.weight_offset == b16_offsets[i][0] && b.scale_offset == b16_offsets[i][1] &&
+              b.shift_offset == b16_offsets[i][2],
+          "bfloat16 stage " << i << ": weight@" << b.weight_offset << " scale@" << b.scale_offset << " shift@"
+                            << b.shift_offset);
+    CHECK(sk::packs_bf16_pairs(DType::BFloat16, b) == (i == 0 || i == 7), "bfloat16 stage " << i << " pairs");
+  }
+  CHECK(b16.packed_bytes == 6080, "bfloat16 packed_bytes " << b16.packed_bytes);
 
   // A Conv with in == out == groups == 1 is depthwise too; a channel multiplier is not.
   CHECK(decode(encode(ConvSpec{1}.conv(1, square(3), 1), DType::Float32)).stages[0].depthwise, "1 -> 1 conv");
@@ -884,11 +899,18 @@ TEST(conv_decode_random_layouts) {
           if (bad++ == 0) first = c.spec.describe() + ": stage " + std::to_string(i) + " has the wrong sections";
           continue;
         }
-        if (st.has_weights())
-          section(st.weight_offset,
-                  st.depthwise ? st.kernel_h * st.kernel_w * padded
-                               : st.groups * sk::panel_count(st.out_channels / st.groups) * 16 * st.reduction(),
-                  "weight", i);
+        if (st.has_weights()) {
+          const int64_t panels = st.groups * sk::panel_count(st.out_channels / st.groups) * 16;
+          if (sk::packs_bf16_pairs(dtype, st))  // bfloat16 pairs: half the bytes of float per value, K even
+            section(st.weight_offset, panels * sk::round_up(st.reduction(), 2) / 2, "weight", i);
+          else
+            section(st.weight_offset, st.depthwise ? st.kernel_h * st.kernel_w * padded : panels * st.reduction(),
+                    "weight", i);
+          if (sk::winograd_eligible(dtype, st))  // [16 points][panel][in][16]
+            section(st.winograd_offset, 16 * sk::panel_count(st.out_channels) * 16 * st.in_channels, "winograd", i);
+          else if (st.winograd_offset >= 0 && bad++ == 0)
+            first = c.spec.describe() + ": stage " + std::to_string(i) + " has a Winograd section";
+        }
         if (scaled) {
           section(st.scale_offset, padded + 16, "scale", i);
           section(st.shift_offset, padded + 16, "shift", i);

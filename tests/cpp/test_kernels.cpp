@@ -633,7 +633,7 @@ TEST(isa_override) {
   CHECK(sk::active_isa() == sk::detect_isa(), "\"\" must restore the detected ISA");
   CHECK_THROWS(std::invalid_argument, sk::set_isa_override("sse9"), "unknown name");
   CHECK_THROWS(std::invalid_argument, sk::set_isa_override("AVX2"), "names are lower case");
-  for (sk::Isa isa : {sk::Isa::Avx2, sk::Isa::Avx512})
+  for (sk::Isa isa : {sk::Isa::Avx2, sk::Isa::Avx512, sk::Isa::Avx512Bf16})
     if (static_cast<int>(isa) > static_cast<int>(sk::detect_isa()))
       CHECK_THROWS(std::invalid_argument, sk::set_isa_override(sk::isa_name(isa)), "unsupported by this CPU");
   CHECK(sk::active_isa() == sk::detect_isa(), "a rejected override must not change the active ISA");
