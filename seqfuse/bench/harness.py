@@ -255,6 +255,8 @@ def run_case(case: Case, peers: Sequence[str] = ("eager", "fused"), dtype: torch
                 result["errors"][p] = "not timed: training cases time eager and fused only"
         if "fused" in fns:
             result["fused_plan"] = _fused_plan(fns["fused"].model if case.train else fns["fused"])
+        # The inference precision a runtime chose (OpenVINO's default, in bfloat16 cases).
+        result["precision"] = {p: fn.precision for p, fn in fns.items() if getattr(fn, "precision", None)}
 
         with contextlib.nullcontext() if case.train else torch.inference_mode():
             # Warm-up first (compilation, weight packing), then the numerics check.

@@ -26,8 +26,9 @@ torch's thread count (``torch.get_num_threads()`` when the peer is built), so
 every peer of a case uses the same cores. Their packages are optional
 (``pip install 'seqfuse[bench]'``); without one the peer fails to build with
 a message naming the pip package, which the harness reports in the notes.
-They take float32 only, and time inference only (a training case skips them,
-like ``jit`` and ``compile``). The export is made once per case, by the
+They take float32 (a bfloat16 case: ``openvino`` only, at OpenVINO's default
+precision on the float32 export, see :class:`OpenVinoPeer`), and time
+inference only (a training case skips them, like ``jit`` and ``compile``). The export is made once per case, by the
 :class:`BuildContext` the harness passes to every peer it builds.
 """
 
@@ -125,22 +126,30 @@ class BuildContext:
         self._onnx_path: Optional[str] = None
         self._onnx_error: Optional[Exception] = None
 
-    def onnx_path(self, modules: "Modules", peer: str) -> str:
+    def onnx_path(self, modules: "Modules", peer: str, bfloat16_ok: bool = False) -> str:
         """The ONNX file of the eager model over ``modules`` at the example's
         shape, exported on the first call; ``peer`` names the asking peer in
-        the errors. A failed export is not retried for the next peer."""
+        the errors. A failed export is not retried for the next peer. A
+        bfloat16 case is exported in float32 (its weights widened) for a
+        peer that picks its own precision (``bfloat16_ok``)."""
         if self._onnx_path is not None:
             return self._onnx_path
         if self._onnx_error is not None:
             raise self._onnx_error
         if self.example is None:
             raise ValueError(f"the {peer} peer needs the case's example input to export the model to ONNX")
-        if self.example.dtype != torch.float32:
-            raise ValueError(f"the {peer} peer runs float32 only, not {str(self.example.dtype).replace('torch.', '')}")
+        dtype = self.example.dtype
+        if dtype != torch.float32 and not (dtype == torch.bfloat16 and bfloat16_ok):
+            raise ValueError(f"the {peer} peer runs float32 only, not {str(dtype).replace('torch.', '')}")
         self._tmp = tempfile.TemporaryDirectory(prefix="seqfuse-bench-onnx-")
         path = os.path.join(self._tmp.name, "model.onnx")
         try:
-            export_onnx(_eager(modules), self.example, path)
+            if dtype == torch.float32:
+                export_onnx(_eager(modules), self.example, path)
+            else:
+                widened = copy.deepcopy(modules)
+                widened = widened.float() if isinstance(widened, nn.Module) else [m.float() for m in widened]
+                export_onnx(_eager(widened), self.example.float(), path)
         except Exception as e:
             self._onnx_error = e
             raise
@@ -233,23 +242,33 @@ class OnnxRuntimePeer:
 class OpenVinoPeer:
     """OpenVINO on the case's ONNX export, compiled for ``CPU`` with
     ``INFERENCE_NUM_THREADS=threads`` and ``PERFORMANCE_HINT=LATENCY`` (one
-    stream: each call uses all threads, as torch does). The inference
-    precision is pinned to f32: on CPUs with bfloat16 support OpenVINO
-    otherwise computes in bfloat16, which is a different (and not
-    numerically comparable) benchmark. One infer request is reused; the
-    input is shared with it (read during the call only), the outputs are
-    copied out (``share_outputs=False``) so they outlive the next call."""
+    stream: each call uses all threads, as torch does). float32 cases pin
+    the inference precision to f32: on CPUs with bfloat16 support OpenVINO
+    otherwise computes in bfloat16, a different benchmark. bfloat16 cases
+    leave it at OpenVINO's default (``precision=None``: bf16 where the CPU
+    has bfloat16 products, as a user who installs OpenVINO gets it) on the
+    float32 export, fed the bfloat16 input widened, its output rounded back;
+    ``precision`` says what OpenVINO chose. One infer request is reused;
+    the input is shared with it (read during the call only), the outputs
+    are copied out (``share_outputs=False``) so they outlive the next call."""
 
-    def __init__(self, path: str, threads: int):
+    def __init__(self, path: str, threads: int, precision: Optional[str] = "f32"):
         ov = _require("openvino", "openvino")
-        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        if precision is not None:
+            config["INFERENCE_PRECISION_HINT"] = precision
         self.threads = threads
         self.compiled = ov.Core().compile_model(path, "CPU", config)
+        chosen = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = chosen.get_type_name() if hasattr(chosen, "get_type_name") else str(chosen)
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, x: torch.Tensor):
-        result = self.request.infer({0: _to_numpy(x)}, share_inputs=True, share_outputs=False)
-        return _to_torch(result.to_tuple())
+        result = self.request.infer({0: _to_numpy(x.float())}, share_inputs=True, share_outputs=False)
+        out = _to_torch(result.to_tuple())
+        if x.dtype == torch.float32:
+            return out
+        return out.to(x.dtype) if isinstance(out, torch.Tensor) else tuple(t.to(x.dtype) for t in out)
 
 
 def _ort(modules: Modules, ctx: Optional[BuildContext] = None) -> Callable:
@@ -262,7 +281,10 @@ def _ort(modules: Modules, ctx: Optional[BuildContext] = None) -> Callable:
 def _openvino(modules: Modules, ctx: Optional[BuildContext] = None) -> Callable:
     _require("openvino", "openvino")
     _require("onnx", "openvino")
-    return OpenVinoPeer((ctx or BuildContext()).onnx_path(modules, "openvino"), torch.get_num_threads())
+    ctx = ctx or BuildContext()
+    path = ctx.onnx_path(modules, "openvino", bfloat16_ok=True)
+    default = ctx.example is not None and ctx.example.dtype == torch.bfloat16
+    return OpenVinoPeer(path, torch.get_num_threads(), precision=None if default else "f32")
 
 
 #: Peer name -> builder ``(modules, BuildContext or None) -> callable``.
@@ -275,7 +297,8 @@ PEERS: Dict[str, Callable[[Modules, Optional[BuildContext]], Callable]] = {
     "openvino": _openvino,
 }
 
-#: Peers that run an ONNX export of the eager model (float32 inference only).
+#: Peers that run an ONNX export of the eager model (inference only; float32,
+#: and OpenVINO at its default precision for bfloat16 cases).
 ONNX_PEERS = ("ort", "openvino")
 
 

@@ -70,6 +70,9 @@ def _notes(r: dict) -> str:
     for p, v in r.get("numerics", {}).items():
         if not v["ok"]:
             notes.append(f"! {p} output differs from eager (max abs err {v['max_abs_err']:.3g})")
+    for p, precision in r.get("precision", {}).items():
+        if r.get("dtype") != "float32":
+            notes.append(f"{p} computed in {precision}")
     plan = r.get("fused_plan", "")
     if plan and not plan.endswith("0 eager segments"):
         notes.append(f"fused plan: {plan}")
