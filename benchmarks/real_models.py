@@ -201,6 +201,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, help="interleaved rounds per cell")
     ap.add_argument("--target-ms", type=float, help="duration of one timed batch")
     ap.add_argument("--json", metavar="PATH", help="write all results, with the summary in meta")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="bfloat16: model.bfloat16() for eager and fused, OpenVINO at its default precision "
+                         "(bf16 where the CPU has bfloat16 products), no ONNX Runtime (default %(default)s)")
     # For the tests: smaller images than 224x224 keep an end-to-end run to seconds.
     ap.add_argument("--image-size", type=int, default=224, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -216,13 +219,14 @@ def main(argv=None) -> int:
         cases = real_model_cases(models, batches, args.image_size)
     except ValueError as e:
         ap.error(str(e))
-    peers = ["eager", "fused", *RUNTIMES] + (["compile"] if args.compile else [])
+    runtimes = RUNTIMES if args.dtype == "float32" else ("openvino",)
+    peers = ["eager", "fused", *runtimes] + (["compile"] if args.compile else [])
 
-    results = run(cases, peers=peers, threads=args.threads, quick=args.quick, repeats=args.repeats,
-                  target_ms=args.target_ms, progress=True)
+    results = run(cases, peers=peers, dtype=args.dtype, threads=args.threads, quick=args.quick,
+                  repeats=args.repeats, target_ms=args.target_ms, progress=True)
 
     s = summary(results, batches)
-    env = environment(torch.float32, args.threads, s["fma_peak_gflops"])
+    env = environment(getattr(torch, args.dtype), args.threads, s["fma_peak_gflops"])
     size = f"3x{args.image_size}x{args.image_size}"
     print(report.header(env, f"{size} | {'quick' if args.quick else 'full'}"))
     print()

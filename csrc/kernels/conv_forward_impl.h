@@ -88,12 +88,27 @@ void im2col(const ConvStage& st, const StageShape& g, const A* in, int64_t group
 // rows x K values of A (row stride lda) -> rows x Kp bfloat16 (Kp = K rounded
 // up to even, the pad 0): the rows of a bfloat16 run's GEMM, rounded to
 // nearest even as eager's bfloat16 tensors are.
+// Vectors of kLanes<float> values at a time, float_to_bf16's rounding (to
+// nearest even, NaN kept quiet) in vector code; the tail one by one.
 template <typename A>
 void round_rows_to_bf16(const A* a, int64_t lda, int64_t rows, int64_t K, int64_t Kp, bf16* dst) {
+  constexpr int L = kLanes<float>;
+  typedef uint32_t Word __attribute__((vector_size(SEQFUSE_VECTOR_BYTES)));
+  typedef uint16_t Half __attribute__((vector_size(SEQFUSE_VECTOR_BYTES / 2)));
   for (int64_t r = 0; r < rows; ++r) {
     const A* src = a + r * lda;
     bf16* row = dst + r * Kp;
-    for (int64_t k = 0; k < K; ++k) row[k] = convert<bf16>(static_cast<float>(src[k]));
+    int64_t k = 0;
+    if constexpr (std::is_same_v<A, float>) {
+      for (; k + L <= K; k += L) {
+        const Word u = __builtin_bit_cast(Word, load_vec<float>(src + k));
+        const Word nan = (u & 0x7fffffffu) > 0x7f800000u;  // all ones where NaN
+        const Word rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        const Half h = __builtin_convertvector((nan & ((u >> 16) | 0x40u)) | (~nan & rounded), Half);
+        __builtin_memcpy(row + k, &h, sizeof(h));
+      }
+    }
+    for (; k < K; ++k) row[k] = convert<bf16>(static_cast<float>(src[k]));
     if (Kp > K) row[K] = bf16{0};
   }
 }
