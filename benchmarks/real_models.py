@@ -171,7 +171,7 @@ def summary(results: Sequence[dict], batches: Sequence[int]) -> Dict[str, object
     return out
 
 
-def summary_lines(s: Dict[str, object], batches: Sequence[int], threads: int) -> List[str]:
+def summary_lines(s: Dict[str, object], batches: Sequence[int], threads: int, dtype: str = "float32") -> List[str]:
     """The summary as markdown bullet lines."""
     per = s["per_batch"]
     by_batch = lambda key: ", ".join(f"b{b} {_fmt_ratio(per[b][key])}" for b in batches)  # noqa: E731
@@ -185,8 +185,8 @@ def summary_lines(s: Dict[str, object], batches: Sequence[int], threads: int) ->
         lines.append(f"- slowest against the best peer: {w['case']}, {_fmt_ratio(w['vs_best'])} "
                      f"(vs {_LABEL[w['best']]})")
     peak = s.get("fma_peak_gflops")
-    lines.append(f"- float32 FMA peak measured in this run: "
-                 f"{'-' if not peak else f'{peak:.0f}'} GFLOP/s with {threads} threads")
+    what = "bfloat16 product peak" if dtype == "bfloat16" else "float32 FMA peak"
+    lines.append(f"- {what} measured in this run: {'-' if not peak else f'{peak:.0f}'} GFLOP/s with {threads} threads")
     return lines
 
 
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     print()
     print(markdown_table(results, models, batches, peers))
     print()
-    print("\n".join(summary_lines(s, batches, args.threads)))
+    print("\n".join(summary_lines(s, batches, args.threads, args.dtype)))
     notes = [f"{r['case']}: {p}: {v['message']}" for r in results for p, v in r.get("numerics", {}).items()
              if not v["ok"]]
     notes += [f"{r['case']}: {k}: {v}" for r in results for k, v in r.get("errors", {}).items()]

@@ -213,7 +213,14 @@ PYBIND11_MODULE(_C, m) {
       "The fused CPU calls timed since the last take, oldest first: dicts of op, plan (the packed buffer's "
       "address), engine, batch, and per stage: stages (labels), macs, bytes, ns (-1: not timed apart); "
       "layout_ns, start_ns (time.monotonic_ns's clock), total_ns, record_ns (building the record: not the call's time).");
-  m.def("fma_peak_gflops", [](int threads, double seconds) { return kernels::fma_peak_gflops(threads, seconds); },
-        py::arg("threads") = 1, py::arg("seconds") = 0.2, py::call_guard<py::gil_scoped_release>(),
-        "Measured float32 FMA peak (GFLOP/s) of `threads` concurrent threads over ~`seconds`, best ISA of this CPU.");
+  m.def("fma_peak_gflops",
+        [](int threads, double seconds, bool bf16_products) {
+          return kernels::fma_peak_gflops(threads, seconds, kernels::detect_isa(),
+                                          bf16_products ? kernels::Product::Bf16Dot : kernels::Product::Float32Fma);
+        },
+        py::arg("threads") = 1, py::arg("seconds") = 0.2, py::arg("bf16_products") = false,
+        py::call_guard<py::gil_scoped_release>(),
+        "Measured float32 FMA peak (GFLOP/s) of `threads` concurrent threads over ~`seconds`, best ISA of this CPU; "
+        "bf16_products: the peak of the bfloat16 products bfloat16 GEMMs run on (vdpbf16ps on CPUs with AVX512-BF16, "
+        "else the float32 FMA the widened products use).");
 }

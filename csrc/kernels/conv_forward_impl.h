@@ -85,34 +85,6 @@ void im2col(const ConvStage& st, const StageShape& g, const A* in, int64_t group
 // every channel). A channel range splits a stage whose weights outweigh its
 // pixels between threads by weights instead of by pixels (see
 // gemm_splits_channels); it is for ungrouped stages only.
-// rows x K values of A (row stride lda) -> rows x Kp bfloat16 (Kp = K rounded
-// up to even, the pad 0): the rows of a bfloat16 run's GEMM, rounded to
-// nearest even as eager's bfloat16 tensors are.
-// Vectors of kLanes<float> values at a time, float_to_bf16's rounding (to
-// nearest even, NaN kept quiet) in vector code; the tail one by one.
-template <typename A>
-void round_rows_to_bf16(const A* a, int64_t lda, int64_t rows, int64_t K, int64_t Kp, bf16* dst) {
-  constexpr int L = kLanes<float>;
-  typedef uint32_t Word __attribute__((vector_size(SEQFUSE_VECTOR_BYTES)));
-  typedef uint16_t Half __attribute__((vector_size(SEQFUSE_VECTOR_BYTES / 2)));
-  for (int64_t r = 0; r < rows; ++r) {
-    const A* src = a + r * lda;
-    bf16* row = dst + r * Kp;
-    int64_t k = 0;
-    if constexpr (std::is_same_v<A, float>) {
-      for (; k + L <= K; k += L) {
-        const Word u = __builtin_bit_cast(Word, load_vec<float>(src + k));
-        const Word nan = (u & 0x7fffffffu) > 0x7f800000u;  // all ones where NaN
-        const Word rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-        const Half h = __builtin_convertvector((nan & ((u >> 16) | 0x40u)) | (~nan & rounded), Half);
-        __builtin_memcpy(row + k, &h, sizeof(h));
-      }
-    }
-    for (; k < K; ++k) row[k] = convert<bf16>(static_cast<float>(src[k]));
-    if (Kp > K) row[K] = bf16{0};
-  }
-}
-
 // A bfloat16 run's Conv/Linear (packs_bf16_pairs) multiplies bfloat16 pairs:
 // each tile's patch rows (or input rows) are rounded to bfloat16 into the
 // scratch after the patch tile, and the weights are the bfloat16 pairs.
@@ -158,7 +130,7 @@ void conv_gemm(const ConvStage& st, const StageShape& g, const uint8_t* packed, 
           const bf16* w16 = reinterpret_cast<const bf16*>(packed + st.weight_offset) + (grp * np + panel0) * Kp * kPanelWidth;
           for (int64_t t = 0, r0 = 0; t < n_tiles; ++t) {
             const int mr = static_cast<int>(base + (t < extra));
-            gemm_rows<MR, true>(mr, act, rows16 + r0 * Kp, Kp, w16, Kp, cols, scale + c, shift + c,
+            gemm_rows<MR, Operands::Pairs>(mr, act, rows16 + r0 * Kp, Kp, w16, Kp, cols, scale + c, shift + c,
                                 out + (t0 + r0) * C + c, C);
             r0 += mr;
           }

@@ -190,7 +190,7 @@ inline bool grouped_direct(const ConvStage& st) {
 
 // Whether a stage's weight is packed as bfloat16 pairs, [group][panel][K/2][16][2]
 // with K rounded up to even (the GEMMs of bfloat16 runs multiply bfloat16
-// operands: gemm_micro_tile's kPairs): every Conv/Linear of a bfloat16 run
+// operands: kernel_impl.h's Operands::Pairs): every Conv/Linear of a bfloat16 run
 // that conv_gemm runs. Depthwise and direct grouped stages keep float weights.
 inline bool packs_bf16_pairs(DType dtype, const ConvStage& st) {
   return dtype == DType::BFloat16 && st.has_weights() && !st.depthwise && !grouped_direct(st);

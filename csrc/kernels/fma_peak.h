@@ -18,6 +18,12 @@ namespace seqfuse::kernels {
 // width; one this CPU does not support is lowered to detect_isa(). The
 // baseline variant (SSE2 on x86-64: no FMA instruction) times a multiply and
 // an add per multiply-add.
-double fma_peak_gflops(int threads, double seconds = 0.2, Isa isa = detect_isa());
+//
+// Product::Bf16Dot measures the bfloat16 products instead (vdpbf16ps: two
+// multiply-adds per lane per instruction) where `isa` is Avx512Bf16; on any
+// other ISA a bfloat16 GEMM widens to float, and the float32 loop runs.
+enum class Product { Float32Fma, Bf16Dot };
+double fma_peak_gflops(int threads, double seconds = 0.2, Isa isa = detect_isa(),
+                       Product product = Product::Float32Fma);
 
 }  // namespace seqfuse::kernels

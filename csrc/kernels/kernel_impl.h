@@ -143,6 +143,23 @@ template <typename A> struct RegisterActivation {
   }
 };
 
+// How gemm_micro_tile reads its operands.
+//   Dense     in[r][k] (any storage type) and panels [K][16], widened to A on load.
+//   Pairs     bfloat16 in pairs along k (the GEMMs of bfloat16 conv runs):
+//             in[r] is K bfloat16 values (K even), a panel [K/2][16][2], the
+//             values of k and k + 1 adjacent. With the bfloat16 dot product
+//             (SEQFUSE_DPBF16), one vdpbf16ps multiplies a row's pair by 16
+//             columns' pairs (32 products, twice the float FMA's 16); other
+//             ISAs widen each pair to two floats and multiply in float, odd
+//             then even as vdpbf16ps adds them. The products of bfloat16
+//             values are exact in float either way.
+//   RowPairs  vdpbf16ps on bfloat16 panels in the Dense layout [K][16] (the
+//             MLP's, which its CUDA kernels share): rows k and k + 1 paired
+//             on load (two zero-extensions, a shift and an or per panel and
+//             pair of k, shared by the tile's rows); in[r] as for Pairs, K
+//             rounded up to even with a zero. SEQFUSE_DPBF16 only.
+enum class Operands { Dense, Pairs, RowPairs };
+
 // The two float values of a bfloat16 pair (k even, k + 1) held in 32 bits:
 // the even one in the low half.
 SEQFUSE_INLINE inline float pair_even(uint32_t w) { return __builtin_bit_cast(float, w << 16); }
@@ -152,21 +169,39 @@ SEQFUSE_INLINE inline float pair_odd(uint32_t w) { return __builtin_bit_cast(flo
 // The last panel stores only its first `cols_last` columns (1..16), so outputs
 // need no padding columns (conv channels are stored compact).
 //
-// kPairs: bfloat16 operands in pairs along k (the GEMMs of bfloat16 conv
-// runs): in[r] is K bfloat16 values (K even), a panel is [K/2][16][2], the
-// values of k and k + 1 adjacent. With the bfloat16 dot product
-// (SEQFUSE_DPBF16), one vdpbf16ps multiplies a row's pair by 16 columns'
-// pairs (32 products, twice the float FMA's 16); other ISAs widen each pair
-// to two floats and multiply in float, odd then even as vdpbf16ps adds them.
-// The products of bfloat16 values are exact in float either way.
-template <int MR, int NP, bool kAct, bool kPairs = false, typename TI, typename TW, typename A>
+// kOps (Operands) says how the operands are laid out; see there.
+template <int MR, int NP, bool kAct, Operands kOps = Operands::Dense, typename TI, typename TW, typename A>
 inline void gemm_micro_tile(const TI* __restrict in, int64_t ld_in, const TW* __restrict panels, int64_t K,
                             const A* __restrict scale, const A* __restrict shift, A* __restrict out,
                             int64_t ld_out, int64_t cols_last, const RegisterActivation<A>& act) {
   constexpr int V = kVecsPerPanel<A>, L = kLanes<A>, Q = NP * V;  // Q registers per row
   Vec<A> acc[MR][Q];
   unroll<MR>([&](auto r) SEQFUSE_INLINE { unroll<Q>([&](auto q) SEQFUSE_INLINE { acc[r][q] = Vec<A>{}; }); });
-  if constexpr (kPairs) {
+  if constexpr (kOps == Operands::RowPairs) {
+#if SEQFUSE_DPBF16
+    static_assert(std::is_same_v<TI, bf16> && std::is_same_v<TW, bf16> && V == 1);
+    for (int64_t k = 0; k < K; k += 2) {
+      const bool odd_tail = k + 1 == K;  // K odd: the last row pairs with zeros
+      __m512bh b[NP];
+      unroll<NP>([&](auto p) SEQFUSE_INLINE {
+        const TW* row = panels + (p * K + k) * kPanelWidth;
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
+        const __m512i hi = odd_tail ? _mm512_setzero_si512()
+                                    : _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                          reinterpret_cast<const __m256i*>(row + kPanelWidth)));
+        b[p] = (__m512bh)_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+      });
+      unroll<MR>([&](auto r) SEQFUSE_INLINE {
+        uint32_t pair;
+        __builtin_memcpy(&pair, in + r * ld_in + k, sizeof(pair));
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+        unroll<NP>([&](auto p) SEQFUSE_INLINE { acc[r][p] = _mm512_dpbf16_ps(acc[r][p], a, b[p]); });
+      });
+    }
+#else
+    static_assert(kOps != Operands::RowPairs, "RowPairs needs the bfloat16 dot product");
+#endif
+  } else if constexpr (kOps == Operands::Pairs) {
     static_assert(std::is_same_v<TI, bf16> && std::is_same_v<TW, bf16> && std::is_same_v<A, float>);
     for (int64_t k = 0; k < K; k += 2) {
 #if SEQFUSE_DPBF16
@@ -243,7 +278,7 @@ template <typename A> constexpr int panels_for_rows(int mr) {
 
 // All panels of an `MR`-row tile, NP panels at a time, then single panels.
 // Columns at and beyond n_cols are not stored.
-template <int MR, bool kPairs = false, typename TI, typename TW, typename A>
+template <int MR, Operands kOps = Operands::Dense, typename TI, typename TW, typename A>
 inline void gemm_row_block(const RegisterActivation<A>& act, const TI* in, int64_t ld_in, const TW* weight, int64_t K,
                            int64_t n_cols, const A* scale, const A* shift, A* out, int64_t ld_out) {
   constexpr int NP = panels_for_rows<A>(MR);
@@ -252,10 +287,10 @@ inline void gemm_row_block(const RegisterActivation<A>& act, const TI* in, int64
     const int64_t cols_last = n_cols - (p + P - 1) * kPanelWidth;
     const TW* w = weight + p * K * kPanelWidth;
     if (act.on)
-      gemm_micro_tile<MR, P, true, kPairs>(in, ld_in, w, K, scale + p * kPanelWidth, shift + p * kPanelWidth,
+      gemm_micro_tile<MR, P, true, kOps>(in, ld_in, w, K, scale + p * kPanelWidth, shift + p * kPanelWidth,
                                            out + p * kPanelWidth, ld_out, cols_last, act);
     else
-      gemm_micro_tile<MR, P, false, kPairs>(in, ld_in, w, K, scale + p * kPanelWidth, shift + p * kPanelWidth,
+      gemm_micro_tile<MR, P, false, kOps>(in, ld_in, w, K, scale + p * kPanelWidth, shift + p * kPanelWidth,
                                             out + p * kPanelWidth, ld_out, cols_last, act);
   };
   int64_t p = 0;
@@ -264,14 +299,46 @@ inline void gemm_row_block(const RegisterActivation<A>& act, const TI* in, int64
 }
 
 // Picks the row-block instantiation for `mr` rows at run time.
-template <int MR, bool kPairs = false, typename TI, typename TW, typename A>
+template <int MR, Operands kOps = Operands::Dense, typename TI, typename TW, typename A>
 inline void gemm_rows(int mr, const RegisterActivation<A>& act, const TI* in, int64_t ld_in, const TW* weight,
                       int64_t K, int64_t n_cols, const A* scale, const A* shift, A* out, int64_t ld_out) {
   if constexpr (MR > 0) {
     if (mr == MR)
-      gemm_row_block<MR, kPairs>(act, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
+      gemm_row_block<MR, kOps>(act, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
     else
-      gemm_rows<MR - 1, kPairs>(mr, act, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
+      gemm_rows<MR - 1, kOps>(mr, act, in, ld_in, weight, K, n_cols, scale, shift, out, ld_out);
+  }
+}
+
+// rows x K values (row stride lda) -> rows x Kp bfloat16 (Kp = K rounded up
+// to even, the pad 0): the rows of a bfloat16 run's GEMM (Operands::Pairs,
+// RowPairs), rounded to nearest even as eager's bfloat16 tensors are.
+// float: vectors of kLanes<float> values at a time, float_to_bf16's rounding
+// (NaN kept quiet) in vector code, the tail one by one; bfloat16: copied.
+template <typename A>
+void round_rows_to_bf16(const A* a, int64_t lda, int64_t rows, int64_t K, int64_t Kp, bf16* dst) {
+  constexpr int L = kLanes<float>;
+  typedef uint32_t Word __attribute__((vector_size(SEQFUSE_VECTOR_BYTES)));
+  typedef uint16_t Half __attribute__((vector_size(SEQFUSE_VECTOR_BYTES / 2)));
+  for (int64_t r = 0; r < rows; ++r) {
+    const A* src = a + r * lda;
+    bf16* row = dst + r * Kp;
+    int64_t k = 0;
+    if constexpr (std::is_same_v<A, float>) {
+      for (; k + L <= K; k += L) {
+        const Word u = __builtin_bit_cast(Word, load_vec<float>(src + k));
+        const Word nan = (u & 0x7fffffffu) > 0x7f800000u;  // all ones where NaN
+        const Word rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        const Half h = __builtin_convertvector((nan & ((u >> 16) | 0x40u)) | (~nan & rounded), Half);
+        __builtin_memcpy(row + k, &h, sizeof(h));
+      }
+    }
+    if constexpr (std::is_same_v<A, bf16>) {
+      __builtin_memcpy(row, src, K * sizeof(bf16));
+      k = K;
+    }
+    for (; k < K; ++k) row[k] = convert<bf16>(convert<float>(src[k]));
+    if (Kp > K) row[K] = bf16{0};
   }
 }
 

@@ -55,7 +55,7 @@ void mlp_forward_rows(const MlpDesc& desc, const uint8_t* packed, const T* x, in
                       int64_t rows) {
   using A = acc_t<T>;
   const int64_t tile = mlp_tile_rows(desc);
-  A* ws = thread_workspace<A>(static_cast<size_t>(2 * std::min(tile, rows) * desc.max_width));
+  A* ws = thread_workspace<A>(static_cast<size_t>(mlp_workspace_elems(desc, std::min(tile, rows))));
   for (int64_t r0 = 0; r0 < rows; r0 += tile) {
     const int64_t n = std::min(tile, rows - r0);
     forward_tile<T>(desc, packed, x + r0 * ld_x, ld_x, y + r0 * ld_y, ld_y, n, ws);

@@ -17,9 +17,13 @@
 
 #include "kernel_impl.h"
 
+// A bfloat16 run's Linear multiplies bfloat16 by bfloat16, as eager's does:
+// the tile's rows are rounded to bfloat16 into `rounded` (rows x K rounded up
+// to even) first; with the bfloat16 dot product its bfloat16 panels are
+// paired on load (Operands::RowPairs), elsewhere widened.
 template <typename A, typename TI, typename TW>
 void run_linear_stage(const StageDesc& st, const uint8_t* packed, const TI* in, int64_t ld_in, int64_t rows, A* out,
-                      int64_t ld_out) {
+                      int64_t ld_out, bf16* rounded) {
   constexpr int MR = rows_per_tile<A>();
   const int64_t K = st.in_features;
   const int64_t n_panels = panel_count(st.out_features);
@@ -29,10 +33,25 @@ void run_linear_stage(const StageDesc& st, const uint8_t* packed, const TI* in, 
   const RegisterActivation<A> act(st.activation, st.alpha);
   // Row blocks outer, panels inner: a row block's inputs stay in L1 while the
   // weights stream from L2, which the packed panel layout makes sequential.
-  for (int64_t r0 = 0; r0 < rows; r0 += MR) {
-    const int mr = static_cast<int>(rows - r0 < MR ? rows - r0 : MR);
-    gemm_rows<MR>(mr, act, in + r0 * ld_in, ld_in, weight, K, n_panels * kPanelWidth, scale, shift,
-                  out + r0 * ld_out, ld_out);
+  if constexpr (std::is_same_v<TW, bf16>) {
+    const int64_t Kp = round_up(K, 2);
+    round_rows_to_bf16(in, ld_in, rows, K, Kp, rounded);
+    for (int64_t r0 = 0; r0 < rows; r0 += MR) {
+      const int mr = static_cast<int>(rows - r0 < MR ? rows - r0 : MR);
+#if SEQFUSE_DPBF16
+      gemm_rows<MR, Operands::RowPairs>(mr, act, rounded + r0 * Kp, Kp, weight, K, n_panels * kPanelWidth, scale,
+                                        shift, out + r0 * ld_out, ld_out);
+#else
+      gemm_rows<MR>(mr, act, rounded + r0 * Kp, Kp, weight, K, n_panels * kPanelWidth, scale, shift,
+                    out + r0 * ld_out, ld_out);
+#endif
+    }
+  } else {
+    for (int64_t r0 = 0; r0 < rows; r0 += MR) {
+      const int mr = static_cast<int>(rows - r0 < MR ? rows - r0 : MR);
+      gemm_rows<MR>(mr, act, in + r0 * ld_in, ld_in, weight, K, n_panels * kPanelWidth, scale, shift,
+                    out + r0 * ld_out, ld_out);
+    }
   }
   if (!act.on)
     for (int64_t r = 0; r < rows; ++r) activate_row(out + r * ld_out, st.out_features, st.activation, st.alpha);
@@ -51,28 +70,30 @@ void run_elementwise_stage(const StageDesc& st, const uint8_t* packed, const TI*
 
 template <typename A, typename TI, typename TW>
 void run_stage(const StageDesc& st, const uint8_t* packed, const TI* in, int64_t ld_in, int64_t rows, A* out,
-               int64_t ld_out) {
+               int64_t ld_out, bf16* rounded) {
   if (st.kind == StageKind::Linear)
-    run_linear_stage<A, TI, TW>(st, packed, in, ld_in, rows, out, ld_out);
+    run_linear_stage<A, TI, TW>(st, packed, in, ld_in, rows, out, ld_out, rounded);
   else
     run_elementwise_stage<A, TI, A>(st, packed, in, ld_in, rows, out, ld_out);
 }
 
 // Runs `rows` rows (at most desc's tile size) through every stage.
-// workspace: 2 * rows * desc.max_width accumulate-type elements.
+// workspace: mlp_workspace_elems(desc, rows) accumulate-type elements (two
+// activation buffers, and a bfloat16 run's rounded rows after them).
 template <typename T>
 void mlp_forward_tile(const MlpDesc& desc, const uint8_t* packed, const T* x, int64_t ld_x, T* y, int64_t ld_y,
                       int64_t rows, acc_t<T>* workspace) {
   using A = acc_t<T>;
   const int64_t ld = desc.max_width;
   A* buffers[2] = {workspace, workspace + rows * ld};
+  bf16* rounded = reinterpret_cast<bf16*>(workspace + 2 * rows * ld);
   const size_t n_stages = desc.stages.size();
   for (size_t i = 0; i < n_stages; ++i) {
     A* out = buffers[i % 2];
     if (i == 0)
-      run_stage<A, T, T>(desc.stages[i], packed, x, ld_x, rows, out, ld);
+      run_stage<A, T, T>(desc.stages[i], packed, x, ld_x, rows, out, ld, rounded);
     else
-      run_stage<A, A, T>(desc.stages[i], packed, buffers[(i - 1) % 2], ld, rows, out, ld);
+      run_stage<A, A, T>(desc.stages[i], packed, buffers[(i - 1) % 2], ld, rows, out, ld, rounded);
   }
   const A* last = buffers[(n_stages - 1) % 2];
   for (int64_t r = 0; r < rows; ++r)

@@ -171,4 +171,11 @@ inline MlpDesc decode_mlp_spec(const int64_t* spec, size_t spec_len, const doubl
   return d;
 }
 
+// Workspace (accumulate-type values) of a tile of `rows` rows: two
+// activation buffers of rows x max_width, and for bfloat16 the rows rounded
+// to bfloat16 for a Linear (rows x max_width bfloat16, max_width even).
+inline int64_t mlp_workspace_elems(const MlpDesc& d, int64_t rows) {
+  return 2 * rows * d.max_width + (d.dtype == DType::BFloat16 ? rows * d.max_width / 2 + 16 : 0);
+}
+
 }  // namespace seqfuse::kernels

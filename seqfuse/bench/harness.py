@@ -72,7 +72,7 @@ def environment(dtype: torch.dtype, threads: Optional[int] = None,
     }
 
 
-def fma_peak(threads: Optional[int] = None, seconds: float = 0.2) -> Optional[float]:
+def fma_peak(threads: Optional[int] = None, seconds: float = 0.2, dtype: torch.dtype = torch.float32) -> Optional[float]:
     """This machine's float32 multiply-add peak in GFLOP/s with ``threads``
     threads busy (default ``torch.get_num_threads()``), measured now by a
     short C++ loop (``seqfuse._C.fma_peak_gflops``: independent FMA chains on
@@ -80,7 +80,9 @@ def fma_peak(threads: Optional[int] = None, seconds: float = 0.2) -> Optional[fl
     the ceiling of every peer's GFLOP/s; measuring it in the same run as the
     peers, rather than quoting a datasheet, makes the share of it mean the
     same on a throttled or shared machine. ``None`` when the extension was
-    built without it.
+    built without it. For ``torch.bfloat16`` the peak of the bfloat16
+    products (``vdpbf16ps``, twice the float32 FMA's rate, on CPUs with
+    AVX512-BF16; else the float32 FMA peak the widened products run at).
 
     >>> fma_peak(1, seconds=0.01) > 0
     True
@@ -88,7 +90,7 @@ def fma_peak(threads: Optional[int] = None, seconds: float = 0.2) -> Optional[fl
     measure = getattr(seqfuse._C, "fma_peak_gflops", None)
     if measure is None:
         return None
-    return float(measure(int(threads or torch.get_num_threads()), float(seconds)))
+    return float(measure(int(threads or torch.get_num_threads()), float(seconds), dtype == torch.bfloat16))
 
 
 class Progress:
@@ -403,7 +405,7 @@ def run(cases: Optional[Iterable[Union[str, Case]]] = None, peers: Union[str, Se
         peak_gflops = None
         if peak:
             bar.update("measuring the FMA peak ...", major=True)
-            peak_gflops = fma_peak(torch.get_num_threads())
+            peak_gflops = fma_peak(torch.get_num_threads(), dtype=dt)  # bfloat16: the bfloat16 products' peak
         for i, case in enumerate(case_list, 1):
             t0 = time.perf_counter()
             res = run_case(case, peer_names, dt, settings, memory_probe=memory, seed=seed, check=check,

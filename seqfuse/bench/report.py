@@ -59,7 +59,8 @@ def header(env: Dict[str, object], extra: str = "") -> str:
     ]
     peak = env.get("fma_peak_gflops")
     if peak:
-        parts.append(f"FMA peak {_peak(peak)} GFLOP/s")
+        what = "bf16 product peak" if env["dtype"] == "bfloat16" else "FMA peak"
+        parts.append(f"{what} {_peak(peak)} GFLOP/s")
     if extra:
         parts.append(extra)
     return " | ".join(parts)
@@ -160,7 +161,11 @@ def footer(results: Sequence[dict]) -> str:
         "IQR%: largest interquartile range / median of the samples among the peers.",
     ]
     peaks = sorted({r["fma_peak_gflops"] for r in results if r.get("fma_peak_gflops")})
-    if peaks:
+    if peaks and any(r.get("dtype") == "bfloat16" for r in results):
+        lines.append(f"% peak: each peer's GFLOP/s (same FLOP count) as a share of the bfloat16 product peak "
+                     f"measured in this run, {'/'.join(_peak(p) for p in peaks)} GFLOP/s with the run's threads "
+                     "(independent vdpbf16ps chains where the CPU has AVX512-BF16, else float32 FMA chains).")
+    elif peaks:
         lines.append(f"% peak: each peer's GFLOP/s (same FLOP count) as a share of the float32 FMA peak measured "
                      f"in this run, {'/'.join(_peak(p) for p in peaks)} GFLOP/s with the run's threads "
                      "(independent FMA chains on the widest vectors, no memory traffic).")

@@ -139,24 +139,31 @@ inline constexpr double kInf = std::numeric_limits<double>::infinity();
 //   arithmetic_rtol  rounding of the accumulate-type arithmetic, relative to the
 //                    size of the terms summed (see the references' magnitudes)
 //   storage_rtol     rounding of the result to the storage type, relative to it
+//   input_rtol       rounding of the GEMMs' inputs to the storage type (bfloat16
+//                    runs multiply bfloat16 by bfloat16, as eager does), relative
+//                    to the size of the terms summed: half an ulp per term, through
+//                    every stage of a run
 template <typename T> struct TypeInfo;
 template <> struct TypeInfo<float> {
   static constexpr DType dtype = DType::Float32;
   static constexpr const char* name = "float32";
   static constexpr double arithmetic_rtol = 1e-5;
   static constexpr double storage_rtol = 0.0;
+  static constexpr double input_rtol = 0.0;
 };
 template <> struct TypeInfo<double> {
   static constexpr DType dtype = DType::Float64;
   static constexpr const char* name = "float64";
   static constexpr double arithmetic_rtol = 1e-12;
   static constexpr double storage_rtol = 0.0;
+  static constexpr double input_rtol = 0.0;
 };
 template <> struct TypeInfo<bf16> {
   static constexpr DType dtype = DType::BFloat16;
   static constexpr const char* name = "bfloat16";
   static constexpr double arithmetic_rtol = 1e-5;  // activations are carried in float
   static constexpr double storage_rtol = 1.0 / 256;  // rounded once, to nearest: half an ulp of 8 bits
+  static constexpr double input_rtol = 1.0 / 128;
 };
 
 inline double to_double(float v) { return v; }

@@ -451,12 +451,9 @@ int64_t max_terms(const sk::ConvDesc& d, const sk::ConvGeometry& g) {
 
 // |got - want| allowed for an output whose computation summed terms of total
 // size `magnitude`, through stages summing at most `terms` terms each.
-// bfloat16 runs also round their GEMMs' inputs to bfloat16 (packs_bf16_pairs:
-// half an ulp of 8 bits per term, through every such stage of the run).
 template <typename T> double tolerance(double want, double magnitude, int64_t terms) {
-  const double rounded_inputs = std::is_same_v<T, bf16> ? 1.0 / 128 : 0.0;
   return TypeInfo<T>::arithmetic_rtol * std::sqrt(static_cast<double>(terms)) * (1.0 + magnitude) +
-         rounded_inputs * magnitude + TypeInfo<T>::storage_rtol * std::abs(want);
+         TypeInfo<T>::input_rtol * magnitude + TypeInfo<T>::storage_rtol * std::abs(want);
 }
 
 // Counts the values outside their tolerance; got(i) is the kernel's value at

@@ -32,7 +32,7 @@ using sk::StageKind;
 // terms of total size `magnitude`, through stages at most `k` inputs wide.
 template <typename T> double forward_tolerance(double want, double magnitude, int64_t k) {
   const double arithmetic = TypeInfo<T>::arithmetic_rtol * (1.0 + static_cast<double>(k) / 16.0) * (1.0 + magnitude);
-  return arithmetic + TypeInfo<T>::storage_rtol * std::abs(want);
+  return arithmetic + TypeInfo<T>::input_rtol * magnitude + TypeInfo<T>::storage_rtol * std::abs(want);
 }
 
 // ---- MLP specs -----------------------------------------------------------------------
