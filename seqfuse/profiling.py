@@ -78,6 +78,7 @@ class ModelProfile:
     forward_ms: float  # median over the timed forwards
     chains: List[ChainProfile] = field(default_factory=list)
     tail_ms: float = 0.0  # time outside fused calls after the last one
+    peak_name: str = "FMA peak"  # "bf16 product peak" for a bfloat16 input (vdpbf16ps where the CPU has it)
 
     @property
     def fused_ms(self) -> float:
@@ -153,11 +154,12 @@ class ModelProfile:
         lines = [
             f"seqfuse.profile({self.model_name}) input {shape}, {self.threads} threads: forward {self.forward_ms:.3f} ms, "
             f"fused calls {self.fused_ms:.3f} ms, outside them {self.outside_ms:.3f} ms ({100 * self.outside_share:.1f}%)",
-            f"  limits measured now: FMA peak {self.peak_gflops:.0f} GFLOP/s, memory bandwidth {self.bandwidth_gbs:.1f} GB/s",
+            f"  limits measured now: {self.peak_name} {self.peak_gflops:.0f} GFLOP/s, memory bandwidth "
+            f"{self.bandwidth_gbs:.1f} GB/s",
         ]
         share = self.compute_share()
         if share is not None:
-            lines.append(f"  compute-bound conv/linear stages: {100 * share:.0f}% of the FMA peak (FLOP-weighted)")
+            lines.append(f"  compute-bound conv/linear stages: {100 * share:.0f}% of the {self.peak_name} (FLOP-weighted)")
         top = [f"{k} {v:.3f}" for k, v in self.by_kind().items() if v >= 0.0005]
         lines.append("  by kind, ms: " + ", ".join(top))
         for c in self.chains:
@@ -171,7 +173,7 @@ class ModelProfile:
                 if s.ms is None:
                     lines.append(f"    {'':>8}     {s.label}: {2 * s.macs / 1e6:.1f} MFLOP")
                     continue
-                limit = f"{100 * s.share:.0f}% of {'FMA peak' if s.bound == 'FMA' else 'bandwidth'}"
+                limit = f"{100 * s.share:.0f}% of {self.peak_name if s.bound == 'FMA' else 'bandwidth'}"
                 lines.append(f"    {s.ms:8.3f} ms  {s.label}: {s.gflops:.0f} GFLOP/s, {limit}")
         if self.tail_ms >= 0.0005:
             lines.append(f"  {self.tail_ms:8.3f} ms  (outside fused calls)")
@@ -188,17 +190,21 @@ def _in_channels(label: str) -> int:
     return 0
 
 
-_LIMITS: Dict[int, Tuple[float, float]] = {}
+_LIMITS: Dict[Tuple[int, bool], Tuple[float, float]] = {}
 
 
-def machine_limits(threads: Optional[int] = None) -> Tuple[float, float]:
+def machine_limits(threads: Optional[int] = None, dtype: torch.dtype = torch.float32) -> Tuple[float, float]:
     """(FMA peak GFLOP/s, memory bandwidth GB/s) of ``threads`` threads
     (default torch's), measured once per process: the peak by the native FMA loop
     (``csrc/kernels/fma_peak.h``), the bandwidth by the best of
-    a few 64 MiB tensor copies (bytes read plus bytes written)."""
+    a few 64 MiB tensor copies (bytes read plus bytes written). For
+    ``torch.bfloat16`` the peak is the bfloat16 products' (``vdpbf16ps``,
+    twice the float32 FMA's, where the CPU has AVX512-BF16), which the
+    GEMMs of bfloat16 runs use."""
     threads = threads or torch.get_num_threads()
-    if threads not in _LIMITS:
-        peak = _C.fma_peak_gflops(threads, 0.2)
+    key = (threads, dtype == torch.bfloat16)
+    if key not in _LIMITS:
+        peak = _C.fma_peak_gflops(threads, 0.2, dtype == torch.bfloat16)
         src = torch.ones(16 << 20)
         dst = torch.empty_like(src)
         best = float("inf")
@@ -206,8 +212,8 @@ def machine_limits(threads: Optional[int] = None) -> Tuple[float, float]:
             t0 = time.perf_counter()
             dst.copy_(src)
             best = min(best, time.perf_counter() - t0)
-        _LIMITS[threads] = (peak, 2 * src.numel() * src.element_size() / best / 1e9)
-    return _LIMITS[threads]
+        _LIMITS[key] = (peak, 2 * src.numel() * src.element_size() / best / 1e9)
+    return _LIMITS[key]
 
 
 def _segments_by_plan(model: nn.Module) -> Dict[int, Tuple[str, str]]:
@@ -262,7 +268,7 @@ def profile(model: nn.Module, example_input: torch.Tensor, repeats: int = 10) ->
         raise ValueError(f"seqfuse.profile times CPU calls; the input is on {example_input.device}")
     from .convert import _MAX_EXAMPLE_ROUNDS
 
-    peak, bandwidth = machine_limits()
+    peak, bandwidth = machine_limits(dtype=example_input.dtype)
     with torch.no_grad():
         for _ in range(_MAX_EXAMPLE_ROUNDS):
             since = _C.engine_trial_clock()
@@ -304,7 +310,8 @@ def profile(model: nn.Module, example_input: torch.Tensor, repeats: int = 10) ->
             by_plan[r["plan"]][k].append(r)
 
     result = ModelProfile(type(model).__name__, tuple(example_input.shape), torch.get_num_threads(), peak, bandwidth,
-                          statistics.median(walls), tail_ms=max(statistics.median(tails), 0.0))
+                          statistics.median(walls), tail_ms=max(statistics.median(tails), 0.0),
+                          peak_name="bf16 product peak" if example_input.dtype == torch.bfloat16 else "FMA peak")
     for plan in order:
         forwards = [f for f in by_plan[plan] if f]
         first = forwards[0][0]
