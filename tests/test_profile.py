@@ -149,3 +149,11 @@ def test_bench_prints_the_profile(capsys):
                  "--no-progress", "--profile"]) == 0
     out = capsys.readouterr().out
     assert "seqfuse.profile(" in out and "GFLOP/s" in out
+
+
+def test_a_bfloat16_input_is_measured_against_the_bfloat16_product_peak():
+    model = seqfuse.fuse(Net().eval().bfloat16())
+    p = seqfuse.profile(model, torch.randn(2, 3, 11, 9).bfloat16(), repeats=1)
+    assert p.peak_name == "bf16 product peak" and "bf16 product peak" in str(p)
+    f32 = seqfuse.profile(_model(), torch.randn(2, 3, 11, 9), repeats=1)
+    assert f32.peak_name == "FMA peak" and p.peak_gflops > 0
