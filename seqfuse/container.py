@@ -60,11 +60,12 @@ class _FusedRun:
     per forward) and to its live parameters and buffers (one training op call
     per forward)."""
 
-    __slots__ = ("segment", "call", "packable", "train_call", "train_unsupported", "on_packed")
+    __slots__ = ("segment", "call", "packable", "train_call", "train_unsupported", "on_packed", "autocast_call")
 
     def __init__(self, segment: Segment, pack_now: bool):
         self.segment = segment
         self.call = None
+        self.autocast_call = None  # the bfloat16 call of inference under CPU autocast (False: cannot be packed)
         self.on_packed = None  # set by a one-segment plan: hands a lazily packed call to its guard
         self.packable = not segment.batch_stats  # batch statistics cannot be folded: training op only
         if self.packable and pack_now:
@@ -85,21 +86,24 @@ class _FusedRun:
                 segment.needs_2d,
             )
 
-    def pack(self):
+    def pack(self, dtype: Optional[torch.dtype] = None):
         """The inference call: folded and packed parameters (a copy of the
         weights, so a plan built in training mode packs only when an
-        inference call needs it)."""
+        inference call needs it). ``dtype``: the call of the same run in
+        another dtype (its parameters and engine weights converted copies)."""
         segment = self.segment
+        run_spec = segment.spec if dtype is None else spec.with_dtype(segment.spec, dtype)
+        convert = (lambda t: t.detach()) if dtype is None else (lambda t: t.detach().to(dtype))
         # Folded/packed weights are derived data: never autograd history, never
         # inference tensors (the plan may be reused outside inference_mode).
         with torch.inference_mode(False), torch.no_grad():
-            tensors = [t.detach() for t in segment.pack_tensors()]
+            tensors = [convert(t) for t in segment.pack_tensors()]
             pack = ops.conv_pack if segment.op == "conv" else ops.mlp_pack
-            packed = pack(tensors, segment.spec, segment.fparams)
-        weights = [w.detach() for w in segment.engine_weights()]  # views of the parameters, not copies
+            packed = pack(tensors, run_spec, segment.fparams)
+            weights = [convert(w) for w in segment.engine_weights()]  # views of the parameters (dtype None)
         if segment.op == "conv":
-            return _C.FusedConvCall(packed, weights, segment.spec, segment.fparams)
-        return _C.FusedMlpCall(packed, weights, segment.spec, segment.fparams, segment.flatten, segment.needs_2d)
+            return _C.FusedConvCall(packed, weights, run_spec, segment.fparams)
+        return _C.FusedMlpCall(packed, weights, run_spec, segment.fparams, segment.flatten, segment.needs_2d)
 
     def ensure_packed(self, stacklevel: int = 4) -> bool:
         """Packs the inference call if not yet done; False (with a warning,
@@ -118,6 +122,11 @@ class _FusedRun:
     def __call__(self, x, route: int):
         if route == _TRAIN:
             return self.run_train(x)
+        if (route == _EAGER and self.packable and self.segment.dtype == torch.float32 and self.segment.has_product()
+                and _autocast_bfloat16(x)):
+            y = self.run_autocast(x)
+            if y is not None:
+                return y
         if route != _INFERENCE or not self.packable:
             return self.run_eager(x)
         if self.call is None:
@@ -133,6 +142,24 @@ class _FusedRun:
         except Exception as err:
             return self.recover(x, err)
         return self.run_eager(x) if y is None else y
+
+    def run_autocast(self, x):
+        """Inference of a float32 segment under ``torch.autocast("cpu",
+        dtype=torch.bfloat16)``: the segment as a bfloat16 run (its
+        parameters converted to bfloat16 once, on the first such call), on
+        the input rounded to bfloat16, returning bfloat16 as autocast's
+        Conv2d / Linear do (and the ops after them, which autocast leaves in
+        their input's dtype). None when the segment cannot run so (the
+        caller then runs it eagerly, under autocast)."""
+        if self.autocast_call is None:
+            try:
+                self.autocast_call = self.pack(torch.bfloat16)
+            except Exception:  # e.g. a parameter in another dtype: autocast's own rules, eagerly
+                self.autocast_call = False
+        if self.autocast_call is False:
+            return None
+        with torch.autocast("cpu", enabled=False):
+            return self.autocast_call(x.to(torch.bfloat16))
 
     def run_train(self, x):
         """One seqfuse::*_train_forward call (autograd records its fused
@@ -212,6 +239,16 @@ class _FusedRun:
             stacklevel=3,
         )
         return x
+
+
+def _autocast_bfloat16(x) -> bool:
+    """Whether a call is inference under ``torch.autocast("cpu",
+    dtype=torch.bfloat16)`` on a plain float32 or bfloat16 CPU tensor (a
+    bfloat16 one: the output of an earlier segment or op under autocast):
+    the calls a segment's bfloat16 run serves (see _FusedRun.run_autocast)."""
+    return (type(x) is torch.Tensor and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and not torch.is_grad_enabled() and not _C.needs_eager_context(x))
 
 
 def _has_hooks(container: nn.Module) -> bool:

@@ -310,6 +310,13 @@ class Segment:
     spec: List[int] = field(default_factory=list)
     fparams: List[float] = field(default_factory=list)
 
+    def has_product(self) -> bool:
+        """Whether the run multiplies (a Conv2d or Linear): under CPU autocast
+        its output is then bfloat16 whatever ran before (see
+        container._FusedRun.run_autocast); a run of only BatchNorms, pools and
+        activations keeps its input's dtype there."""
+        return len(self.engine_weights()) > 0
+
     def engine_weights(self) -> List[torch.Tensor]:
         """What engine 1 multiplies with: the Linear weights of an MLP run, the
         Conv2d and then the Linear (head) weights of a conv run, in stage order."""

@@ -28,7 +28,7 @@ __all__ = [
     "HAS_BIAS", "HAS_BATCHNORM", "BATCHNORM_AFFINE", "BATCH_STATS", "RUNNING_STATS", "CEIL_MODE",
     "COUNT_INCLUDE_PAD", "ENGINE_FUSED", "ENGINE_GEMM_EPILOGUE", "ENGINE_ATEN_LAYOUT", "ENGINE_WINOGRAD",
     "ENGINE_NAMES",
-    "CONV_ENGINE_NAMES", "ROUTE_STALE", "ROUTE_INFERENCE", "ROUTE_EAGER", "ROUTE_TRAIN",
+    "CONV_ENGINE_NAMES", "ROUTE_STALE", "ROUTE_INFERENCE", "ROUTE_EAGER", "ROUTE_TRAIN", "with_dtype",
 ]
 
 _VOCAB = _C.vocabulary()
@@ -164,3 +164,15 @@ def encode_conv_spec(
         spec += [int(v) for v in s.window] + [int(s.param), int(s.options)]
         fparams += [float(s.alpha), float(s.eps)]
     return spec, fparams
+
+
+def with_dtype(spec: List[int], dtype: torch.dtype) -> List[int]:
+    """The same run's spec (MLP or conv) for another dtype: the dtype code is
+    the spec's second value (csrc/kernels/mlp_spec.h, conv_spec.h).
+
+    >>> with_dtype([1, 0, 1, 4, 0, 8, 0, 0], torch.bfloat16)[1] == _DTYPE_CODES[torch.bfloat16]
+    True
+    """
+    out = list(spec)
+    out[1] = _DTYPE_CODES[dtype]
+    return out

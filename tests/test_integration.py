@@ -204,9 +204,12 @@ def test_no_grad_and_inference_mode_on_a_fused_model():
 
 
 def test_autocast_bf16_same_dtype_and_values_as_unfused():
-    """Under autocast the fused model runs its blocks eagerly, so it computes
-    exactly what the unfused model computes (bf16 matmuls, fp32 elsewhere):
-    in no_grad, in a training forward + backward, and compiled."""
+    """Under autocast the fused model gives eager's dtypes: inference runs its
+    segments as bfloat16 runs (bfloat16 products, as autocast's, within
+    bfloat16 rounding of eager's values: tests/test_autocast.py holds them
+    to the numerics rule); a training forward + backward and a compiled
+    call run the blocks eagerly and compute exactly what the unfused model
+    computes."""
     net, fused = make_pair()
     x = torch.randn(6, 12)
 
@@ -214,12 +217,16 @@ def test_autocast_bf16_same_dtype_and_values_as_unfused():
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
+    def close_bf16(a, b):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item())
+
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():
             ref, out = net(x), fused(x)
         assert ref.dtype == torch.bfloat16
-        exact(out, ref)
-        exact(fused.stem(x), net.stem(x))  # a block on its own keeps eager's dtype as well
+        close_bf16(out, ref)
+        close_bf16(fused.stem(x), net.stem(x))  # a block on its own keeps eager's dtype as well
         net(x).float().pow(2).mean().backward()
         fused(x).float().pow(2).mean().backward()
         torch._dynamo.reset()

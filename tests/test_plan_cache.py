@@ -209,14 +209,17 @@ def test_concurrent_calls_from_threads(threads):
     assert not errors, errors
 
 
-def test_autocast_runs_eagerly_with_eager_dtypes():
+def test_autocast_inference_keeps_eager_dtypes():
+    """Inference under CPU bfloat16 autocast runs the bfloat16 run of the
+    plan (tests/test_autocast.py): eager's output dtype, its values within
+    bfloat16 rounding."""
     m = make()
     x = torch.randn(5, 8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         ref = nn.Sequential(*m)(x)
         out = m(x)
     assert out.dtype == ref.dtype == torch.bfloat16
-    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_inference_mode_and_no_grad_outputs():

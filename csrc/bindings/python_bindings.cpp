@@ -169,7 +169,7 @@ PYBIND11_MODULE(_C, m) {
       "Size in bytes of the buffer seqfuse::mlp_pack returns for this spec.");
   m.def(
       "cpu_capability", [] { return std::string(kernels::isa_name(kernels::active_isa())); },
-      "The CPU kernel variant in use: 'avx512', 'avx2' or 'baseline'.");
+      "The CPU kernel variant in use: 'avx512_bf16', 'avx512', 'avx2' or 'baseline'.");
   m.def(
       "detected_cpu_capability", [] { return std::string(kernels::isa_name(kernels::detect_isa())); },
       "The best CPU kernel variant this CPU supports.");
@@ -182,7 +182,8 @@ PYBIND11_MODULE(_C, m) {
           throw py::value_error(e.what());
         }
       },
-      py::arg("name"), "Force a CPU kernel variant ('avx512', 'avx2', 'baseline'; '' for the detected one).");
+      py::arg("name"),
+      "Force a CPU kernel variant ('avx512_bf16', 'avx512', 'avx2', 'baseline'; '' for the detected one).");
   m.def(
       "set_gelu_erf_at_pos_inf",
       [](float v) { kernels::gelu_erf_at_pos_inf.store(v, std::memory_order_relaxed); }, py::arg("value"),

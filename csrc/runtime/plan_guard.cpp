@@ -66,8 +66,13 @@ int PlanGuard::check(py::handle input) const {
     if (t.requires_grad() != rg) return kStale;
   for (const auto& [d, size] : global_hooks_)
     if (PyDict_GET_SIZE(d.ptr()) != size) return kStale;
-  // Under autocast eager computes in the autocast dtype: run eagerly.
-  if (at::autocast::is_autocast_enabled(at::kCPU) || at::autocast::is_autocast_enabled(at::kCUDA)) return kEager;
+  // Under autocast eager computes in the autocast dtype: the modules run
+  // eagerly, except where inference under CPU autocast runs a segment's
+  // bfloat16 run (container._FusedRun.run_autocast), which is packed from the
+  // values: a changed value re-plans then (not with autograd on, where the
+  // modules run eagerly and read the values as they are).
+  if (at::autocast::is_autocast_enabled(at::kCPU) || at::autocast::is_autocast_enabled(at::kCUDA))
+    return values_changed && !at::GradMode::is_enabled() ? kStale : kEager;
   if (needs_eager_context(input)) return kEager;
   if (batch_stats_) return kTrain;
   if (at::GradMode::is_enabled()) {

@@ -52,7 +52,8 @@ class PlanGuard {
   enum Route : int {
     kStale = 0,      // re-plan
     kInference = 1,  // valid: fused segments run the inference ops
-    kEager = 2,      // valid, but fused modules run eagerly (a forward-mode tangent, a torch.func transform, autocast)
+    kEager = 2,      // valid, but fused modules run eagerly (a forward-mode tangent, a torch.func transform,
+                     // autocast; inference under CPU bfloat16 autocast runs bfloat16 runs instead)
     kTrain = 3,      // valid: fused segments run the training ops (the call needs autograd, or a BatchNorm uses
                      // batch statistics)
   };
