@@ -183,13 +183,17 @@ inline void gemm_micro_tile(const TI* __restrict in, int64_t ld_in, const TW* __
     for (int64_t k = 0; k < K; k += 2) {
       const bool odd_tail = k + 1 == K;  // K odd: the last row pairs with zeros
       __m512bh b[NP];
+      // In vector code, not the intrinsics: GCC 12's _mm512_cvtepu16_epi32 and
+      // _mm512_slli_epi32 start from an "undefined" register it then warns about.
+      typedef uint16_t Row __attribute__((vector_size(32)));
+      typedef uint32_t Pairs __attribute__((vector_size(64)));
       unroll<NP>([&](auto p) SEQFUSE_INLINE {
         const TW* row = panels + (p * K + k) * kPanelWidth;
-        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
-        const __m512i hi = odd_tail ? _mm512_setzero_si512()
-                                    : _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                          reinterpret_cast<const __m256i*>(row + kPanelWidth)));
-        b[p] = (__m512bh)_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+        Row lo, hi = {};
+        __builtin_memcpy(&lo, row, sizeof(lo));
+        if (!odd_tail) __builtin_memcpy(&hi, row + kPanelWidth, sizeof(hi));
+        const Pairs w = __builtin_convertvector(lo, Pairs) | (__builtin_convertvector(hi, Pairs) << 16);
+        b[p] = (__m512bh)w;
       });
       unroll<MR>([&](auto r) SEQFUSE_INLINE {
         uint32_t pair;
