@@ -60,7 +60,8 @@ class _FusedRun:
     per forward) and to its live parameters and buffers (one training op call
     per forward)."""
 
-    __slots__ = ("segment", "call", "packable", "train_call", "train_unsupported", "on_packed", "autocast_call")
+    __slots__ = ("segment", "call", "packable", "train_call", "train_unsupported", "on_packed", "autocast_call",
+                 "autocast_ok")
 
     def __init__(self, segment: Segment, pack_now: bool):
         self.segment = segment
@@ -68,6 +69,8 @@ class _FusedRun:
         self.autocast_call = None  # the bfloat16 call of inference under CPU autocast (False: cannot be packed)
         self.on_packed = None  # set by a one-segment plan: hands a lazily packed call to its guard
         self.packable = not segment.batch_stats  # batch statistics cannot be folded: training op only
+        # Whether inference under CPU bfloat16 autocast may run the segment's bfloat16 run (run_autocast).
+        self.autocast_ok = self.packable and segment.dtype == torch.float32 and segment.has_product()
         if self.packable and pack_now:
             self.call = self.pack()
         self.train_unsupported = segment.train_unsupported()
@@ -122,8 +125,7 @@ class _FusedRun:
     def __call__(self, x, route: int):
         if route == _TRAIN:
             return self.run_train(x)
-        if (route == _EAGER and self.packable and self.segment.dtype == torch.float32 and self.segment.has_product()
-                and _autocast_bfloat16(x)):
+        if route == _EAGER and self.autocast_ok and _autocast_bfloat16(x):
             y = self.run_autocast(x)
             if y is not None:
                 return y
@@ -158,8 +160,9 @@ class _FusedRun:
                 self.autocast_call = False
         if self.autocast_call is False:
             return None
-        with torch.autocast("cpu", enabled=False):
-            return self.autocast_call(x.to(torch.bfloat16))
+        # Autocast needs no disabling around the call: the ATen ops inside it
+        # (engine 1) get bfloat16 tensors, which autocast leaves as they are.
+        return self.autocast_call(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16))
 
     def run_train(self, x):
         """One seqfuse::*_train_forward call (autograd records its fused
