@@ -177,43 +177,31 @@ inline void gemm_micro_tile(const TI* __restrict in, int64_t ld_in, const TW* __
   constexpr int V = kVecsPerPanel<A>, L = kLanes<A>, Q = NP * V;  // Q registers per row
   Vec<A> acc[MR][Q];
   unroll<MR>([&](auto r) SEQFUSE_INLINE { unroll<Q>([&](auto q) SEQFUSE_INLINE { acc[r][q] = Vec<A>{}; }); });
-  if constexpr (kOps == Operands::RowPairs) {
-#if SEQFUSE_DPBF16
-    static_assert(std::is_same_v<TI, bf16> && std::is_same_v<TW, bf16> && V == 1);
-    for (int64_t k = 0; k < K; k += 2) {
-      const bool odd_tail = k + 1 == K;  // K odd: the last row pairs with zeros
-      __m512bh b[NP];
-      // In vector code, not the intrinsics: GCC 12's _mm512_cvtepu16_epi32 and
-      // _mm512_slli_epi32 start from an "undefined" register it then warns about.
-      typedef uint16_t Row __attribute__((vector_size(32)));
-      typedef uint32_t Pairs __attribute__((vector_size(64)));
-      unroll<NP>([&](auto p) SEQFUSE_INLINE {
-        const TW* row = panels + (p * K + k) * kPanelWidth;
-        Row lo, hi = {};
-        __builtin_memcpy(&lo, row, sizeof(lo));
-        if (!odd_tail) __builtin_memcpy(&hi, row + kPanelWidth, sizeof(hi));
-        const Pairs w = __builtin_convertvector(lo, Pairs) | (__builtin_convertvector(hi, Pairs) << 16);
-        b[p] = (__m512bh)w;
-      });
-      unroll<MR>([&](auto r) SEQFUSE_INLINE {
-        uint32_t pair;
-        __builtin_memcpy(&pair, in + r * ld_in + k, sizeof(pair));
-        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
-        unroll<NP>([&](auto p) SEQFUSE_INLINE { acc[r][p] = _mm512_dpbf16_ps(acc[r][p], a, b[p]); });
-      });
-    }
-#else
-    static_assert(kOps != Operands::RowPairs, "RowPairs needs the bfloat16 dot product");
-#endif
-  } else if constexpr (kOps == Operands::Pairs) {
+  if constexpr (kOps != Operands::Dense) {
     static_assert(std::is_same_v<TI, bf16> && std::is_same_v<TW, bf16> && std::is_same_v<A, float>);
     for (int64_t k = 0; k < K; k += 2) {
 #if SEQFUSE_DPBF16
       static_assert(V == 1, "one register of 16 floats per panel");
       __m512bh b[NP];
-      unroll<NP>([&](auto p) SEQFUSE_INLINE {
-        b[p] = (__m512bh)_mm512_loadu_si512(panels + (p * K + k) * kPanelWidth);
-      });
+      if constexpr (kOps == Operands::Pairs) {
+        unroll<NP>([&](auto p) SEQFUSE_INLINE {
+          b[p] = (__m512bh)_mm512_loadu_si512(panels + (p * K + k) * kPanelWidth);
+        });
+      } else {
+        // Rows k and k + 1 (zeros past an odd K) interleaved, in vector code:
+        // GCC 12's _mm512_cvtepu16_epi32 and _mm512_slli_epi32 start from an
+        // "undefined" register it then warns about.
+        typedef uint16_t Row __attribute__((vector_size(32)));
+        typedef uint32_t PairVec __attribute__((vector_size(64)));
+        const bool odd_tail = k + 1 == K;
+        unroll<NP>([&](auto p) SEQFUSE_INLINE {
+          const TW* row = panels + (p * K + k) * kPanelWidth;
+          Row lo, hi = {};
+          __builtin_memcpy(&lo, row, sizeof(lo));
+          if (!odd_tail) __builtin_memcpy(&hi, row + kPanelWidth, sizeof(hi));
+          b[p] = (__m512bh)(__builtin_convertvector(lo, PairVec) | (__builtin_convertvector(hi, PairVec) << 16));
+        });
+      }
       unroll<MR>([&](auto r) SEQFUSE_INLINE {
         uint32_t pair;
         __builtin_memcpy(&pair, in + r * ld_in + k, sizeof(pair));
@@ -221,6 +209,7 @@ inline void gemm_micro_tile(const TI* __restrict in, int64_t ld_in, const TW* __
         unroll<NP>([&](auto p) SEQFUSE_INLINE { acc[r][p] = _mm512_dpbf16_ps(acc[r][p], a, b[p]); });
       });
 #else
+      static_assert(kOps == Operands::Pairs, "RowPairs needs the bfloat16 dot product");
       typedef uint32_t Word __attribute__((vector_size(SEQFUSE_VECTOR_BYTES)));
       Vec<A> even[Q], odd[Q];
       unroll<Q>([&](auto q) SEQFUSE_INLINE {
