@@ -17,18 +17,17 @@ from torch import nn
 import seqfuse
 from seqfuse import FusedSequential
 
-from conftest import forbid_eager
+from conftest import forbid_eager, randomize_batchnorm
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "get_autocast_dtype"), reason="torch without get_autocast_dtype")
 
 
 def _randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """The model in eval mode, its BatchNorms away from their defaults (conftest's rule)."""
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.75)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            randomize_batchnorm(m, g)
     return model.eval()
 
 
