@@ -267,9 +267,14 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& packed, a
   const int64_t t_start = profiled ? kernels::monotonic_ns() : 0;
   const ConvForwardStart start = start_conv_forward(input, packed, weights, spec, fparams, engine);
   const ConvDesc& d = start.d;
-  // Engine 3 is engine 0 with the stages that have a Winograd weight run as Winograd tiles.
-  ConvGeometry g = start.g;
-  if (engine == kernels::kEngineWinograd) kernels::select_winograd(d, g);
+  // Engine 3 is engine 0 with the stages that have a Winograd weight run as
+  // Winograd tiles: its own copy of the geometry, so other engines copy nothing.
+  ConvGeometry winograd_geometry;
+  if (engine == kernels::kEngineWinograd) {
+    winograd_geometry = start.g;
+    kernels::select_winograd(d, winograd_geometry);
+  }
+  const ConvGeometry& g = engine == kernels::kEngineWinograd ? winograd_geometry : start.g;
   const bool flat = start.flat, channels_last = start.channels_last;
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const kernels::StageShape& last = g.stages.back();
